@@ -1,0 +1,1 @@
+"""Benchmarks run by `odl bench <name>`."""

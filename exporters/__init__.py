@@ -1,0 +1,1 @@
+"""SavedModel export, embedding publishing and the version registry."""

@@ -1,0 +1,225 @@
+"""One typed configuration for every ODL process.
+
+A config is a YAML file (optional: the defaults run the local stack with no editing) plus
+environment overrides of the form ``ODL__SECTION__FIELD=value`` (values are parsed as YAML, so
+``ODL__SOURCE__RATE=500`` gives an int).  Unknown fields are errors, and every error names the
+field, because a silently ignored typo in a streaming deployment costs hours.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ENV_PREFIX = "ODL__"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names the offending field."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsConfig(_Section):
+    state_dir: Path = REPO_ROOT / "var"
+    cache_dir: Path = REPO_ROOT / ".cache" / "odl"
+
+    @property
+    def logs(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def model_store(self) -> Path:
+        return self.state_dir / "models"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.state_dir / "checkpoints"
+
+    @property
+    def run(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def tansu_binary(self) -> Path:
+        return self.cache_dir / "bin" / "tansu"
+
+    @property
+    def flink_jars(self) -> list[Path]:
+        return [self.cache_dir / "jars" / "flink-connector-kafka.jar",
+                self.cache_dir / "jars" / "kafka-clients.jar"]
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    partitions: int = Field(4, ge=1)
+    # tansu joins a group in session_timeout/2, so keep it short locally.
+    session_timeout_ms: int = Field(6000, ge=1000)
+    topic_prefix: str = ""
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.bootstrap_servers.split(",")[0].rpartition(":")
+        return host, int(port)
+
+
+class RedisConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(6390, ge=1, le=65535)
+    password: str | None = None
+    db: int = Field(0, ge=0)
+
+
+class RayConfig(_Section):
+    # None: start/attach to the local head that `odl up` runs on 127.0.0.1:port.
+    address: str | None = None
+    port: int = Field(6479, ge=1, le=65535)
+    num_cpus: int = Field(2, ge=1)
+
+
+class SourceConfig(_Section):
+    kind: Literal["synthetic", "movielens"] = "synthetic"
+    rate: float = Field(300.0, gt=0, description="impressions per second")
+    num_users: int = Field(2000, ge=1)
+    num_items: int = Field(500, ge=2)
+    items_per_request: int = Field(5, ge=1, le=100)
+    latent_dim: int = Field(8, ge=1)
+    drift_per_minute: float = Field(0.3, ge=0, description="std of the preference random walk")
+    malformed_rate: float = Field(0.002, ge=0, le=1, description="share of deliberately bad events")
+    click_delay_s: tuple[float, float] = (0.2, 2.0)
+    movielens_dir: Path = REPO_ROOT.parent / "shared" / "data" / "movielens-small"
+    movielens_speedup: float = Field(2_000_000.0, gt=0, description="dataset seconds per wall second")
+    max_events: int | None = Field(None, ge=1, description="stop after this many impressions")
+    seed: int = 7
+
+
+class FeatureJobConfig(_Section):
+    parallelism: int = Field(1, ge=1)
+    attribution_window_s: int = Field(10, ge=1)
+    watermark_delay_s: int = Field(2, ge=0)
+    idle_timeout_s: int = Field(5, ge=1)
+    checkpoint_interval_s: int = Field(10, ge=1)
+    group_id: str = "odl-feature-job"
+
+
+class TrainerConfig(_Section):
+    group_id: str = "odl-trainer"
+    batch_size: int = Field(256, ge=1)
+    max_batch_wait_ms: int = Field(500, ge=1)
+    embedding_dim: int = Field(16, ge=1)
+    table_capacity: int = Field(1 << 16, ge=16)
+    hidden_units: tuple[int, ...] = (64, 32)
+    sparse_learning_rate: float = Field(0.05, gt=0)
+    dense_learning_rate: float = Field(0.002, gt=0)
+    auc_window: int = Field(5000, ge=100, description="samples in the progressive AUC window")
+    num_positions: int = Field(100, ge=1)
+    seed: int = 7
+
+
+class ExporterConfig(_Section):
+    delta_interval_s: float = Field(1.0, gt=0)
+    version_interval_s: float = Field(30.0, gt=0)
+    min_samples_per_version: int = Field(500, ge=0)
+    keep_versions: int = Field(5, ge=1)
+    embedding_ttl_s: int = Field(24 * 3600, ge=1)
+
+
+class ServingConfig(_Section):
+    host: str = "127.0.0.1"
+    ports: tuple[int, ...] = (8501, 8502)
+    model_name: str = "ctr"
+    max_instances: int = Field(1000, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    poll_interval_s: float = Field(1.0, gt=0)
+
+
+class ControlConfig(_Section):
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    heartbeat_ttl_s: int = Field(15, ge=2)
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    # Each component instance gets base_port + offset (see odl.launcher.COMPONENT_PORT_OFFSETS).
+    base_port: int = Field(9300, ge=1024, le=65000)
+
+
+class Config(_Section):
+    paths: PathsConfig = PathsConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    redis: RedisConfig = RedisConfig()
+    ray: RayConfig = RayConfig()
+    source: SourceConfig = SourceConfig()
+    feature_job: FeatureJobConfig = FeatureJobConfig()
+    trainer: TrainerConfig = TrainerConfig()
+    exporter: ExporterConfig = ExporterConfig()
+    serving: ServingConfig = ServingConfig()
+    control: ControlConfig = ControlConfig()
+    metrics: MetricsConfig = MetricsConfig()
+
+    @model_validator(mode="after")
+    def _ports_distinct(self) -> "Config":
+        if len(set(self.serving.ports)) != len(self.serving.ports):
+            raise ValueError("serving.ports must be distinct")
+        return self
+
+
+def _set_path(tree: dict[str, Any], dotted: list[str], value: Any) -> None:
+    node = tree
+    for part in dotted[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{'.'.join(dotted)}: cannot override inside a scalar")
+    node[dotted[-1]] = value
+
+
+def _format_error(err: ValidationError, origin: str) -> str:
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "<root>"
+        lines.append(f"  {field}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, env: dict[str, str] | None = None) -> Config:
+    """Load YAML (if given), apply ``ODL__A__B`` env overrides, validate.  Raises ConfigError."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    origin = "defaults"
+    path = path or env.get("ODL_CONFIG")
+    if path:
+        p = Path(path)
+        origin = str(p)
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        raw = loaded
+    overrides = sorted(k for k in env if k.startswith(ENV_PREFIX))
+    for key in overrides:
+        dotted = [part.lower() for part in key[len(ENV_PREFIX):].split("__")]
+        try:
+            value = yaml.safe_load(env[key])
+        except yaml.YAMLError:
+            value = env[key]
+        _set_path(raw, dotted, value)
+    if overrides:
+        origin += " + env " + ", ".join(overrides)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, origin)) from None
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,173 @@
+"""Control plane in Redis: desired state (pause flags, pinned version) written by the CLI, and
+observed state (heartbeats with metrics) written by every component.
+
+Components never talk to each other through the control plane's values for data; they only read
+flags and publish what they see, so a dead control plane degrades to "no steering", not to data
+loss.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import redis
+
+from odl import names
+from odl.config import Config
+
+
+def redis_client(cfg: Config, decode: bool = True) -> redis.Redis:
+    r = cfg.redis
+    return redis.Redis(host=r.host, port=r.port, password=r.password, db=r.db,
+                       decode_responses=decode, socket_timeout=5, socket_connect_timeout=3)
+
+
+@dataclass
+class Heartbeat:
+    component: str
+    instance: str
+    ts: float
+    state: str
+    pid: int
+    host: str
+    version: str | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def age_s(self) -> float:
+        return max(0.0, time.time() - self.ts)
+
+
+class ControlPlane:
+    def __init__(self, cfg: Config, client: redis.Redis | None = None):
+        self.cfg = cfg
+        self.r = client or redis_client(cfg)
+
+    # --- desired state (CLI) --------------------------------------------------------------
+    def pause(self, component: str) -> None:
+        self.r.sadd(names.CP_PAUSED, component)
+
+    def resume(self, component: str) -> None:
+        self.r.srem(names.CP_PAUSED, component)
+
+    def paused(self) -> set[str]:
+        return set(self.r.smembers(names.CP_PAUSED))
+
+    def is_paused(self, component: str) -> bool:
+        return bool(self.r.sismember(names.CP_PAUSED, component))
+
+    def pin_version(self, version: str | None) -> None:
+        if version is None:
+            self.r.delete(names.CP_PINNED_VERSION)
+        else:
+            self.r.set(names.CP_PINNED_VERSION, version)
+
+    def pinned_version(self) -> str | None:
+        return self.r.get(names.CP_PINNED_VERSION)
+
+    # --- versions -------------------------------------------------------------------------
+    def register_version(self, manifest: dict[str, Any]) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(names.CP_VERSIONS, manifest["version"], json.dumps(manifest))
+        pipe.set(names.CP_LATEST_VERSION, manifest["version"])
+        pipe.execute()
+
+    def record_refused(self, record: dict[str, Any], keep: int = 50) -> None:
+        pipe = self.r.pipeline(transaction=True)
+        pipe.lpush(names.CP_REFUSED, json.dumps(record))
+        pipe.ltrim(names.CP_REFUSED, 0, keep - 1)
+        pipe.execute()
+
+    def refused(self) -> list[dict[str, Any]]:
+        return [json.loads(x) for x in self.r.lrange(names.CP_REFUSED, 0, -1)]
+
+    def latest_version(self) -> str | None:
+        return self.r.get(names.CP_LATEST_VERSION)
+
+    def served_version(self) -> str | None:
+        """The version serving must use: the pinned one if an operator pinned it, else the newest."""
+        return self.pinned_version() or self.latest_version()
+
+    def versions(self) -> list[dict[str, Any]]:
+        out = [json.loads(v) for v in self.r.hvals(names.CP_VERSIONS)]
+        return sorted(out, key=lambda m: m["version"])
+
+    def forget_version(self, version: str) -> None:
+        self.r.hdel(names.CP_VERSIONS, version)
+
+    # --- observed state (components) ------------------------------------------------------
+    def heartbeat(self, hb: Heartbeat) -> None:
+        key = names.cp_heartbeat(hb.instance)
+        mapping = {"component": hb.component, "instance": hb.instance, "ts": hb.ts,
+                   "state": hb.state, "pid": hb.pid, "host": hb.host,
+                   "version": hb.version or "", "metrics": json.dumps(hb.metrics)}
+        pipe = self.r.pipeline(transaction=True)
+        pipe.hset(key, mapping=mapping)
+        pipe.expire(key, self.cfg.control.heartbeat_ttl_s)
+        pipe.sadd(names.CP_COMPONENTS, hb.instance)
+        pipe.execute()
+
+    def heartbeats(self) -> list[Heartbeat]:
+        instances = sorted(self.r.smembers(names.CP_COMPONENTS))
+        pipe = self.r.pipeline(transaction=False)
+        for inst in instances:
+            pipe.hgetall(names.cp_heartbeat(inst))
+        out = []
+        for inst, h in zip(instances, pipe.execute()):
+            if not h:
+                continue
+            out.append(Heartbeat(component=h["component"], instance=inst, ts=float(h["ts"]),
+                                 state=h["state"], pid=int(h["pid"]), host=h["host"],
+                                 version=h["version"] or None, metrics=json.loads(h["metrics"])))
+        return out
+
+
+class Heartbeater:
+    """Background thread that publishes a component's heartbeat every interval.
+
+    ``probe`` returns (state, version, metrics) and is called on the heartbeat thread, so it must
+    only read values the component already keeps (no blocking work).  Redis outages are logged
+    and retried: a component keeps working while the control plane is away.
+    """
+
+    def __init__(self, cp: ControlPlane, component: str, instance: str,
+                 probe: Callable[[], tuple[str, str | None, dict[str, Any]]]):
+        self.cp, self.component, self.instance, self.probe = cp, component, instance, probe
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=f"hb-{instance}", daemon=True)
+        self.paused = False
+
+    def start(self) -> "Heartbeater":
+        self._thread.start()
+        return self
+
+    def beat(self) -> None:
+        state, version, metrics = self.probe()
+        self.cp.heartbeat(Heartbeat(self.component, self.instance, time.time(), state,
+                                    os.getpid(), socket.gethostname(), version, metrics))
+        self.paused = self.cp.is_paused(self.component)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.beat()
+            except Exception as exc:  # noqa: BLE001 - keep beating through Redis outages
+                print(f"[{self.instance}] heartbeat failed: {exc}", flush=True)
+            self._stop.wait(self.cp.cfg.control.heartbeat_interval_s)
+
+    def stop(self, final_state: str = "stopped") -> None:
+        self._stop.set()
+        try:
+            self.probe_final(final_state)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def probe_final(self, final_state: str) -> None:
+        _, version, metrics = self.probe()
+        self.cp.heartbeat(Heartbeat(self.component, self.instance, time.time(), final_state,
+                                    os.getpid(), socket.gethostname(), version, metrics))

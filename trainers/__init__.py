@@ -1,0 +1,1 @@
+"""Ray trainer actors, the CTR model and its embedding tables."""
