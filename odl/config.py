@@ -85,8 +85,8 @@ class RayConfig(_Section):
 
 class SourceConfig(_Section):
     kind: Literal["synthetic", "movielens"] = "synthetic"
-    rate: float = Field(300.0, gt=0, description="impressions per second")
-    num_users: int = Field(2000, ge=1)
+    rate: float = Field(400.0, gt=0, description="impressions per second")
+    num_users: int = Field(500, ge=1)
     num_items: int = Field(500, ge=2)
     items_per_request: int = Field(5, ge=1, le=100)
     latent_dim: int = Field(8, ge=1)
@@ -127,7 +127,6 @@ class ExporterConfig(_Section):
     version_interval_s: float = Field(30.0, gt=0)
     min_samples_per_version: int = Field(500, ge=0)
     keep_versions: int = Field(5, ge=1)
-    embedding_ttl_s: int = Field(24 * 3600, ge=1)
 
 
 class ServingConfig(_Section):

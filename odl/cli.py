@@ -1,0 +1,231 @@
+"""`odl`: run a component, bring the local stack up or down, and steer a running deployment."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+
+import click
+
+from odl.config import ConfigError, dump_config, load_config
+
+COMPONENTS = ("source", "feature-job", "trainer", "exporter", "serving")
+PAUSABLE = ("source", "feature-job", "trainer", "exporter")
+
+
+def _cfg(config: str | None):
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+config_option = click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+                             envvar="ODL_CONFIG", help="YAML config file (default: local defaults)")
+
+
+@click.group()
+def main() -> None:
+    """ODL: streaming online learning for recommendation."""
+
+
+@main.command()
+@click.argument("component", type=click.Choice(COMPONENTS))
+@click.option("--replica", type=int, default=0, help="serving replica index")
+@config_option
+def run(component: str, replica: int, config: str | None) -> None:
+    """Run one long-lived component in the foreground."""
+    cfg = _cfg(config)
+    if component == "source":
+        from pipeline.source import run as fn
+        rc = fn(cfg)
+    elif component == "feature-job":
+        from pipeline.feature_job import run as fn
+        rc = fn(cfg)
+    elif component == "trainer":
+        from trainers.actor import run as fn
+        rc = fn(cfg)
+    elif component == "exporter":
+        from exporters.exporter import run as fn
+        rc = fn(cfg)
+    else:
+        from serving.run import run as fn
+        rc = fn(cfg, replica)
+    sys.exit(rc)
+
+
+@main.command()
+@config_option
+def config(config: str | None) -> None:
+    """Print the effective configuration (file + ODL__ environment overrides)."""
+    click.echo(dump_config(_cfg(config)), nl=False)
+
+
+@main.command()
+@config_option
+def up(config: str | None) -> None:
+    """Start broker, Redis, Ray and every component on loopback; returns when all are started."""
+    from odl.launcher import LocalStack, StackError
+    stack = LocalStack(_cfg(config), config)
+    try:
+        stack.up(click.echo)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("stack is up: `odl status` to watch, `odl down` to stop")
+
+
+@main.command()
+@config_option
+def down(config: str | None) -> None:
+    """Stop everything `odl up` started."""
+    from odl.launcher import LocalStack
+    LocalStack(_cfg(config), config).down(click.echo)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)
+
+
+KEY_METRICS = {"source": ("impression", "click", "malformed", "events_per_s"),
+               "feature-job": ("samples", "dlq", "samples_per_s"),
+               "trainer": ("samples_trained", "auc", "logloss", "samples_per_s", "duplicates"),
+               "exporter": ("latest_version", "rows_pushed", "generation", "refused"),
+               "serving": ("requests", "p50_ms", "p99_ms", "port")}
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@config_option
+def status(as_json: bool, config: str | None) -> None:
+    """A table of every component: state, heartbeat age, version, key metrics."""
+    from odl.control import ControlPlane
+    from odl.launcher import LocalStack
+    cfg = _cfg(config)
+    cp = ControlPlane(cfg)
+    try:
+        beats = cp.heartbeats()
+        paused, served, refused = cp.paused(), cp.served_version(), cp.refused()[:3]
+    except Exception as exc:  # noqa: BLE001
+        raise click.ClickException(f"control plane (Redis {cfg.redis.host}:{cfg.redis.port}) "
+                                   f"unreachable: {exc}") from None
+    stack = LocalStack(cfg, config)
+    dead = {name: code for name, code, _ in stack.crashed()}
+    rows = []
+    for hb in beats:
+        stale = hb.age_s > 3 * cfg.control.heartbeat_interval_s
+        state = hb.state + (" (stale)" if stale else "")
+        if hb.instance in dead:
+            state = "EXITED"
+        metrics = {k: hb.metrics.get(k) for k in KEY_METRICS.get(hb.component, ()) if k in hb.metrics}
+        rows.append({"instance": hb.instance, "state": state, "age_s": round(hb.age_s, 1),
+                     "paused": hb.component in paused, "version": hb.version, "metrics": metrics})
+    for name in dead:
+        if not any(r["instance"] == name for r in rows):
+            rows.append({"instance": name, "state": "EXITED", "age_s": None, "paused": False,
+                         "version": None, "metrics": {}})
+    if as_json:
+        click.echo(json.dumps({"components": rows, "served_version": served,
+                               "paused": sorted(paused), "refused": refused}, indent=1))
+        return
+    click.echo(f"served version: {served or '-'}   paused: {', '.join(sorted(paused)) or '-'}")
+    click.echo(f"{'INSTANCE':<14} {'STATE':<20} {'AGE':>6}  {'VERSION':<10} METRICS")
+    for r in rows:
+        m = " ".join(f"{k}={_fmt(v)}" for k, v in r["metrics"].items())
+        age = "-" if r["age_s"] is None else f"{r['age_s']}s"
+        ver = (r["version"] or "-")[:10]
+        click.echo(f"{r['instance']:<14} {r['state']:<20} {age:>6}  {ver:<10} {m}")
+    for name, code in dead.items():
+        click.echo(f"!! {name} exited (code {code if code is not None else '?'}); "
+                   f"see {cfg.paths.logs / (name + '.log')}")
+    for rec in refused:
+        click.echo(f"refused version {rec.get('version')}: {rec.get('reason')}")
+
+
+@main.command()
+@click.argument("component", type=click.Choice(PAUSABLE))
+@config_option
+def pause(component: str, config: str | None) -> None:
+    """Pause a component (it keeps its position and heartbeat)."""
+    from odl.control import ControlPlane
+    ControlPlane(_cfg(config)).pause(component)
+    click.echo(f"paused {component}")
+
+
+@main.command()
+@click.argument("component", type=click.Choice(PAUSABLE))
+@config_option
+def resume(component: str, config: str | None) -> None:
+    """Resume a paused component."""
+    from odl.control import ControlPlane
+    ControlPlane(_cfg(config)).resume(component)
+    click.echo(f"resumed {component}")
+
+
+@main.command()
+@config_option
+def versions(config: str | None) -> None:
+    """Registered model versions, newest last."""
+    from odl.control import ControlPlane
+    cp = ControlPlane(_cfg(config))
+    served = cp.served_version()
+    for m in cp.versions():
+        mark = "*" if m["version"] == served else " "
+        created = time.strftime("%H:%M:%S", time.localtime(m["created_at"]))
+        click.echo(f"{mark} {m['version']:>5}  {created}  step={m['trainer_step']:<7} "
+                   f"auc={_fmt(m['metrics'].get('auc'))}  parent={m['parent']}")
+
+
+@main.command()
+@click.argument("version", required=False)
+@click.option("--latest", is_flag=True, help="unpin: follow the newest version again")
+@config_option
+def rollback(version: str | None, latest: bool, config: str | None) -> None:
+    """Pin serving to VERSION (or --latest to follow new versions again)."""
+    from odl.control import ControlPlane
+    cp = ControlPlane(_cfg(config))
+    if latest:
+        cp.pin_version(None)
+        click.echo("serving follows the newest version")
+        return
+    if not version:
+        raise click.UsageError("give a VERSION or --latest")
+    known = {m["version"] for m in cp.versions()}
+    if version not in known:
+        raise click.ClickException(f"unknown version {version}; known: {sorted(known, key=int)}")
+    cp.pin_version(version)
+    click.echo(f"serving pinned to version {version}")
+
+
+@main.command()
+@click.option("--duration", type=float, default=180.0, show_default=True, help="seconds to run")
+@config_option
+def demo(duration: float, config: str | None) -> None:
+    """Bring the stack up, run it with live progress, print a report, bring it down."""
+    from odl.demo import run_demo
+    sys.exit(run_demo(_cfg(config), config, duration))
+
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
+@click.option("--list", "list_", is_flag=True, help="list the benchmarks")
+@config_option
+def bench(name: str | None, as_json: bool, list_: bool, config: str | None) -> None:
+    """Run a benchmark under bench/ (ratios measured side by side in one run)."""
+    from bench import registry
+    if list_ or not name:
+        for n, doc in registry.available().items():
+            click.echo(f"{n:<20} {doc}")
+        return
+    try:
+        result = registry.run(name, _cfg(config))
+    except KeyError:
+        raise click.ClickException(f"unknown benchmark {name!r}; `odl bench --list`") from None
+    click.echo(registry.render(name, result, as_json))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""`odl demo`: the whole pipeline on the local stack for a bounded time, with live progress, a
+report (terminal, JSON, Markdown and an SVG chart of progressive AUC) and a clean shutdown."""
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import redis
+import requests
+
+from exporters.embeddings import count_rows
+from odl.config import Config
+from odl.control import ControlPlane
+from odl.launcher import LocalStack, StackError
+from odl.plot import svg_line_chart
+
+
+class LoadClient:
+    """Sends predict requests to every serving replica, round robin, ~``rate`` per second."""
+
+    def __init__(self, cfg: Config, rate: float = 20.0, instances: int = 8):
+        self.cfg, self.rate, self.instances = cfg, rate, instances
+        self.latency_ms: list[float] = []
+        self.codes: dict[int, int] = {}
+        self.versions: dict[str, int] = {}
+        self.errors = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="loadgen", daemon=True)
+
+    def start(self) -> "LoadClient":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _loop(self) -> None:
+        s = self.cfg.serving
+        urls = [f"http://{s.host}:{p}/v1/models/{s.model_name}:predict" for p in s.ports]
+        rng = random.Random(1)
+        session = requests.Session()
+        n = 0
+        while not self._stop.wait(1.0 / self.rate):
+            body = {"instances": [{"user_id": rng.randrange(self.cfg.source.num_users),
+                                   "item_id": rng.randrange(self.cfg.source.num_items),
+                                   "position": k, "hour": time.gmtime().tm_hour}
+                                  for k in range(self.instances)]}
+            t = time.perf_counter()
+            try:
+                resp = session.post(urls[n % len(urls)], json=body, timeout=5)
+            except requests.RequestException:
+                self.errors += 1
+                continue
+            finally:
+                n += 1
+            self.codes[resp.status_code] = self.codes.get(resp.status_code, 0) + 1
+            if resp.status_code == 200:
+                self.latency_ms.append((time.perf_counter() - t) * 1000)
+                v = resp.json()["model_version"]
+                self.versions[v] = self.versions.get(v, 0) + 1
+
+
+@dataclass
+class Snapshot:
+    t: float
+    events: int = 0
+    dlq: int = 0
+    samples: int = 0
+    trained: int = 0
+    auc: float = float("nan")
+    version: str | None = None
+    served_requests: int = 0
+    metrics: dict = field(default_factory=dict)
+
+
+def observe(cp: ControlPlane, t0: float) -> Snapshot:
+    snap = Snapshot(time.time() - t0)
+    for hb in cp.heartbeats():
+        m = hb.metrics
+        if hb.component == "source":
+            snap.events = int(m.get("impression", 0) + m.get("click", 0) + m.get("malformed", 0))
+        elif hb.component == "feature-job":
+            snap.samples, snap.dlq = int(m.get("samples", 0)), int(m.get("dlq", 0))
+        elif hb.component == "trainer":
+            snap.trained, snap.auc = int(m.get("samples_trained", 0)), float(m.get("auc", math.nan))
+        elif hb.component == "exporter":
+            snap.version = hb.version
+        elif hb.component == "serving":
+            snap.served_requests += int(m.get("requests", 0))
+    return snap
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return float(np.percentile(xs, q)) if xs else math.nan
+
+
+def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
+    stack = LocalStack(cfg, config_path)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    out_dir = cfg.paths.state_dir / "demo"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timeline: list[Snapshot] = []
+    crashes: list[str] = []
+    load: LoadClient | None = None
+    started = time.time()
+    try:
+        print(f"== odl demo: bringing the stack up (logs in {cfg.paths.logs})", flush=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C during start-up aborts
+        stack.up(lambda msg: print("   " + msg, flush=True))
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        cp = ControlPlane(cfg)
+        load = LoadClient(cfg).start()
+        t0 = time.time()
+        print(f"== running for {duration:.0f}s (Ctrl-C ends early)", flush=True)
+        print(f"{'t':>5} {'events':>8} {'dlq':>5} {'samples':>8} {'trained':>8} {'auc':>6} "
+              f"{'version':>7} {'requests':>8}", flush=True)
+        while not stop.wait(5.0) and time.time() - t0 < duration:
+            snap = observe(cp, t0)
+            timeline.append(snap)
+            print(f"{snap.t:5.0f} {snap.events:8d} {snap.dlq:5d} {snap.samples:8d} {snap.trained:8d} "
+                  f"{snap.auc:6.3f} {snap.version or '-':>7} {len(load.latency_ms):8d}", flush=True)
+            for name, code, log_tail in stack.crashed():
+                if name not in crashes and not (name == "source" and code == 0):
+                    crashes.append(name)
+                    print(f"!! {name} exited with code {code}:\n{log_tail}", flush=True)
+        final = observe(cp, t0)
+        r = redis.Redis(host=cfg.redis.host, port=cfg.redis.port, password=cfg.redis.password)
+        emb_rows = {t: count_rows(r, t) for t in ("user", "item")}
+        versions = cp.versions()
+        load.stop()
+        report = {
+            "duration_s": round(time.time() - t0, 1), "wall_s_total": None,
+            "events_in": final.events, "dlq": final.dlq, "samples": final.samples,
+            "samples_trained": final.trained, "progressive_auc": final.auc,
+            "auc_over_time": [(round(s.t), s.auc) for s in timeline],
+            "versions_exported": len(versions), "latest_version": final.version,
+            "embeddings_in_redis": emb_rows,
+            "requests_ok": len(load.latency_ms), "request_errors": load.errors,
+            "status_codes": load.codes, "versions_served": load.versions,
+            "latency_ms": {"p50": _pct(load.latency_ms, 50), "p95": _pct(load.latency_ms, 95),
+                           "p99": _pct(load.latency_ms, 99)},
+            "crashed": crashes,
+        }
+    except StackError as exc:
+        print(f"!! the stack did not come up: {exc}", flush=True)
+        return 1
+    except KeyboardInterrupt:
+        print("!! interrupted during start-up", flush=True)
+        return 130
+    finally:
+        if load:
+            load.stop()
+        print("== bringing the stack down", flush=True)
+        stack.down(lambda msg: print("   " + msg, flush=True))
+        signal.signal(signal.SIGINT, previous)
+    report["wall_s_total"] = round(time.time() - started, 1)
+    _write_report(report, out_dir)
+    flowing = all([report["events_in"], report["samples"], report["samples_trained"],
+                   report["versions_exported"], sum(emb_rows.values()), report["requests_ok"]])
+    return 0 if flowing and not crashes else 1
+
+
+def _write_report(rep: dict, out_dir: Path) -> None:
+    lat = rep["latency_ms"]
+    lines = [
+        "== ODL demo report",
+        f"   ran {rep['duration_s']}s ({rep['wall_s_total']}s with start-up and shutdown)",
+        f"   events in           {rep['events_in']:>10}",
+        f"   DLQ (rejected)      {rep['dlq']:>10}",
+        f"   samples             {rep['samples']:>10}",
+        f"   samples trained     {rep['samples_trained']:>10}",
+        f"   progressive AUC     {rep['progressive_auc']:>10.4f}",
+        f"   versions exported   {rep['versions_exported']:>10}   (latest {rep['latest_version']})",
+        f"   embeddings in Redis {sum(rep['embeddings_in_redis'].values()):>10}   {rep['embeddings_in_redis']}",
+        f"   requests served     {rep['requests_ok']:>10}   errors {rep['request_errors']}, "
+        f"codes {rep['status_codes']}, versions {rep['versions_served']}",
+        f"   latency ms          p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}",
+        "   AUC over time       " + "  ".join(f"{t}s:{a:.3f}" for t, a in rep["auc_over_time"][::4]
+                                             if not math.isnan(a)),
+    ]
+    if rep["crashed"]:
+        lines.append(f"   CRASHED: {', '.join(rep['crashed'])}")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    (out_dir / "report.json").write_text(json.dumps(rep, indent=1))
+    (out_dir / "report.md").write_text("```\n" + text + "\n```\n\n![progressive AUC](auc.svg)\n")
+    pts = [(t, a) for t, a in rep["auc_over_time"] if not math.isnan(a)]
+    (out_dir / "auc.svg").write_text(svg_line_chart(pts, "progressive AUC", "seconds", "AUC"))
+    print(f"   report: {out_dir / 'report.md'}  chart: {out_dir / 'auc.svg'}", flush=True)

@@ -1,0 +1,130 @@
+"""The trainer as a Ray actor, and the `odl run trainer` driver that keeps it running.
+
+The actor is threaded (``max_concurrency``) so the exporter can pull embedding deltas and dense
+snapshots while ``run`` trains; the model's lock makes each pull consistent with one step.  It
+asks for a GPU when the cluster has one; TensorFlow then places the model there.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any
+
+import signal
+import threading
+
+from odl.config import Config
+from odl.runtime import METRICS_PORT_OFFSETS, setup_logging
+from odl.control import ControlPlane, Heartbeat
+from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
+
+
+class TrainerActorImpl:
+    def __init__(self, cfg_json: str, metrics_port: int | None):
+        from trainers.streaming import StreamingTrainer
+        self.cfg = Config.model_validate_json(cfg_json)
+        self.log = setup_logging("trainer")
+        if metrics_port:
+            from prometheus_client import start_http_server
+            try:
+                start_http_server(metrics_port, addr="127.0.0.1")
+            except OSError as exc:  # a restarted actor may find the port still taken
+                self.log.warning("metrics port %d unavailable: %s", metrics_port, exc)
+        self.trainer = StreamingTrainer(self.cfg)
+        self.cp = ControlPlane(self.cfg)
+        self._stop = False
+        self._paused = False
+        self.state = "starting"
+
+    def _heartbeat(self) -> None:
+        self.cp.heartbeat(Heartbeat("trainer", "trainer", time.time(), self.state, os.getpid(),
+                                    socket.gethostname(), None, self.trainer.metrics()))
+
+    def run(self) -> dict[str, Any]:
+        """Train until ``stop``; pauses (keeping the position) while the control plane says so."""
+        next_hb = 0.0
+        self.state = "running"
+        while not self._stop:
+            now = time.monotonic()
+            if now >= next_hb:
+                next_hb = now + self.cfg.control.heartbeat_interval_s
+                try:
+                    paused = self.cp.is_paused("trainer")
+                    if paused != self._paused:
+                        self.trainer.set_paused(paused)
+                        self._paused = paused
+                        self.state = "paused" if paused else "running"
+                        self.log.info("trainer %s", self.state)
+                    self._heartbeat()
+                except Exception as exc:  # noqa: BLE001 - control plane away: keep training
+                    self.log.warning("control plane: %s", exc)
+            values = self.trainer.poll_batch()
+            if values:
+                self.trainer.step(values)
+                self.trainer.commit()
+        self.state = "stopped"
+        try:
+            self._heartbeat()
+        except Exception:  # noqa: BLE001
+            pass
+        self.trainer.close()
+        return self.trainer.metrics()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def pull_embedding_delta(self):
+        return self.trainer.model.take_embedding_delta()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Dense weights plus what a manifest needs, taken under the model lock."""
+        m = self.trainer.model
+        with m.lock:
+            return {"weights": m.dense_weights(), "step": m.step, "metrics": self.trainer.metrics(),
+                    "offsets": dict(self.trainer.offsets),
+                    "config": self.cfg.trainer.model_dump(mode="json")}
+
+    def metrics(self) -> dict[str, Any]:
+        return self.trainer.metrics()
+
+
+def run(cfg: Config) -> int:
+    """`odl run trainer`: create the actor on the cluster, keep it running, stop it on SIGTERM."""
+    # The actor publishes the trainer's heartbeat and metrics itself; the driver only supervises.
+    ray = connect(cfg)
+    log = setup_logging("trainer-driver")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    gpus = ray.cluster_resources().get("GPU", 0)
+    metrics_port = cfg.metrics.base_port + METRICS_PORT_OFFSETS["trainer"] if cfg.metrics.enabled else None
+    Actor = ray.remote(TrainerActorImpl).options(
+        name=TRAINER_ACTOR, namespace=NAMESPACE, max_concurrency=4, max_restarts=3,
+        num_cpus=1, num_gpus=1 if gpus >= 1 else 0, get_if_exists=False)
+    actor = Actor.remote(cfg.model_dump_json(), metrics_port)
+    log.info("trainer actor started (gpu=%s)", gpus >= 1)
+    run_ref = actor.run.remote()
+    rc = 0
+    try:
+        while not stop.is_set():
+            ready, _ = ray.wait([run_ref], timeout=1.0)
+            if ready:
+                try:
+                    log.info("trainer run returned: %s", ray.get(run_ref))
+                except ray.exceptions.RayActorError as exc:
+                    log.error("trainer actor died: %s; restarting its loop", exc)
+                    time.sleep(1.0)
+                    run_ref = actor.run.remote()
+                    continue
+                break
+    finally:
+        try:
+            ray.get(actor.stop.remote(), timeout=10)
+            ray.get(run_ref, timeout=30)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("trainer did not stop cleanly: %s", exc)
+            rc = 1
+        ray.kill(actor)
+        ray.shutdown()
+    return rc
