@@ -115,7 +115,7 @@ class TrainerConfig(_Section):
     embedding_dim: int = Field(16, ge=1)
     table_capacity: int = Field(1 << 16, ge=16)
     hidden_units: tuple[int, ...] = (64, 32)
-    sparse_learning_rate: float = Field(0.05, gt=0)
+    sparse_learning_rate: float = Field(0.2, gt=0)
     dense_learning_rate: float = Field(0.002, gt=0)
     auc_window: int = Field(5000, ge=100, description="samples in the progressive AUC window")
     num_positions: int = Field(100, ge=1)

@@ -13,6 +13,7 @@ exactly the samples contract.  A duplicated click yields a duplicated positive w
 """
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -112,6 +113,9 @@ def build_table_env(cfg: Config):
     for jar in cfg.paths.flink_jars:
         if not jar.is_file():
             raise FileNotFoundError(f"Flink Kafka connector jar missing: {jar} (run `make setup`)")
+    # In a local deployment PyFlink otherwise starts Beam's loopback worker pool on [::]:0, a
+    # listener on every interface; UDFs run in thread mode (below), so that pool is not needed.
+    os.environ["_python_worker_execution_mode"] = "process"
     t_env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
     conf = t_env.get_config()
     ckpt = cfg.paths.checkpoints / "flink"
@@ -127,7 +131,12 @@ def build_table_env(cfg: Config):
         "execution.checkpointing.dir": ckpt.resolve().as_uri(),
         "table.exec.source.idle-timeout": f"{cfg.feature_job.idle_timeout_s} s",
         "table.local-time-zone": "UTC",
+        # Python UDFs in-process (PEMJA): no Beam gRPC servers, no worker processes.
+        "python.execution-mode": "thread",
+        # Every Flink listener on loopback only.
         "rest.bind-address": "127.0.0.1",
+        "jobmanager.bind-host": "127.0.0.1",
+        "taskmanager.bind-host": "127.0.0.1",
         "rest.address": "127.0.0.1",
         "taskmanager.host": "127.0.0.1",
         "jobmanager.rpc.address": "127.0.0.1",

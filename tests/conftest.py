@@ -1,0 +1,84 @@
+"""Shared fixtures: real servers on loopback (tansu broker, redis-server) started per session on
+free ports and stopped at its end, and configs pointing at them."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from odl.config import Config, load_config  # noqa: E402
+from odl.launcher import port_open  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not port_open("127.0.0.1", port):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not listen on {port}")
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def redis_port(tmp_path_factory):
+    port = free_port()
+    d = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", str(d)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc, "redis-server")
+    yield port
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def broker_port():
+    cfg = load_config(env={})
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    proc = subprocess.Popen([str(cfg.paths.tansu_binary), "broker", "--listener-url", url,
+                             "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc, "tansu broker")
+    yield port
+    stop(proc)
+
+
+def make_config(tmp_path: Path, **sections) -> Config:
+    """A config whose state lives in tmp_path; ``sections`` override fields per section."""
+    raw = {"paths": {"state_dir": str(tmp_path / "var")}, "metrics": {"enabled": False}}
+    for section, fields in sections.items():
+        raw.setdefault(section, {}).update(fields)
+    return Config.model_validate(raw)
+
+
+@pytest.fixture
+def redis_cfg(tmp_path, redis_port) -> Config:
+    import redis
+    redis.Redis(port=redis_port).flushall()
+    return make_config(tmp_path, redis={"port": redis_port})

@@ -1,0 +1,56 @@
+import pytest
+
+from odl.config import ConfigError, load_config
+
+
+def test_defaults_need_no_file():
+    cfg = load_config(env={})
+    assert cfg.kafka.bootstrap_servers == "127.0.0.1:9092"
+    assert cfg.serving.host == "127.0.0.1"
+
+
+def test_env_overrides_are_typed():
+    cfg = load_config(env={"ODL__SOURCE__RATE": "123.5", "ODL__SERVING__PORTS": "[9001, 9002, 9003]"})
+    assert cfg.source.rate == 123.5
+    assert cfg.serving.ports == (9001, 9002, 9003)
+
+
+def test_yaml_file_then_env(tmp_path):
+    p = tmp_path / "odl.yaml"
+    p.write_text("trainer:\n  batch_size: 64\nsource:\n  kind: movielens\n")
+    cfg = load_config(p, env={"ODL__TRAINER__BATCH_SIZE": "32"})
+    assert cfg.trainer.batch_size == 32
+    assert cfg.source.kind == "movielens"
+
+
+@pytest.mark.parametrize("text,field", [
+    ("trainer:\n  batch_size: -1\n", "trainer.batch_size"),
+    ("trainer:\n  batchsize: 10\n", "trainer.batchsize"),
+    ("source:\n  kind: kafka\n", "source.kind"),
+    ("nosuchsection: {}\n", "nosuchsection"),
+])
+def test_broken_config_names_the_field(tmp_path, text, field):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(p, env={})
+    assert field in str(err.value)
+
+
+def test_broken_env_override_names_the_field():
+    with pytest.raises(ConfigError, match="redis.port"):
+        load_config(env={"ODL__REDIS__PORT": "not-a-port"})
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml", env={})
+    p = tmp_path / "list.yaml"
+    p.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(p, env={})
+
+
+def test_duplicate_serving_ports_rejected():
+    with pytest.raises(ConfigError, match="distinct"):
+        load_config(env={"ODL__SERVING__PORTS": "[8501, 8501]"})

@@ -1,0 +1,87 @@
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from bench.registry import BenchResult, available, render
+from exporters import savedmodel
+from exporters.registry import Manifest, ModelStore
+from odl.config import TrainerConfig
+from odl.plot import svg_line_chart
+from serving.app import BadRequest, parse_instances
+from trainers.model import Batch, CTRModel
+
+
+def manifest(v: int) -> Manifest:
+    return Manifest(version=str(v), parent=None, trainer_step=v, kafka_offsets={}, metrics={},
+                    embedding_generation=0)
+
+
+def test_saved_model_matches_trainer_predictions(tmp_path):
+    model = CTRModel(TrainerConfig(table_capacity=64, embedding_dim=8, hidden_units=(16,)))
+    rng = np.random.default_rng(0)
+    b = Batch(rng.integers(0, 30, 64), rng.integers(0, 30, 64), rng.integers(0, 5, 64),
+              rng.integers(0, 24, 64), (rng.random(64) < 0.3).astype(np.float32))
+    for _ in range(5):
+        model.train(b)
+    store = ModelStore(tmp_path, "ctr")
+    store.publish(1, lambda p: savedmodel.save(model.dense_weights(), 8, p), manifest(1))
+    fn = tf.saved_model.load(str(store.path(1))).signatures["serving_default"]
+    u_rows = model.tables["user"].lookup_rows(b.user_ids, admit=False)
+    i_rows = model.tables["item"].lookup_rows(b.item_ids, admit=False)
+    out = fn(user_emb=tf.gather(model.tables["user"].var, u_rows),
+             item_emb=tf.gather(model.tables["item"].var, i_rows),
+             position=tf.constant(b.positions), hour=tf.constant(b.hours))["probability"].numpy()
+    np.testing.assert_allclose(out, model.predict(b), atol=1e-5)
+
+
+def test_store_versions_are_atomic_and_retained(tmp_path):
+    store = ModelStore(tmp_path, "ctr")
+    for v in range(1, 6):
+        store.publish(v, lambda p: p.mkdir(), manifest(v))
+    assert store.versions() == [1, 2, 3, 4, 5] and store.next_version() == 6
+    with pytest.raises(RuntimeError):
+        store.publish(6, lambda p: (p.mkdir(), (_ for _ in ()).throw(RuntimeError("boom"))), manifest(6))
+    assert store.versions() == [1, 2, 3, 4, 5]
+    assert not [p for p in store.dir.iterdir() if p.name.startswith(".tmp")]
+    assert store.retain(2, protect={1}) == [2, 3]
+    assert store.versions() == [1, 4, 5]
+
+
+def test_export_refuses_non_finite_weights():
+    assert savedmodel.check_weights({"a": np.ones(3)}) is None
+    assert "a" in savedmodel.check_weights({"a": np.array([1.0, math.nan])})
+
+
+@pytest.mark.parametrize("body,msg", [
+    ([], "JSON object"),
+    ({"instances": []}, "non-empty"),
+    ({"instances": [{"user_id": 1}]}, "item_id is required"),
+    ({"instances": [{"user_id": 1, "item_id": "x"}]}, "item_id must be"),
+    ({"instances": [{"user_id": 1, "item_id": 2, "colour": 3}]}, "unknown fields"),
+    ({"instances": [{"user_id": 1, "item_id": 2}], "extra": 1}, "unknown fields"),
+    ({"instances": [{"user_id": 1, "item_id": 2}] * 11}, "too many"),
+    ({"instances": [5]}, "must be an object"),
+])
+def test_bad_predict_bodies_are_rejected(body, msg):
+    with pytest.raises(BadRequest, match=msg):
+        parse_instances(body, max_instances=10)
+
+
+def test_good_predict_body_defaults_position_and_hour():
+    inst = parse_instances({"instances": [{"user_id": 1, "item_id": 2}]}, 10)
+    assert inst.user_ids == [1] and inst.positions.tolist() == [0] and inst.hours.tolist() == [0]
+
+
+def test_bench_registry_and_result_line():
+    assert "redis-embeddings" in available()
+    text = render("x", BenchResult({"ratio": 1.5, "n": 3}, ["figures"]), as_json=False)
+    assert text.splitlines()[-1] == "RESULT x ratio=1.5 n=3"
+    assert '"ratio": 1.5' in render("x", BenchResult({"ratio": 1.5}), as_json=True)
+
+
+def test_svg_chart():
+    svg = svg_line_chart([(0, 0.5), (10, 0.6), (20, 0.7)], "AUC", "s", "auc")
+    assert svg.startswith("<svg") and "polyline" in svg
+    assert "no data" in svg_line_chart([], "AUC", "s", "auc")
