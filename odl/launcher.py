@@ -54,13 +54,23 @@ def port_open(host: str, port: int) -> bool:
 
 
 def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
+    """True while any non-zombie process is in the group (a zombie has finished; its parent
+    may simply not have reaped it yet, e.g. when another shell runs `odl down`)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # not Linux: fall back to signal 0
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def tail(path: str | Path, lines: int = 15) -> str:

@@ -14,10 +14,12 @@ exactly the samples contract.  A duplicated click yields a duplicated positive w
 from __future__ import annotations
 
 import os
+import site
 import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from odl import names
 from odl.config import Config
@@ -116,6 +118,12 @@ def build_table_env(cfg: Config):
     # In a local deployment PyFlink otherwise starts Beam's loopback worker pool on [::]:0, a
     # listener on every interface; UDFs run in thread mode (below), so that pool is not needed.
     os.environ["_python_worker_execution_mode"] = "process"
+    # Thread mode embeds CPython in the JVM (PEMJA), which ignores the venv: hand it the venv's
+    # site-packages and the repository through PYTHONPATH, inherited by the gateway JVM.
+    paths = [str(Path(__file__).resolve().parent.parent), *site.getsitepackages()]
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     t_env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
     conf = t_env.get_config()
     ckpt = cfg.paths.checkpoints / "flink"

@@ -1,0 +1,101 @@
+"""Embedding publishing, the control plane and the serving API against a real redis-server."""
+import asyncio
+import json
+import time
+
+import numpy as np
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from exporters import savedmodel
+from exporters.embeddings import count_rows, fetch_rows, push_rows
+from exporters.registry import Manifest, ModelStore
+from odl.control import ControlPlane, Heartbeat
+from serving.app import ServingApp
+from serving.model import ModelHolder
+from trainers.model import CTRModel
+from odl.config import TrainerConfig
+
+
+def test_embeddings_round_trip_in_chunks(redis_cfg):
+    r = redis.Redis(port=redis_cfg.redis.port)
+    ids = np.arange(12_000, dtype=np.int64) * 7
+    vecs = np.random.default_rng(0).normal(size=(len(ids), 16)).astype(np.float32)
+    assert push_rows(r, "user", ids, vecs) == 1
+    assert push_rows(r, "user", ids[:10], vecs[:10]) == 2
+    got, found = fetch_rows(r, "user", ids.tolist() + [5], 16)
+    np.testing.assert_array_equal(got[:-1], vecs)
+    assert found[:-1].all() and not found[-1] and not got[-1].any()  # a miss is the zero default
+    assert count_rows(r, "user") == len(ids)
+
+
+def test_control_plane_heartbeats_pause_and_pin(redis_cfg):
+    cp = ControlPlane(redis_cfg)
+    cp.heartbeat(Heartbeat("trainer", "trainer", time.time(), "running", 1, "h", None, {"auc": 0.7}))
+    [hb] = cp.heartbeats()
+    assert hb.metrics == {"auc": 0.7} and hb.age_s < 5
+    cp.pause("trainer")
+    assert cp.is_paused("trainer") and cp.paused() == {"trainer"}
+    cp.resume("trainer")
+    assert not cp.is_paused("trainer")
+    cp.register_version({"version": "1"})
+    cp.register_version({"version": "2"})
+    assert cp.served_version() == "2"
+    cp.pin_version("1")
+    assert cp.served_version() == "1"
+    cp.pin_version(None)
+    assert cp.served_version() == "2"
+
+
+@pytest.fixture
+def served_model(redis_cfg):
+    model = CTRModel(TrainerConfig(table_capacity=64, embedding_dim=16, hidden_units=(8,)))
+    store = ModelStore(redis_cfg.paths.model_store, "ctr")
+    m = Manifest(version="1", parent=None, trainer_step=0, kafka_offsets={}, metrics={},
+                 embedding_generation=0, embedding_dim=16)
+    store.publish(1, lambda p: savedmodel.save(model.dense_weights(), 16, p), m)
+    cp = ControlPlane(redis_cfg)
+    cp.register_version(m.to_dict())
+    holder = ModelHolder(store, cp)
+    assert holder.refresh() and holder.current.version == "1"
+    r = redis.Redis(port=redis_cfg.redis.port)
+    push_rows(r, "user", np.array([1]), np.ones((1, 16), np.float32))
+    return ServingApp(redis_cfg, holder, r, "serving-test")
+
+
+def _call(app: ServingApp, method: str, path: str, body=None, raw: bytes | None = None):
+    async def go():
+        async with TestClient(TestServer(app.build())) as client:
+            kw = {"data": raw} if raw is not None else ({"json": body} if body is not None else {})
+            resp = await client.request(method, path, **kw)
+            return resp.status, await resp.json()
+    return asyncio.run(go())
+
+
+def test_predict_answers_with_version(served_model):
+    status, out = _call(served_model, "POST", "/v1/models/ctr:predict",
+                        {"instances": [{"user_id": 1, "item_id": 2, "position": 1}, {"user_id": 9, "item_id": 9}]})
+    assert status == 200 and out["model_version"] == "1"
+    assert len(out["predictions"]) == 2 and all(0 < p < 1 for p in out["predictions"])
+    assert out["predictions"][0] != out["predictions"][1]  # the Redis row changed user 1's score
+    status, out = _call(served_model, "POST", "/v1/models/ctr/versions/1:predict",
+                        {"instances": [{"user_id": 1, "item_id": 2}]})
+    assert status == 200
+    status, out = _call(served_model, "GET", "/v1/models/ctr")
+    assert out["model_version_status"][0]["state"] == "AVAILABLE"
+
+
+@pytest.mark.parametrize("method,path,body,raw,code", [
+    ("POST", "/v1/models/ctr:predict", None, b"{nope", 400),
+    ("POST", "/v1/models/ctr:predict", {"instances": [{"user_id": -1, "item_id": 1}]}, None, 400),
+    ("POST", "/v1/models/ctr:predict", {"instances": "x"}, None, 400),
+    ("POST", "/v1/models/other:predict", {"instances": [{"user_id": 1, "item_id": 1}]}, None, 404),
+    ("POST", "/v1/models/ctr/versions/7:predict", {"instances": [{"user_id": 1, "item_id": 1}]}, None, 404),
+    ("GET", "/v1/models/ctr:predict", None, None, 405),
+    ("GET", "/nowhere", None, None, 404),
+    ("POST", "/v1/models/ctr:predict", None, b"x" * (2 << 20), 413),
+])
+def test_bad_requests_get_json_4xx(served_model, method, path, body, raw, code):
+    status, out = _call(served_model, method, path, body, raw)
+    assert status == code and "error" in out

@@ -1,0 +1,166 @@
+"""End to end: `odl up` on real servers (tansu, Redis, Ray, Flink mini-cluster), at least 30 s of
+traffic, then every stage must have moved: samples trained, a version exported, its embeddings
+in Redis, serving answering with it.  Also: nothing listens beyond loopback, pause/resume works,
+and nothing outlives `odl down`."""
+import re
+import subprocess
+import time
+
+import pytest
+import redis
+import requests
+import yaml
+from click.testing import CliRunner
+
+from exporters.embeddings import count_rows
+from odl.cli import main as cli
+from odl.config import load_config
+from odl.control import ControlPlane
+from odl.launcher import LocalStack
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+MIN_RUN_S = 30
+
+
+def _free_block(n: int) -> int:
+    import socket
+    for _ in range(50):
+        base = free_port()
+        if base + n > 65000:
+            continue
+        socks = []
+        try:
+            for p in range(base, base + n):
+                s = socket.socket()
+                s.bind(("127.0.0.1", p))
+                socks.append(s)
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
+def _stack_pids(pgids: set[int]) -> dict[int, str]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,comm="], capture_output=True, text=True).stdout
+    pids = {}
+    for line in out.splitlines():
+        pid, pgid, comm = line.split(None, 2)
+        if int(pgid) in pgids:
+            pids[int(pid)] = comm
+    return pids
+
+
+def _listeners(pids: set[int]) -> list[str]:
+    out = subprocess.run(["ss", "-tlnpH"], capture_output=True, text=True).stdout
+    found = []
+    for line in out.splitlines():
+        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
+        if owners & pids:
+            found.append(line.split()[3])
+    return found
+
+
+@pytest.fixture
+def stack_config(tmp_path):
+    raw = {
+        "paths": {"state_dir": str(tmp_path / "var")},
+        "kafka": {"bootstrap_servers": f"127.0.0.1:{free_port()}"},
+        "redis": {"port": free_port()},
+        "ray": {"port": free_port()},
+        "serving": {"ports": [free_port(), free_port()]},
+        "metrics": {"base_port": _free_block(12)},
+        "exporter": {"version_interval_s": 8, "min_samples_per_version": 100},
+        "source": {"rate": 300, "malformed_rate": 0.01},
+        "feature_job": {"attribution_window_s": 5, "checkpoint_interval_s": 5},
+    }
+    path = tmp_path / "odl.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_stack_end_to_end(stack_config):
+    cfg = load_config(stack_config, env={})
+    stack = LocalStack(cfg, str(stack_config))
+    runner = CliRunner()
+    started = time.monotonic()
+    stack.up(print)
+    pgids = {s.pid for s in stack._read_state().values()}
+    try:
+        cp = ControlPlane(cfg)
+        r = redis.Redis(host=cfg.redis.host, port=cfg.redis.port)
+        answered: dict[int, str] = {}
+        deadline = started + 300
+        while time.monotonic() < deadline:
+            time.sleep(3)
+            assert not stack.crashed(), stack.crashed()
+            for port in cfg.serving.ports:
+                try:
+                    resp = requests.post(f"http://127.0.0.1:{port}/v1/models/ctr:predict", timeout=5,
+                                         json={"instances": [{"user_id": 1, "item_id": 2}]})
+                except requests.RequestException:
+                    continue
+                if resp.status_code == 200:
+                    answered[port] = resp.json()["model_version"]
+            beats = {hb.instance: hb for hb in cp.heartbeats()}
+            trained = beats.get("trainer") and beats["trainer"].metrics.get("samples_trained", 0)
+            if (trained and len(answered) == len(cfg.serving.ports) and cp.versions()
+                    and time.monotonic() - started >= MIN_RUN_S):
+                break
+        else:
+            pytest.fail(f"pipeline did not flow: answered={answered} beats={beats}")
+
+        versions = {m["version"]: m for m in cp.versions()}
+        assert set(answered.values()) <= set(versions)
+        m = versions[max(versions, key=int)]
+        assert m["trainer_step"] > 0 and m["kafka_offsets"] and m["parent"] in (None, *versions)
+        assert (cfg.paths.model_store / "ctr" / m["version"] / "saved_model.pb").is_file()
+        assert count_rows(r, "user") > 0 and count_rows(r, "item") > 0
+        assert beats["feature-job"].metrics["dlq"] > 0          # the malformed events were routed
+        assert beats["feature-job"].metrics["samples"] > 0
+
+        # bad input at the edge: a 4xx with a JSON error, never a 5xx
+        resp = requests.post(f"http://127.0.0.1:{cfg.serving.ports[0]}/v1/models/ctr:predict",
+                             data=b"{not json", timeout=5)
+        assert resp.status_code == 400 and "error" in resp.json()
+
+        # operator CLI: status table, pause keeps the position, resume continues
+        out = runner.invoke(cli, ["status", "--config", str(stack_config)])
+        assert out.exit_code == 0, out.output
+        for name in ("source", "feature-job", "trainer", "exporter", "serving-0", "serving-1"):
+            assert name in out.output
+        assert runner.invoke(cli, ["pause", "trainer", "--config", str(stack_config)]).exit_code == 0
+        _wait(lambda: _beat(cp, "trainer").state == "paused", 20)
+        frozen = _beat(cp, "trainer").metrics["samples_trained"]
+        time.sleep(2 * cfg.control.heartbeat_interval_s + 1)
+        assert _beat(cp, "trainer").metrics["samples_trained"] == frozen
+        assert runner.invoke(cli, ["resume", "trainer", "--config", str(stack_config)]).exit_code == 0
+        _wait(lambda: _beat(cp, "trainer").metrics["samples_trained"] > frozen, 30)
+
+        # every socket of every stack process is on loopback
+        pids = set(_stack_pids(pgids))
+        listeners = _listeners(pids)
+        assert listeners
+        bad = [a for a in listeners if not re.match(r"^(127\.|\[::1\]|\[::ffff:127\.)", a)]
+        assert not bad, f"listening beyond loopback: {bad}"
+    finally:
+        stack.down(print)
+    left = _stack_pids(pgids)
+    assert not left, f"processes outlived odl down: {left}"
+    assert not _listeners(pgids)
+
+
+def _beat(cp, instance):
+    return next(hb for hb in cp.heartbeats() if hb.instance == instance)
+
+
+def _wait(pred, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.5)
+    raise AssertionError("condition not reached in time")
