@@ -40,7 +40,8 @@ class LoadClient:
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        if self._thread.ident is not None:
+            self._thread.join(5)
 
     def _loop(self) -> None:
         s = self.cfg.serving
@@ -119,16 +120,17 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
         stack.up(lambda msg: print("   " + msg, flush=True))
         signal.signal(signal.SIGINT, lambda *_: stop.set())
         cp = ControlPlane(cfg)
-        load = LoadClient(cfg).start()
         t0 = time.time()
         print(f"== running for {duration:.0f}s (Ctrl-C ends early)", flush=True)
         print(f"{'t':>5} {'events':>8} {'dlq':>5} {'samples':>8} {'trained':>8} {'auc':>6} "
               f"{'version':>7} {'requests':>8}", flush=True)
         while not stop.wait(5.0) and time.time() - t0 < duration:
+            if load is None and cp.latest_version():  # requests start once a model exists
+                load = LoadClient(cfg).start()
             snap = observe(cp, t0)
             timeline.append(snap)
             print(f"{snap.t:5.0f} {snap.events:8d} {snap.dlq:5d} {snap.samples:8d} {snap.trained:8d} "
-                  f"{snap.auc:6.3f} {snap.version or '-':>7} {len(load.latency_ms):8d}", flush=True)
+                  f"{snap.auc:6.3f} {snap.version or '-':>7} {len(load.latency_ms) if load else 0:8d}", flush=True)
             for name, code, log_tail in stack.crashed():
                 if name not in crashes and not (name == "source" and code == 0):
                     crashes.append(name)
@@ -137,13 +139,16 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
         r = redis.Redis(host=cfg.redis.host, port=cfg.redis.port, password=cfg.redis.password)
         emb_rows = {t: count_rows(r, t) for t in ("user", "item")}
         versions = cp.versions()
+        if load is None:
+            load = LoadClient(cfg)  # no model was ever published: report zero requests
         load.stop()
         report = {
             "duration_s": round(time.time() - t0, 1), "wall_s_total": None,
             "events_in": final.events, "dlq": final.dlq, "samples": final.samples,
             "samples_trained": final.trained, "progressive_auc": final.auc,
             "auc_over_time": [(round(s.t), s.auc) for s in timeline],
-            "versions_exported": len(versions), "latest_version": final.version,
+            "versions_exported": int(final.version or 0), "versions_retained": len(versions),
+            "latest_version": final.version,
             "embeddings_in_redis": emb_rows,
             "requests_ok": len(load.latency_ms), "request_errors": load.errors,
             "status_codes": load.codes, "versions_served": load.versions,
@@ -180,7 +185,7 @@ def _write_report(rep: dict, out_dir: Path) -> None:
         f"   samples             {rep['samples']:>10}",
         f"   samples trained     {rep['samples_trained']:>10}",
         f"   progressive AUC     {rep['progressive_auc']:>10.4f}",
-        f"   versions exported   {rep['versions_exported']:>10}   (latest {rep['latest_version']})",
+        f"   versions exported   {rep['versions_exported']:>10}   ({rep['versions_retained']} retained)",
         f"   embeddings in Redis {sum(rep['embeddings_in_redis'].values()):>10}   {rep['embeddings_in_redis']}",
         f"   requests served     {rep['requests_ok']:>10}   errors {rep['request_errors']}, "
         f"codes {rep['status_codes']}, versions {rep['versions_served']}",
