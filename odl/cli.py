@@ -144,14 +144,19 @@ def status(as_json: bool, config: str | None) -> None:
         click.echo(f"refused version {rec.get('version')}: {rec.get('reason')}")
 
 
+def _set_paused(component: str, config: str | None, paused: bool) -> None:
+    from odl.control import ControlPlane
+    cp = ControlPlane(_cfg(config))
+    (cp.pause if paused else cp.resume)(component)
+    click.echo(f"{'paused' if paused else 'resumed'} {component}")
+
+
 @main.command()
 @click.argument("component", type=click.Choice(PAUSABLE))
 @config_option
 def pause(component: str, config: str | None) -> None:
     """Pause a component (it keeps its position and heartbeat)."""
-    from odl.control import ControlPlane
-    ControlPlane(_cfg(config)).pause(component)
-    click.echo(f"paused {component}")
+    _set_paused(component, config, True)
 
 
 @main.command()
@@ -159,9 +164,7 @@ def pause(component: str, config: str | None) -> None:
 @config_option
 def resume(component: str, config: str | None) -> None:
     """Resume a paused component."""
-    from odl.control import ControlPlane
-    ControlPlane(_cfg(config)).resume(component)
-    click.echo(f"resumed {component}")
+    _set_paused(component, config, False)
 
 
 @main.command()

@@ -21,8 +21,22 @@ MAX_AGE_MS = 7 * 24 * 3600 * 1000
 EVENT_TYPES = ("impression", "click")
 
 
+class _Event:
+    """JSON encoding shared by the event types; ``event_id`` lets consumers drop duplicates."""
+    type: str
+    request_id: str
+    item_id: int
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.type[0]}:{self.request_id}:{self.item_id}"
+
+    def to_json(self) -> bytes:
+        return json.dumps({**asdict(self), "event_id": self.event_id}, separators=(",", ":")).encode()
+
+
 @dataclass(frozen=True)
-class Impression:
+class Impression(_Event):
     request_id: str
     user_id: int
     item_id: int
@@ -32,29 +46,15 @@ class Impression:
     type: str = "impression"
     schema_version: int = SCHEMA_VERSION
 
-    @property
-    def event_id(self) -> str:
-        return f"i:{self.request_id}:{self.item_id}"
-
-    def to_json(self) -> bytes:
-        return json.dumps({**asdict(self), "event_id": self.event_id}, separators=(",", ":")).encode()
-
 
 @dataclass(frozen=True)
-class Click:
+class Click(_Event):
     request_id: str
     user_id: int
     item_id: int
     ts_ms: int
     type: str = "click"
     schema_version: int = SCHEMA_VERSION
-
-    @property
-    def event_id(self) -> str:
-        return f"c:{self.request_id}:{self.item_id}"
-
-    def to_json(self) -> bytes:
-        return json.dumps({**asdict(self), "event_id": self.event_id}, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
