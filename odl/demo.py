@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import random
 import signal
 import threading
@@ -115,6 +116,11 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
     load: LoadClient | None = None
     started = time.time()
     try:
+        # The local broker keeps nothing across runs and the trainer starts from scratch, so a
+        # previous run's models and checkpoints would only be served as stale versions.
+        if not stack.running():
+            for stale in (cfg.paths.model_store, cfg.paths.checkpoints):
+                shutil.rmtree(stale, ignore_errors=True)
         print(f"== odl demo: bringing the stack up (logs in {cfg.paths.logs})", flush=True)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C during start-up aborts
         stack.up(lambda msg: print("   " + msg, flush=True))
