@@ -11,7 +11,9 @@ import click
 from odl.config import ConfigError, dump_config, load_config
 
 COMPONENTS = ("source", "feature-job", "trainer", "exporter", "serving")
-PAUSABLE = ("source", "feature-job", "trainer", "exporter")
+# The feature job follows its input: pausing the source pauses it.  (Pausing Flink itself means
+# stop-with-savepoint and resume-from-savepoint; that belongs to the feature-pipeline work.)
+PAUSABLE = ("source", "trainer", "exporter")
 
 
 def _cfg(config: str | None):

@@ -188,7 +188,7 @@ def _write_report(rep: dict, out_dir: Path) -> None:
         f"   ran {rep['duration_s']}s ({rep['wall_s_total']}s with start-up and shutdown)",
         f"   events in           {rep['events_in']:>10}",
         f"   DLQ (rejected)      {rep['dlq']:>10}",
-        f"   samples             {rep['samples']:>10}",
+        f"   samples             {rep['samples']:>10}   (topic end offsets: tansu may report short)",
         f"   samples trained     {rep['samples_trained']:>10}",
         f"   progressive AUC     {rep['progressive_auc']:>10.4f}",
         f"   versions exported   {rep['versions_exported']:>10}   ({rep['versions_retained']} retained)",
