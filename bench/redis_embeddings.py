@@ -3,28 +3,19 @@ against a private redis-server on loopback, chunked multi-key commands vs one co
 in a pipeline, for the same rows."""
 from __future__ import annotations
 
-import subprocess
-import tempfile
 import time
 
 import numpy as np
 import redis
 
+from bench.common import private_redis
 from bench.registry import BenchResult
 from exporters.embeddings import fetch_rows, push_rows
 from odl import names
 from odl.config import Config
-from odl.launcher import port_open
 
 DESCRIPTION = "chunked MSET/MGET vs per-key pipelined SET/GET of embedding rows (Redis)"
 ROWS, DIM, REPEATS = 100_000, 16, 3
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _best(fn) -> float:
@@ -37,41 +28,28 @@ def _best(fn) -> float:
 
 
 def run(cfg: Config) -> BenchResult:
-    port = _free_port()
-    with tempfile.TemporaryDirectory() as d:
-        proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port),
-                                 "--save", "", "--appendonly", "no", "--dir", d],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 10
-            while not port_open("127.0.0.1", port):
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.05)
-            r = redis.Redis(port=port)
-            ids = np.arange(ROWS, dtype=np.int64)
-            vecs = np.random.default_rng(0).normal(size=(ROWS, DIM)).astype(np.float32)
+    with private_redis() as port:
+        r = redis.Redis(port=port)
+        ids = np.arange(ROWS, dtype=np.int64)
+        vecs = np.random.default_rng(0).normal(size=(ROWS, DIM)).astype(np.float32)
 
-            def per_key_set():
-                pipe = r.pipeline(transaction=False)
-                for i in range(ROWS):
-                    pipe.set(names.emb_key("bench", i), vecs[i].tobytes())
-                pipe.execute()
+        def per_key_set():
+            pipe = r.pipeline(transaction=False)
+            for i in range(ROWS):
+                pipe.set(names.emb_key("bench", i), vecs[i].tobytes())
+            pipe.execute()
 
-            def per_key_get():
-                pipe = r.pipeline(transaction=False)
-                for i in range(ROWS):
-                    pipe.get(names.emb_key("bench", i))
-                pipe.execute()
+        def per_key_get():
+            pipe = r.pipeline(transaction=False)
+            for i in range(ROWS):
+                pipe.get(names.emb_key("bench", i))
+            pipe.execute()
 
-            id_list = ids.tolist()
-            t_mset = _best(lambda: push_rows(r, "bench", ids, vecs))
-            t_set = _best(per_key_set)
-            t_mget = _best(lambda: fetch_rows(r, "bench", id_list, DIM))
-            t_get = _best(per_key_get)
-        finally:
-            proc.terminate()
-            proc.wait(10)
+        id_list = ids.tolist()
+        t_mset = _best(lambda: push_rows(r, "bench", ids, vecs))
+        t_set = _best(per_key_set)
+        t_mget = _best(lambda: fetch_rows(r, "bench", id_list, DIM))
+        t_get = _best(per_key_get)
     w_chunk, w_key = ROWS / t_mset, ROWS / t_set
     r_chunk, r_key = ROWS / t_mget, ROWS / t_get
     lines = [f"rows={ROWS} dim={DIM} float32, best of {REPEATS}, hiredis={redis.utils.HIREDIS_AVAILABLE}",

@@ -39,21 +39,26 @@ def _kafka_opts(cfg: Config, topic: str) -> str:
             f"'properties.bootstrap.servers' = '{cfg.kafka.bootstrap_servers}'")
 
 
-def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
-    """(DDL, INSERTs) of the job; split out so tests can check the SQL without a cluster."""
-    fj = cfg.feature_job
-    ddl = [
-        f"""CREATE TABLE events_raw (
+def source_ddl(cfg: Config, topic: str, group_id: str, table: str = "events_raw") -> str:
+    """The events source: raw payloads, event time from the Kafka record timestamp."""
+    return f"""CREATE TABLE {table} (
               payload STRING,
               `partition` INT METADATA VIRTUAL,
               `offset` BIGINT METADATA VIRTUAL,
               ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp',
-              WATERMARK FOR ts AS ts - INTERVAL '{fj.watermark_delay_s}' SECOND
-            ) WITH ({_kafka_opts(cfg, topics.events)},
-              'properties.group.id' = '{fj.group_id}',
+              WATERMARK FOR ts AS ts - INTERVAL '{cfg.feature_job.watermark_delay_s}' SECOND
+            ) WITH ({_kafka_opts(cfg, topic)},
+              'properties.group.id' = '{group_id}',
               'scan.startup.mode' = 'group-offsets',
               'properties.auto.offset.reset' = 'earliest',
-              'format' = 'raw')""",
+              'format' = 'raw')"""
+
+
+def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
+    """(DDL, INSERTs) of the job; split out so tests can check the SQL without a cluster."""
+    fj = cfg.feature_job
+    ddl = [
+        source_ddl(cfg, topics.events, fj.group_id),
         f"""CREATE TABLE samples_sink (
               sample_id STRING, request_id STRING, user_id BIGINT, item_id BIGINT,
               `position` INT, `hour` INT, label INT, impression_ts_ms BIGINT, label_ts_ms BIGINT

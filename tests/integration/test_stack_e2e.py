@@ -45,11 +45,13 @@ def _free_block(n: int) -> int:
 
 
 def _stack_pids(pgids: set[int]) -> dict[int, str]:
-    out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,comm="], capture_output=True, text=True).stdout
+    """Live (non-zombie) processes in the stack's process groups.  A zombie has exited; it only
+    waits for its parent (or init, after a re-parenting) to reap it."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,stat=,comm="], capture_output=True, text=True).stdout
     pids = {}
     for line in out.splitlines():
-        pid, pgid, comm = line.split(None, 2)
-        if int(pgid) in pgids:
+        pid, pgid, stat, comm = line.split(None, 3)
+        if int(pgid) in pgids and not stat.startswith("Z"):
             pids[int(pid)] = comm
     return pids
 

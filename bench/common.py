@@ -1,0 +1,56 @@
+"""Private servers for benchmarks: each benchmark starts what it measures against on a free
+loopback port and stops it again, so a running stack is never disturbed."""
+from __future__ import annotations
+
+import contextlib
+import socket
+import subprocess
+import tempfile
+import time
+from typing import Iterator
+
+from odl.config import Config
+from odl.launcher import port_open
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _server(argv: list[str], port: int, what: str) -> Iterator[int]:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 15
+        while not port_open("127.0.0.1", port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start on 127.0.0.1:{port}")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def private_redis() -> Iterator[int]:
+    port = free_port()
+    with tempfile.TemporaryDirectory() as d:
+        with _server(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                      "--appendonly", "no", "--dir", d], port, "redis-server") as p:
+            yield p
+
+
+@contextlib.contextmanager
+def private_broker(cfg: Config) -> Iterator[str]:
+    port = free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    with _server([str(cfg.paths.tansu_binary), "broker", "--listener-url", url,
+                  "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
+                 port, "tansu broker"):
+        yield f"127.0.0.1:{port}"

@@ -1,0 +1,186 @@
+"""`odl bench feature-job`: the full feature job vs a plain SQL pass-through job, same events,
+same private broker, same run.
+
+Throughput: a fixed event set is pre-loaded; each job reads it from the start and the rate is
+events / (time of the 95%-of-expected-output record - time of the first output record), which
+leaves out the ~5 s job start.  Latency: with the full job running, live events are produced at
+``LIVE_RATE`` events/s and each positive sample's arrival is compared with its click's event time
+(= its produce time).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+from kafka import KafkaConsumer
+
+from bench.common import private_broker
+from bench.registry import BenchResult
+from odl.config import Config
+from odl.kafka_util import ensure_topics, producer
+from pipeline import feature_job
+from pipeline.generator import SyntheticSource
+
+DESCRIPTION = "feature job vs SQL pass-through: events/s and click-to-positive latency"
+EVENTS = 120_000
+LIVE_RATE = 2000.0
+LIVE_SECONDS = 20.0
+
+
+@dataclass
+class Arrivals:
+    times: list[float]
+    records: list[dict]
+
+
+def _consume(bootstrap: str, topics: list[str], stop: threading.Event, out: Arrivals,
+             decode: bool) -> None:
+    c = KafkaConsumer(*topics, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                      enable_auto_commit=False, group_id=None, max_poll_records=5000)
+    try:
+        while not stop.is_set():
+            for recs in c.poll(timeout_ms=200).values():
+                now = time.time()
+                for r in recs:
+                    out.times.append(now)
+                    if decode:
+                        out.records.append(json.loads(r.value))
+    finally:
+        c.close()
+
+
+def _events(start_ms: int, n: int, rate: float) -> list:
+    cfg_src = Config().source.model_copy(update={"rate": rate / 1.2, "max_events": None})
+    out = []
+    for rec in SyntheticSource(cfg_src, start_ms).records():
+        out.append(rec)
+        if len(out) >= n:
+            break
+    return out
+
+
+def _produce(bootstrap_cfg: Config, topic: str, records, paced: bool) -> None:
+    prod = producer(bootstrap_cfg, linger_ms=20, batch_size=256 * 1024)
+    t0 = time.time()
+    base = records[0].due_ms if records else 0
+    for rec in records:
+        ts = rec.ts_ms
+        value = rec.value
+        if paced:  # live: event time is the moment of producing
+            wait = t0 + (rec.due_ms - base) / 1000.0 - time.time()
+            if wait > 0:
+                time.sleep(wait)
+            ts = int(time.time() * 1000)
+            if rec.kind != "malformed":
+                d = json.loads(value)
+                d["ts_ms"] = ts
+                value = json.dumps(d, separators=(",", ":")).encode()
+        prod.send(topic, key=rec.key, value=value, timestamp_ms=ts)
+    prod.flush()
+    prod.close()
+
+
+def _rate(arr: Arrivals, expected: int, events: int) -> tuple[float, float]:
+    """events/s between the first output and the 95%-of-expected output; and that duration."""
+    k = int(0.95 * expected)
+    if len(arr.times) <= k:
+        raise RuntimeError(f"only {len(arr.times)} of {expected} outputs arrived")
+    dt = max(1e-3, arr.times[k] - arr.times[0])
+    return 0.95 * events / dt, dt
+
+
+def _wait_for(arr: Arrivals, n: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(arr.times) < n and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def _run_job(cfg: Config, inserts_for, ddl_extra: list[str]):
+    t_env = feature_job.build_table_env(cfg)
+    for stmt in ddl_extra:
+        t_env.execute_sql(stmt)
+    ss = t_env.create_statement_set()
+    for ins in inserts_for:
+        ss.add_insert_sql(ins)
+    return ss.execute().get_job_client()
+
+
+def run(cfg: Config) -> BenchResult:
+    with private_broker(cfg) as bootstrap:
+        prefix = f"b{uuid.uuid4().hex[:6]}."
+        bcfg = cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={
+            "bootstrap_servers": bootstrap, "topic_prefix": prefix})})
+        ensure_topics(bcfg)
+        events_topic = prefix + "events"
+        start_ms = int(time.time() * 1000) - 600_000
+        recs = _events(start_ms, EVENTS, LIVE_RATE)
+        # later events on every partition close the last attribution windows; they stay in the
+        # past so that the live phase's events are not behind the watermark
+        tail_ms = recs[-1].ts_ms + 60_000
+        assert tail_ms < time.time() * 1000 - 60_000, "pre-loaded events must lie in the past"
+        tail = [r for r in _events(tail_ms, 400, LIVE_RATE) if r.kind == "impression"]
+        n_imp = sum(r.kind == "impression" for r in recs)
+        n_bad = sum(r.kind == "malformed" for r in recs)
+        t = time.time()
+        _produce(bcfg, events_topic, recs + tail, paced=False)
+        produce_s = time.time() - t
+
+        # 1) plain SQL pass-through: every event copied to a topic
+        pass_cfg = bcfg.model_copy(update={"feature_job": bcfg.feature_job.model_copy(
+            update={"group_id": "bench-pass"})})
+        copy_topic = prefix + "copy"
+        ensure_topics(pass_cfg)
+        ddl = [feature_job.source_ddl(pass_cfg, events_topic, "bench-pass"),
+               f"CREATE TABLE copy_sink (payload STRING) WITH ("
+               f"'connector' = 'kafka', 'topic' = '{copy_topic}', "
+               f"'properties.bootstrap.servers' = '{bootstrap}', 'format' = 'raw')"]
+        stop, arr = threading.Event(), Arrivals([], [])
+        th = threading.Thread(target=_consume, args=(bootstrap, [copy_topic], stop, arr, False))
+        th.start()
+        client = _run_job(pass_cfg, ["INSERT INTO copy_sink SELECT payload FROM events_raw"], ddl)
+        _wait_for(arr, int(0.95 * len(recs)) + 1, 120)
+        client.cancel().result()
+        stop.set()
+        th.join()
+        pass_rate, pass_dt = _rate(arr, len(recs), len(recs))
+
+        # 2) the full feature job on the same events
+        topics = feature_job.JobTopics(events_topic, prefix + "samples", prefix + "events.dlq")
+        full_ddl, full_inserts = feature_job.statements(bcfg, topics)
+        stop, arr = threading.Event(), Arrivals([], [])
+        th = threading.Thread(target=_consume, args=(bootstrap, [topics.samples, topics.dlq], stop, arr, True))
+        th.start()
+        client = _run_job(bcfg, full_inserts, full_ddl)
+        expected = n_imp + n_bad
+        _wait_for(arr, int(0.95 * expected) + 1, 180)
+        full_rate, full_dt = _rate(arr, expected, len(recs))
+
+        # 3) latency at LIVE_RATE while the full job runs
+        seen = len(arr.records)
+        live = _events(int(time.time() * 1000), int(LIVE_RATE * LIVE_SECONDS), LIVE_RATE)
+        _produce(bcfg, events_topic, live, paced=True)
+        time.sleep(5)
+        stop.set()
+        th.join()
+        client.cancel().result()
+        lat = []
+        for rec, arrived in zip(arr.records[seen:], arr.times[seen:]):
+            if rec.get("label") == 1 and rec["label_ts_ms"] >= live[0].ts_ms:
+                lat.append(arrived * 1000 - rec["label_ts_ms"])
+        lat = np.asarray(lat) if lat else np.asarray([np.nan])
+
+    ratio = full_rate / pass_rate
+    lines = [f"{len(recs):,} events pre-loaded ({n_imp:,} impressions, {n_bad} malformed) in {produce_s:.1f}s",
+             f"pass-through SQL job: {pass_rate:,.0f} events/s ({pass_dt:.2f}s for 95%)",
+             f"full feature job:     {full_rate:,.0f} events/s ({full_dt:.2f}s for 95%)",
+             f"click -> positive sample at {LIVE_RATE:.0f} events/s for {LIVE_SECONDS:.0f}s: "
+             f"p50 {np.percentile(lat, 50):.0f} ms, p95 {np.percentile(lat, 95):.0f} ms ({len(lat)} positives)"]
+    return BenchResult({"ratio": round(ratio, 3), "full_events_per_s": round(full_rate),
+                        "passthrough_events_per_s": round(pass_rate),
+                        "p50_positive_latency_ms": round(float(np.percentile(lat, 50)), 1),
+                        "p95_positive_latency_ms": round(float(np.percentile(lat, 95)), 1),
+                        "live_rate": LIVE_RATE, "events": len(recs)}, lines)
