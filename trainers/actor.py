@@ -7,17 +7,19 @@ asks for a GPU when the cluster has one; TensorFlow then places the model there.
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import threading
 import time
 from typing import Any
 
-import signal
-import threading
-
 from odl.config import Config
-from odl.runtime import METRICS_PORT_OFFSETS, setup_logging
 from odl.control import ControlPlane, Heartbeat
+from odl.runtime import METRICS_PORT_OFFSETS, setup_logging
 from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
+
+
+MAX_RESTARTS = 3
 
 
 class TrainerActorImpl:
@@ -100,12 +102,12 @@ def run(cfg: Config) -> int:
     gpus = ray.cluster_resources().get("GPU", 0)
     metrics_port = cfg.metrics.base_port + METRICS_PORT_OFFSETS["trainer"] if cfg.metrics.enabled else None
     Actor = ray.remote(TrainerActorImpl).options(
-        name=TRAINER_ACTOR, namespace=NAMESPACE, max_concurrency=4, max_restarts=3,
+        name=TRAINER_ACTOR, namespace=NAMESPACE, max_concurrency=4, max_restarts=MAX_RESTARTS,
         num_cpus=1, num_gpus=1 if gpus >= 1 else 0, get_if_exists=False)
     actor = Actor.remote(cfg.model_dump_json(), metrics_port)
     log.info("trainer actor started (gpu=%s)", gpus >= 1)
     run_ref = actor.run.remote()
-    rc = 0
+    rc, deaths = 0, 0
     try:
         while not stop.is_set():
             ready, _ = ray.wait([run_ref], timeout=1.0)
@@ -113,7 +115,12 @@ def run(cfg: Config) -> int:
                 try:
                     log.info("trainer run returned: %s", ray.get(run_ref))
                 except ray.exceptions.RayActorError as exc:
-                    log.error("trainer actor died: %s; restarting its loop", exc)
+                    deaths += 1
+                    if deaths > MAX_RESTARTS:  # Ray gave up: exit so the crash is seen
+                        log.error("trainer actor died %d times, giving up: %s", deaths, exc)
+                        return 2
+                    log.error("trainer actor died (%d/%d): %s; restarting its loop",
+                              deaths, MAX_RESTARTS, exc)
                     time.sleep(1.0)
                     run_ref = actor.run.remote()
                     continue
