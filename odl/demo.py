@@ -153,8 +153,8 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
             "events_in": final.events, "dlq": final.dlq, "samples": final.samples,
             "samples_trained": final.trained, "progressive_auc": final.auc,
             "auc_over_time": [(round(s.t), s.auc) for s in timeline],
-            "versions_exported": int(final.version or 0), "versions_retained": len(versions),
-            "latest_version": final.version,
+            "versions_exported": max([int(final.version or 0)] + [int(m["version"]) for m in versions]),
+            "versions_retained": len(versions), "latest_version": final.version,
             "embeddings_in_redis": emb_rows,
             "requests_ok": len(load.latency_ms), "request_errors": load.errors,
             "status_codes": load.codes, "versions_served": load.versions,
@@ -206,5 +206,6 @@ def _write_report(rep: dict, out_dir: Path) -> None:
     (out_dir / "report.json").write_text(json.dumps(rep, indent=1))
     (out_dir / "report.md").write_text("```\n" + text + "\n```\n\n![progressive AUC](auc.svg)\n")
     pts = [(t, a) for t, a in rep["auc_over_time"] if not math.isnan(a)]
-    (out_dir / "auc.svg").write_text(svg_line_chart(pts, "progressive AUC", "seconds", "AUC"))
+    (out_dir / "auc.svg").write_text(svg_line_chart(pts, "progressive AUC (dashed: chance)", "seconds", "AUC",
+                                                      reference=0.5))
     print(f"   report: {out_dir / 'report.md'}  chart: {out_dir / 'auc.svg'}", flush=True)

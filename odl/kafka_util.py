@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
 from kafka.errors import KafkaError, TopicAlreadyExistsError
 
@@ -64,14 +64,18 @@ def consumer(cfg: Config, topic: str, group_id: str | None, **overrides) -> Kafk
     return KafkaConsumer(topic, **opts)
 
 
-def count_records(cfg: Config, topic: str) -> int:
-    """Sum of end offsets of a topic (an approximation on tansu, exact on Apache Kafka)."""
-    c = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers, client_id="odl-counter",
-                      enable_auto_commit=False)
-    try:
-        from kafka import TopicPartition
-        parts = c.partitions_for_topic(topic) or set()
+class TopicCounter:
+    """Sums of end offsets of topics through one long-lived consumer (cheap to ask every few
+    seconds).  Exact on Apache Kafka; tansu may report an end offset short of the true end."""
+
+    def __init__(self, cfg: Config):
+        self._c = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers,
+                                client_id="odl-counter", enable_auto_commit=False)
+
+    def count(self, topic: str) -> int:
+        parts = self._c.partitions_for_topic(topic) or set()
         tps = [TopicPartition(topic, p) for p in parts]
-        return int(sum(c.end_offsets(tps).values())) if tps else 0
-    finally:
-        c.close()
+        return int(sum(self._c.end_offsets(tps).values())) if tps else 0
+
+    def close(self) -> None:
+        self._c.close()

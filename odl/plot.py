@@ -5,7 +5,8 @@ from html import escape
 
 
 def svg_line_chart(points: list[tuple[float, float]], title: str, xlabel: str, ylabel: str,
-                   width: int = 640, height: int = 320) -> str:
+                   width: int = 640, height: int = 320, reference: float | None = None) -> str:
+    """A polyline of ``points``; ``reference`` draws a dashed horizontal line (e.g. chance AUC)."""
     pad_l, pad_r, pad_t, pad_b = 60, 20, 36, 44
     w, h = width - pad_l - pad_r, height - pad_t - pad_b
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
@@ -28,6 +29,9 @@ def svg_line_chart(points: list[tuple[float, float]], title: str, xlabel: str, y
                      f'<text x="{pad_l - 6}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3f}</text>')
         xv = x0 + (x1 - x0) * k / 4
         parts.append(f'<text x="{sx(xv):.1f}" y="{pad_t + h + 16}" text-anchor="middle">{xv:.0f}</text>')
+    if reference is not None and y0 <= reference <= y1:
+        parts.append(f'<line x1="{pad_l}" x2="{pad_l + w}" y1="{sy(reference):.1f}" y2="{sy(reference):.1f}" '
+                     f'stroke="#d62728" stroke-dasharray="6 4"/>')
     path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
     parts += [f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{path}"/>',
               f'<text x="{pad_l + w / 2}" y="{height - 8}" text-anchor="middle">{escape(xlabel)}</text>',

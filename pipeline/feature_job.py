@@ -23,7 +23,7 @@ from pathlib import Path
 
 from odl import names
 from odl.config import Config
-from odl.kafka_util import count_records
+from odl.kafka_util import TopicCounter
 from odl.runtime import Component
 
 
@@ -187,14 +187,18 @@ def run(cfg: Config) -> int:
 
     def observe() -> None:
         # Flink's own counters stay inside the JVM; the topics' end offsets are what downstream sees.
-        while not comp.stop.is_set():
-            try:
-                state["status"] = client.get_job_status().result().name if client else "?"
-                state["samples"] = count_records(cfg, topics.samples)
-                state["dlq"] = count_records(cfg, topics.dlq)
-            except Exception as exc:  # noqa: BLE001
-                comp.log.warning("observe failed: %s", exc)
-            comp.stop.wait(cfg.control.heartbeat_interval_s)
+        counter = TopicCounter(cfg)
+        try:
+            while not comp.stop.is_set():
+                try:
+                    state["status"] = client.get_job_status().result().name if client else "?"
+                    state["samples"] = counter.count(topics.samples)
+                    state["dlq"] = counter.count(topics.dlq)
+                except Exception as exc:  # noqa: BLE001
+                    comp.log.warning("observe failed: %s", exc)
+                comp.stop.wait(cfg.control.heartbeat_interval_s)
+        finally:
+            counter.close()
 
     threading.Thread(target=observe, daemon=True).start()
     comp.start_heartbeat(lambda: ("running" if state["status"] == "RUNNING" else state["status"].lower(),

@@ -61,6 +61,9 @@ class TrainerActorImpl:
                     self._heartbeat()
                 except Exception as exc:  # noqa: BLE001 - control plane away: keep training
                     self.log.warning("control plane: %s", exc)
+            if self._paused:  # no polling at all: a rebalance cannot resume partitions behind our back
+                time.sleep(0.2)
+                continue
             values = self.trainer.poll_batch()
             if values:
                 self.trainer.step(values)
