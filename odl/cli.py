@@ -93,7 +93,7 @@ def _fmt(v) -> str:
 
 KEY_METRICS = {"source": ("impression", "click", "malformed", "events_per_s"),
                "feature-job": ("samples", "dlq", "samples_per_s"),
-               "trainer": ("samples_trained", "auc", "logloss", "samples_per_s", "duplicates"),
+               "trainer": ("samples_trained", "auc", "auc_frozen", "logloss", "samples_per_s", "duplicates"),
                "exporter": ("latest_version", "rows_pushed", "generation", "refused"),
                "serving": ("requests", "p50_ms", "p99_ms", "port")}
 

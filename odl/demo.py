@@ -78,6 +78,8 @@ class Snapshot:
     samples: int = 0
     trained: int = 0
     auc: float = float("nan")
+    auc_frozen: float = float("nan")
+    frozen_at_step: int | None = None
     version: str | None = None
     served_requests: int = 0
     metrics: dict = field(default_factory=dict)
@@ -93,6 +95,8 @@ def observe(cp: ControlPlane, t0: float) -> Snapshot:
             snap.samples, snap.dlq = int(m.get("samples", 0)), int(m.get("dlq", 0))
         elif hb.component == "trainer":
             snap.trained, snap.auc = int(m.get("samples_trained", 0)), float(m.get("auc", math.nan))
+            snap.auc_frozen = float(m.get("auc_frozen") if m.get("auc_frozen") is not None else math.nan)
+            snap.frozen_at_step = m.get("frozen_at_step")
         elif hb.component == "exporter":
             snap.version = hb.version
         elif hb.component == "serving":
@@ -152,6 +156,7 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
             "duration_s": round(time.time() - t0, 1), "wall_s_total": None,
             "events_in": final.events, "dlq": final.dlq, "samples": final.samples,
             "samples_trained": final.trained, "progressive_auc": final.auc,
+            "frozen_baseline_auc": final.auc_frozen, "frozen_at_step": final.frozen_at_step,
             "auc_over_time": [(round(s.t), s.auc) for s in timeline],
             "versions_exported": max([int(final.version or 0)] + [int(m["version"]) for m in versions]),
             "versions_retained": len(versions), "latest_version": final.version,
@@ -190,7 +195,8 @@ def _write_report(rep: dict, out_dir: Path) -> None:
         f"   DLQ (rejected)      {rep['dlq']:>10}",
         f"   samples             {rep['samples']:>10}   (topic end offsets: tansu may report short)",
         f"   samples trained     {rep['samples_trained']:>10}",
-        f"   progressive AUC     {rep['progressive_auc']:>10.4f}",
+        f"   progressive AUC     {rep['progressive_auc']:>10.4f}   (same window, copy frozen at step "
+        f"{rep['frozen_at_step'] or '-'}: {rep['frozen_baseline_auc']:.4f})",
         f"   versions exported   {rep['versions_exported']:>10}   ({rep['versions_retained']} retained)",
         f"   embeddings in Redis {sum(rep['embeddings_in_redis'].values()):>10}   {rep['embeddings_in_redis']}",
         f"   requests served     {rep['requests_ok']:>10}   errors {rep['request_errors']}, "

@@ -173,5 +173,35 @@ class CTRModel:
         with self.lock:
             return {name: t.take_delta() for name, t in self.tables.items()}
 
+    def frozen_copy(self) -> "FrozenModel":
+        """An immutable copy of the model as it is now (a baseline that stops learning)."""
+        with self.lock:
+            tables = {n: (dict(t._rows), t.var.numpy()) for n, t in self.tables.items()}
+            return FrozenModel(self.dense_weights(), tables, self.cfg.num_positions, self.step)
+
     def occupancy(self) -> dict[str, int]:
         return {name: len(t) for name, t in self.tables.items()}
+
+
+class FrozenModel:
+    """A snapshot of a CTRModel that scores but never learns; ids unknown at the snapshot use the
+    default row, as they would in a model that stopped being updated."""
+
+    def __init__(self, dense: dict[str, np.ndarray], tables: dict[str, tuple[dict[int, int], np.ndarray]],
+                 num_positions: int, step: int):
+        self.dense = {k: tf.constant(v) for k, v in dense.items()}
+        self.tables = tables
+        self.num_positions = num_positions
+        self.step = step
+
+    def _vectors(self, table: str, ids: np.ndarray) -> tf.Tensor:
+        rows_of, var = self.tables[table]
+        rows = np.fromiter((rows_of.get(i, 0) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+        return tf.constant(var[rows])
+
+    def predict(self, batch: Batch) -> np.ndarray:
+        pos = np.clip(batch.positions, 0, self.num_positions).astype(np.int64)
+        hr = np.mod(batch.hours, NUM_HOURS).astype(np.int64)
+        logits = ctr_logits(self.dense, self._vectors("user", batch.user_ids),
+                            self._vectors("item", batch.item_ids), pos, hr)
+        return tf.sigmoid(logits).numpy()

@@ -21,7 +21,7 @@ from odl import names
 from odl.config import Config
 from odl.kafka_util import consumer
 from trainers.metrics import ProgressiveValidator
-from trainers.model import Batch, CTRModel
+from trainers.model import Batch, CTRModel, FrozenModel
 
 log = logging.getLogger("odl.trainer")
 
@@ -76,6 +76,10 @@ class StreamingTrainer:
         self.cfg = cfg
         self.model = CTRModel(cfg.trainer)
         self.validator = ProgressiveValidator(cfg.trainer.auc_window)
+        # A copy frozen after `frozen_baseline_after` samples, scored on the same batches: the
+        # measured value of continuing to learn on a drifting stream.
+        self.frozen: FrozenModel | None = None
+        self.frozen_validator = ProgressiveValidator(cfg.trainer.auc_window)
         self.dedup = DedupWindow()
         self.trained = 0
         self.duplicates = 0
@@ -117,9 +121,14 @@ class StreamingTrainer:
         if batch is None:
             return 0
         self.validator.add(self.model.predict(batch), batch.labels)
+        if self.frozen is not None:
+            self.frozen_validator.add(self.frozen.predict(batch), batch.labels)
         self.last_loss = self.model.train(batch)
         self.trained += len(batch)
         SAMPLES.labels("trained").inc(len(batch))
+        after = self.cfg.trainer.frozen_baseline_after
+        if self.frozen is None and after is not None and self.trained >= after:
+            self.frozen = self.model.frozen_copy()
         summary = self.validator.summary()
         if not math.isnan(summary["auc"]):
             AUC.set(summary["auc"])
@@ -144,10 +153,14 @@ class StreamingTrainer:
 
     def metrics(self) -> dict[str, Any]:
         s = self.validator.summary()
+        frozen = self.frozen_validator.summary() if self.frozen is not None else None
         return {"samples_trained": self.trained, "step": self.model.step,
                 "duplicates": self.duplicates, "malformed": self.malformed,
                 "auc": s["auc"], "logloss": s["logloss"], "ctr": s["ctr"], "loss": self.last_loss,
                 "samples_per_s": round(self.trained / max(1e-3, time.time() - self.started), 1),
+                "auc_frozen": frozen["auc"] if frozen else None,
+                "frozen_at_step": self.frozen.step if self.frozen else None,
+                "scored_since_frozen": self.frozen_validator.seen,
                 **{f"rows_{k}": v for k, v in self.model.occupancy().items()}}
 
     def close(self) -> None:

@@ -75,3 +75,18 @@ def test_model_learns_a_synthetic_preference():
     assert model.step == 150
     w = model.dense_weights()
     assert all(np.all(np.isfinite(v)) for v in w.values())
+
+
+def test_frozen_copy_scores_like_the_model_then_stops_learning():
+    rng = np.random.default_rng(3)
+    model = CTRModel(TrainerConfig(table_capacity=64, embedding_dim=8, hidden_units=(8,)))
+    b = Batch(rng.integers(0, 20, 128), rng.integers(0, 20, 128), rng.integers(0, 4, 128),
+              rng.integers(0, 24, 128), (rng.random(128) < 0.3).astype(np.float32))
+    model.train(b)
+    frozen = model.frozen_copy()
+    before = frozen.predict(b)
+    np.testing.assert_allclose(before, model.predict(b), atol=1e-5)
+    for _ in range(10):
+        model.train(b)
+    assert np.abs(model.predict(b) - before).max() > 1e-3     # the live model moved on
+    np.testing.assert_array_equal(frozen.predict(b), before)  # the copy did not
