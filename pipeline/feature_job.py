@@ -13,6 +13,7 @@ exactly the samples contract.  A duplicated click yields a duplicated positive w
 """
 from __future__ import annotations
 
+import json
 import os
 import site
 import sys
@@ -21,10 +22,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from prometheus_client import Counter
+
 from odl import names
 from odl.config import Config
-from odl.kafka_util import TopicCounter
+from odl.kafka_util import TopicCounter, consumer
 from odl.runtime import Component
+
+DLQ_REASONS = Counter("odl_feature_job_dlq_total", "events rejected to the DLQ", ["reason"])
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,13 @@ def submit(cfg: Config):
     return stmt_set.execute(), topics
 
 
+def _reason(value: bytes) -> str:
+    try:
+        return str(json.loads(value)["reason"])
+    except (ValueError, KeyError, TypeError):
+        return "unreadable_dlq_record"
+
+
 def run(cfg: Config) -> int:
     comp = Component(cfg, "feature-job")
     comp.install_signal_handlers()
@@ -182,23 +194,31 @@ def run(cfg: Config) -> int:
     client = result.get_job_client()
     job_id = str(client.get_job_id()) if client else "?"
     comp.log.info("feature job %s submitted", job_id)
-    state = {"status": "RUNNING", "samples": 0, "dlq": 0}
+    state: dict = {"status": "RUNNING", "samples": 0, "dlq": 0, "dlq_reasons": {}}
     started = time.time()
 
     def observe() -> None:
-        # Flink's own counters stay inside the JVM; the topics' end offsets are what downstream sees.
+        # Flink's own counters stay inside the JVM; the topics' end offsets are what downstream
+        # sees, and the DLQ (small by nature) is read to count rejects per reason.
         counter = TopicCounter(cfg)
+        dlq = consumer(cfg, topics.dlq, group_id=None, client_id="odl-dlq-reasons")
         try:
             while not comp.stop.is_set():
                 try:
                     state["status"] = client.get_job_status().result().name if client else "?"
                     state["samples"] = counter.count(topics.samples)
                     state["dlq"] = counter.count(topics.dlq)
+                    for recs in dlq.poll(timeout_ms=0, max_records=10_000).values():
+                        for rec in recs:
+                            reason = _reason(rec.value)
+                            state["dlq_reasons"][reason] = state["dlq_reasons"].get(reason, 0) + 1
+                            DLQ_REASONS.labels(reason).inc()
                 except Exception as exc:  # noqa: BLE001
                     comp.log.warning("observe failed: %s", exc)
                 comp.stop.wait(cfg.control.heartbeat_interval_s)
         finally:
             counter.close()
+            dlq.close()
 
     threading.Thread(target=observe, daemon=True).start()
     comp.start_heartbeat(lambda: ("running" if state["status"] == "RUNNING" else state["status"].lower(),

@@ -11,6 +11,7 @@ from collections import Counter
 import pytest
 from kafka import KafkaConsumer, KafkaProducer
 
+from odl.control import ControlPlane
 from odl.kafka_util import ensure_topics
 from odl.schemas import Click, Impression
 from tests.conftest import make_config
@@ -66,6 +67,16 @@ def test_validation_dlq_and_label_join(tmp_path, broker_port, redis_port):
                            start_new_session=True)
     try:
         samples, dlq = _collect(cfg, prefix, want_samples={"A:1", "A:2", "B:5"}, want_dlq=len(bad), job=job)
+        # rejects are counted per reason in the job's heartbeat (control plane)
+        cp = ControlPlane(make_config(tmp_path, redis={"port": redis_port}))
+        want = {reason: 1 for reason in bad.values()}
+        deadline = time.monotonic() + 20
+        reasons = None
+        while time.monotonic() < deadline and reasons != want:
+            beats = [hb for hb in cp.heartbeats() if hb.component == "feature-job"]
+            reasons = beats[0].metrics.get("dlq_reasons") if beats else None
+            time.sleep(0.5)
+        assert reasons == want
     finally:
         job.terminate()
         job.wait(60)
