@@ -105,6 +105,7 @@ class FeatureJobConfig(_Section):
     watermark_delay_s: int = Field(2, ge=0)
     idle_timeout_s: int = Field(5, ge=1)
     checkpoint_interval_s: int = Field(10, ge=1)
+    restore: bool = Field(True, description="restart from the newest retained checkpoint")
     group_id: str = "odl-feature-job"
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -163,6 +164,9 @@ class LocalStack:
             raise StackError(f"a stack is already running ({self.state_file}); run `odl down` first")
         for d in (self.cfg.paths.logs, self.cfg.paths.run, self.cfg.paths.model_store):
             d.mkdir(parents=True, exist_ok=True)
+        # The local broker keeps nothing across `odl up`s, so Flink checkpoints of an earlier
+        # stack point at offsets that no longer exist; restarts within one stack restore them.
+        shutil.rmtree(self.cfg.paths.checkpoints / "flink", ignore_errors=True)
         states: dict[str, ProcState] = {}
         env = self._env()
         try:

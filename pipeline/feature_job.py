@@ -119,6 +119,12 @@ def _validate_udf():
     return odl_validate
 
 
+def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint (one with ``_metadata``) of any earlier run under root."""
+    done = [m.parent for m in root.glob("*/chk-*/_metadata")]
+    return max(done, key=lambda p: p.stat().st_mtime) if done else None
+
+
 def build_table_env(cfg: Config):
     from pyflink.table import EnvironmentSettings, TableEnvironment
 
@@ -147,6 +153,9 @@ def build_table_env(cfg: Config):
         "execution.checkpointing.interval": f"{cfg.feature_job.checkpoint_interval_s} s",
         "execution.checkpointing.storage": "filesystem",
         "execution.checkpointing.dir": ckpt.resolve().as_uri(),
+        # keep the newest checkpoint when the job is cancelled or killed: it is the restart point
+        "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
+        "execution.checkpointing.num-retained": "2",
         "table.exec.source.idle-timeout": f"{cfg.feature_job.idle_timeout_s} s",
         "table.local-time-zone": "UTC",
         # Python UDFs in-process (PEMJA): no Beam gRPC servers, no worker processes.
@@ -159,6 +168,10 @@ def build_table_env(cfg: Config):
         "taskmanager.host": "127.0.0.1",
         "jobmanager.rpc.address": "127.0.0.1",
     }
+    restore = latest_checkpoint(ckpt) if cfg.feature_job.restore else None
+    if restore is not None:
+        settings["execution.state-recovery.path"] = restore.resolve().as_uri()
+        print(f"restoring feature job state from {restore}", flush=True)
     for k, v in settings.items():
         conf.set(k, v)
     t_env.create_temporary_function("odl_validate", _validate_udf())
