@@ -92,7 +92,7 @@ def _fmt(v) -> str:
 
 
 KEY_METRICS = {"source": ("impression", "click", "malformed", "events_per_s"),
-               "feature-job": ("samples", "dlq", "samples_per_s", "dlq_reasons"),
+               "feature-job": ("events_in_per_s", "watermark_lag_s", "samples", "dlq", "dlq_reasons"),
                "trainer": ("samples_trained", "auc", "auc_frozen", "logloss", "samples_per_s", "duplicates"),
                "exporter": ("latest_version", "rows_pushed", "generation", "refused"),
                "serving": ("requests", "p50_ms", "p99_ms", "port")}

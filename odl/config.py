@@ -106,6 +106,8 @@ class FeatureJobConfig(_Section):
     idle_timeout_s: int = Field(5, ge=1)
     checkpoint_interval_s: int = Field(10, ge=1)
     restore: bool = Field(True, description="restart from the newest retained checkpoint")
+    rest_ports: str = Field("8081-8099", pattern=r"^\d+(-\d+)?$",
+                            description="Flink REST API port range (loopback); job metrics come from it")
     group_id: str = "odl-feature-job"
 
 

@@ -28,6 +28,7 @@ from odl import names
 from odl.config import Config
 from odl.kafka_util import TopicCounter, consumer
 from odl.runtime import Component
+from pipeline.flink_metrics import FlinkJobMetrics, port_range
 
 DLQ_REASONS = Counter("odl_feature_job_dlq_total", "events rejected to the DLQ", ["reason"])
 
@@ -162,6 +163,7 @@ def build_table_env(cfg: Config):
         "python.execution-mode": "thread",
         # Every Flink listener on loopback only.
         "rest.bind-address": "127.0.0.1",
+        "rest.port": cfg.feature_job.rest_ports,
         "jobmanager.bind-host": "127.0.0.1",
         "taskmanager.bind-host": "127.0.0.1",
         "rest.address": "127.0.0.1",
@@ -215,12 +217,14 @@ def run(cfg: Config) -> int:
         # sees, and the DLQ (small by nature) is read to count rejects per reason.
         counter = TopicCounter(cfg)
         dlq = consumer(cfg, topics.dlq, group_id=None, client_id="odl-dlq-reasons")
+        flink = FlinkJobMetrics("127.0.0.1", port_range(cfg.feature_job.rest_ports), job_id)
         try:
             while not comp.stop.is_set():
                 try:
                     state["status"] = client.get_job_status().result().name if client else "?"
                     state["samples"] = counter.count(topics.samples)
                     state["dlq"] = counter.count(topics.dlq)
+                    state.update(flink.sample())
                     for recs in dlq.poll(timeout_ms=0, max_records=10_000).values():
                         for rec in recs:
                             reason = _reason(rec.value)
