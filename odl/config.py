@@ -121,6 +121,7 @@ class TrainerConfig(_Section):
     sparse_learning_rate: float = Field(0.2, gt=0)
     dense_learning_rate: float = Field(0.002, gt=0)
     auc_window: int = Field(5000, ge=100, description="samples in the progressive AUC window")
+    align_labels: bool = Field(True, description="train an impression only once its label is final")
     frozen_baseline_after: int | None = Field(
         20000, ge=1, description="samples after which a frozen copy is scored beside the live model")
     num_positions: int = Field(100, ge=1)

@@ -64,9 +64,9 @@ class TrainerActorImpl:
             if self._paused:  # no polling at all: a rebalance cannot resume partitions behind our back
                 time.sleep(0.2)
                 continue
-            values = self.trainer.poll_batch()
-            if values:
-                self.trainer.step(values)
+            recs = self.trainer.poll_batch()
+            trained = self.trainer.step(recs)  # also releases samples held for their labels
+            if recs or trained:
                 self.trainer.commit()
         self.state = "stopped"
         try:

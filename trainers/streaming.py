@@ -12,14 +12,17 @@ import logging
 import math
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
 from odl import names
 from odl.config import Config
 from odl.kafka_util import consumer
+from trainers.align import LabelAligner
 from trainers.metrics import ProgressiveValidator
 from trainers.model import Batch, CTRModel, FrozenModel
 
@@ -48,27 +51,39 @@ class DedupWindow:
         return False
 
 
-def parse_batch(values: list[bytes], dedup: DedupWindow) -> tuple[Batch | None, int, int]:
-    """Decode sample records into a Batch; returns (batch, duplicates, malformed)."""
-    rows, dup, bad = [], 0, 0
-    for v in values:
+@dataclass(frozen=True)
+class Rec:
+    """What the trainer keeps of a consumed sample record."""
+    partition: Any
+    offset: int
+    value: bytes
+
+
+def parse_records(recs: list[Rec], dedup: DedupWindow) -> tuple[list[tuple[int, Rec, tuple]], int, int]:
+    """Decode sample records; returns ([(impression_ts_ms, rec, row)], duplicates, malformed)."""
+    out, dup, bad = [], 0, 0
+    for rec in recs:
         try:
-            d = json.loads(v)
+            d = json.loads(rec.value)
             row = (int(d["user_id"]), int(d["item_id"]), int(d["position"]), int(d.get("hour") or 0),
                    float(d["label"]))
-            sid = str(d["sample_id"])
+            sid, ts = str(d["sample_id"]), int(d["impression_ts_ms"])
         except (ValueError, KeyError, TypeError):
             bad += 1
             continue
         if dedup.seen(sid):
             dup += 1
             continue
-        rows.append(row)
+        out.append((ts, rec, row))
+    return out, dup, bad
+
+
+def to_batch(rows: list[tuple]) -> Batch | None:
     if not rows:
-        return None, dup, bad
+        return None
     a = np.asarray(rows, dtype=np.float64)
     return Batch(a[:, 0].astype(np.int64), a[:, 1].astype(np.int64), a[:, 2].astype(np.int64),
-                 a[:, 3].astype(np.int64), a[:, 4].astype(np.float32)), dup, bad
+                 a[:, 3].astype(np.int64), a[:, 4].astype(np.float32))
 
 
 class StreamingTrainer:
@@ -81,6 +96,12 @@ class StreamingTrainer:
         self.frozen: FrozenModel | None = None
         self.frozen_validator = ProgressiveValidator(cfg.trainer.auc_window)
         self.dedup = DedupWindow()
+        hold_ms = None
+        if cfg.trainer.align_labels:
+            fj = cfg.feature_job
+            hold_ms = 1000 * (fj.attribution_window_s + fj.watermark_delay_s + fj.idle_timeout_s)
+        self.aligner = LabelAligner(hold_ms) if hold_ms is not None else None
+        self._last_data = time.monotonic()
         self.trained = 0
         self.duplicates = 0
         self.malformed = 0
@@ -95,29 +116,47 @@ class StreamingTrainer:
             self._consumer = consumer(self.cfg, topic, self.cfg.trainer.group_id)
         return self._consumer
 
-    def poll_batch(self, timeout_s: float | None = None) -> list[bytes]:
-        """Collect up to batch_size record values, waiting at most max_batch_wait_ms."""
+    def poll_batch(self, timeout_s: float | None = None) -> list[Rec]:
+        """Collect up to batch_size records, waiting at most max_batch_wait_ms."""
         c = self._ensure_consumer()
         want = self.cfg.trainer.batch_size
         deadline = time.monotonic() + (timeout_s if timeout_s is not None
                                        else self.cfg.trainer.max_batch_wait_ms / 1000.0)
-        values: list[bytes] = []
-        while len(values) < want:
+        out: list[Rec] = []
+        while len(out) < want:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            polled = c.poll(timeout_ms=max(1, int(left * 1000)), max_records=want - len(values))
-            for recs in polled.values():
-                values.extend(r.value for r in recs)
-        return values
+            polled = c.poll(timeout_ms=max(1, int(left * 1000)), max_records=want - len(out))
+            for tp, recs in polled.items():
+                out.extend(Rec(tp, r.offset, r.value) for r in recs)
+        return out
 
-    def step(self, values: list[bytes]) -> int:
-        """Progressive validation, then one training step; returns samples trained."""
-        batch, dup, bad = parse_batch(values, self.dedup)
+    def step(self, recs: list[Rec]) -> int:
+        """Align labels, then progressive validation and one training step per released batch.
+        Returns the samples trained."""
+        parsed, dup, bad = parse_records(recs, self.dedup)
         self.duplicates += dup
         self.malformed += bad
         SAMPLES.labels("duplicate").inc(dup)
         SAMPLES.labels("malformed").inc(bad)
+        if self.aligner is None:
+            return self._train(to_batch([row for _, _, row in parsed]))
+        now = time.monotonic()
+        for ts, rec, row in parsed:
+            self.aligner.add(ts, rec.partition, rec.offset, row)
+        if recs:
+            self._last_data = now
+        # a quiet stream sends no newer impressions to move the clock: flush what is held
+        idle = now - self._last_data > self.aligner.hold_ms / 1000.0
+        released = self.aligner.release(flush=idle)
+        trained = 0
+        size = self.cfg.trainer.batch_size
+        for k in range(0, len(released), size):
+            trained += self._train(to_batch(released[k:k + size]))
+        return trained
+
+    def _train(self, batch: Batch | None) -> int:
         if batch is None:
             return 0
         self.validator.add(self.model.predict(batch), batch.labels)
@@ -137,11 +176,15 @@ class StreamingTrainer:
         return len(batch)
 
     def commit(self) -> None:
-        """Commit the consumed position and remember it for the next manifest."""
-        if self._consumer is not None:
-            self._consumer.commit()
-            self.offsets = {f"{tp.topic}:{tp.partition}": self._consumer.position(tp)
-                            for tp in self._consumer.assignment()}
+        """Commit, per partition, the consumed position or the oldest still-held record, whichever
+        is earlier (held samples are not trained yet), and remember it for the next manifest."""
+        if self._consumer is None:
+            return
+        held = self.aligner.min_held_offsets() if self.aligner is not None else {}
+        offsets = {tp: min(self._consumer.position(tp), held.get(tp, 1 << 62))
+                   for tp in self._consumer.assignment()}
+        self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+        self.offsets = {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()}
 
     def set_paused(self, paused: bool) -> None:
         c = self._ensure_consumer()
@@ -159,6 +202,7 @@ class StreamingTrainer:
                 "auc": s["auc"], "logloss": s["logloss"], "ctr": s["ctr"], "loss": self.last_loss,
                 "samples_per_s": round(self.trained / max(1e-3, time.time() - self.started), 1),
                 "auc_frozen": frozen["auc"] if frozen else None,
+                "held_for_labels": len(self.aligner) if self.aligner is not None else 0,
                 "frozen_at_step": self.frozen.step if self.frozen else None,
                 "scored_since_frozen": self.frozen_validator.seen,
                 **{f"rows_{k}": v for k, v in self.model.occupancy().items()}}

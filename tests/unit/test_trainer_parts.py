@@ -6,7 +6,8 @@ from odl.config import SourceConfig, TrainerConfig
 from pipeline.generator import SyntheticWorld
 from trainers.metrics import ProgressiveValidator, auc
 from trainers.model import Batch, CTRModel, EmbeddingTable
-from trainers.streaming import DedupWindow, parse_batch
+from trainers.align import LabelAligner
+from trainers.streaming import DedupWindow, Rec, parse_records, to_batch
 
 
 def brute_auc(s, y):
@@ -42,10 +43,14 @@ def test_embedding_table_is_collision_free_and_tracks_deltas():
 
 def test_dedup_and_malformed_samples():
     d = DedupWindow(capacity=3)
-    good = {"sample_id": "a", "user_id": 1, "item_id": 2, "position": 0, "hour": 1, "label": 1}
+    good = {"sample_id": "a", "user_id": 1, "item_id": 2, "position": 0, "hour": 1, "label": 1,
+            "impression_ts_ms": 5}
     vals = [json.dumps(good).encode(), json.dumps(good).encode(), b"{oops", json.dumps({"x": 1}).encode()]
-    batch, dup, bad = parse_batch(vals, d)
-    assert len(batch) == 1 and dup == 1 and bad == 2
+    parsed, dup, bad = parse_records([Rec("p", k, v) for k, v in enumerate(vals)], d)
+    assert len(parsed) == 1 and dup == 1 and bad == 2
+    ts, rec, row = parsed[0]
+    assert ts == 5 and rec.offset == 0 and row == (1, 2, 0, 1, 1.0)
+    assert len(to_batch([row, row])) == 2 and to_batch([]) is None
     for sid in "bcd":
         d.seen(sid)
     assert not d.seen("a")  # evicted from the bounded window
@@ -90,3 +95,15 @@ def test_frozen_copy_scores_like_the_model_then_stops_learning():
         model.train(b)
     assert np.abs(model.predict(b) - before).max() > 1e-3     # the live model moved on
     np.testing.assert_array_equal(frozen.predict(b), before)  # the copy did not
+
+
+def test_label_aligner_releases_in_impression_order_after_the_hold():
+    a = LabelAligner(hold_ms=10_000)
+    a.add(1_000, "p0", 7, ("pos-early",))      # a positive, emitted at click time
+    a.add(3_000, "p1", 2, ("pos-later",))
+    assert a.release() == []                    # clock 3 s: both windows still open
+    a.add(11_500, "p0", 9, ("neg-of-1s",))      # the stream moves on: 1 s + 10 s has passed
+    assert a.release() == [("pos-early",)]
+    assert a.min_held_offsets() == {"p1": 2, "p0": 9}  # the commit may not pass these
+    assert a.release(flush=True) == [("pos-later",), ("neg-of-1s",)]
+    assert len(a) == 0 and a.min_held_offsets() == {}
