@@ -20,6 +20,15 @@ pytestmark = pytest.mark.slow
 WINDOW_S = 3
 
 
+def _job_env(tmp_path, broker_port: int, redis_port: int, prefix: str, **extra: str) -> dict[str, str]:
+    """ODL__ overrides that point `odl run feature-job` at the test's servers and topics."""
+    return {"ODL__KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{broker_port}",
+            "ODL__KAFKA__TOPIC_PREFIX": prefix, "ODL__REDIS__PORT": str(redis_port),
+            "ODL__PATHS__STATE_DIR": str(tmp_path / "var"), "ODL__METRICS__ENABLED": "false",
+            "ODL__FEATURE_JOB__ATTRIBUTION_WINDOW_S": str(WINDOW_S),
+            "ODL__FEATURE_JOB__WATERMARK_DELAY_S": "1", "ODL__FEATURE_JOB__IDLE_TIMEOUT_S": "1", **extra}
+
+
 def _env(cfg_overrides: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ODL__")}
     env.update(cfg_overrides)
@@ -28,11 +37,7 @@ def _env(cfg_overrides: dict[str, str]) -> dict[str, str]:
 
 def test_validation_dlq_and_label_join(tmp_path, broker_port, redis_port):
     prefix = f"t{uuid.uuid4().hex[:8]}."
-    overrides = {"ODL__KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{broker_port}",
-                 "ODL__KAFKA__TOPIC_PREFIX": prefix, "ODL__REDIS__PORT": str(redis_port),
-                 "ODL__PATHS__STATE_DIR": str(tmp_path / "var"), "ODL__METRICS__ENABLED": "false",
-                 "ODL__FEATURE_JOB__ATTRIBUTION_WINDOW_S": str(WINDOW_S),
-                 "ODL__FEATURE_JOB__WATERMARK_DELAY_S": "1", "ODL__FEATURE_JOB__IDLE_TIMEOUT_S": "1"}
+    overrides = _job_env(tmp_path, broker_port, redis_port, prefix)
     cfg = make_config(tmp_path, kafka={"bootstrap_servers": f"127.0.0.1:{broker_port}", "topic_prefix": prefix})
     ensure_topics(cfg)
     prod = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers)
@@ -129,12 +134,8 @@ def test_killed_job_restarts_from_checkpoint_without_losing_samples(tmp_path, br
     from pipeline.feature_job import latest_checkpoint
 
     prefix = f"k{uuid.uuid4().hex[:8]}."
-    overrides = {"ODL__KAFKA__BOOTSTRAP_SERVERS": f"127.0.0.1:{broker_port}",
-                 "ODL__KAFKA__TOPIC_PREFIX": prefix, "ODL__REDIS__PORT": str(redis_port),
-                 "ODL__PATHS__STATE_DIR": str(tmp_path / "var"), "ODL__METRICS__ENABLED": "false",
-                 "ODL__FEATURE_JOB__ATTRIBUTION_WINDOW_S": str(WINDOW_S),
-                 "ODL__FEATURE_JOB__WATERMARK_DELAY_S": "1", "ODL__FEATURE_JOB__IDLE_TIMEOUT_S": "1",
-                 "ODL__FEATURE_JOB__CHECKPOINT_INTERVAL_S": "2"}
+    overrides = _job_env(tmp_path, broker_port, redis_port, prefix,
+                         ODL__FEATURE_JOB__CHECKPOINT_INTERVAL_S="2")
     cfg = make_config(tmp_path, kafka={"bootstrap_servers": f"127.0.0.1:{broker_port}", "topic_prefix": prefix})
     ensure_topics(cfg)
     prod = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers)
