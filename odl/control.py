@@ -146,11 +146,12 @@ class Heartbeater:
         self._thread.start()
         return self
 
-    def beat(self) -> None:
+    def beat(self, final_state: str | None = None) -> None:
         state, version, metrics = self.probe()
-        self.cp.heartbeat(Heartbeat(self.component, self.instance, time.time(), state,
+        self.cp.heartbeat(Heartbeat(self.component, self.instance, time.time(), final_state or state,
                                     os.getpid(), socket.gethostname(), version, metrics))
-        self.paused = self.cp.is_paused(self.component)
+        if final_state is None:
+            self.paused = self.cp.is_paused(self.component)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -163,11 +164,6 @@ class Heartbeater:
     def stop(self, final_state: str = "stopped") -> None:
         self._stop.set()
         try:
-            self.probe_final(final_state)
-        except Exception:  # noqa: BLE001
+            self.beat(final_state)
+        except Exception:  # noqa: BLE001 - the control plane may already be gone at shutdown
             pass
-
-    def probe_final(self, final_state: str) -> None:
-        _, version, metrics = self.probe()
-        self.cp.heartbeat(Heartbeat(self.component, self.instance, time.time(), final_state,
-                                    os.getpid(), socket.gethostname(), version, metrics))

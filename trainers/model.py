@@ -11,6 +11,7 @@ trainer and the exporter's serving module, so both compute one model.
 from __future__ import annotations
 
 import threading
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +33,7 @@ class EmbeddingTable:
 
     def __init__(self, name: str, capacity: int, dim: int, seed: int, initial_accumulator: float = 0.1):
         self.name, self.capacity, self.dim = name, capacity, dim
-        init = tf.random.stateless_normal([capacity, dim], seed=[seed, hash(name) % 1000], stddev=0.05)
+        init = tf.random.stateless_normal([capacity, dim], seed=[seed, zlib.crc32(name.encode()) % 1000], stddev=0.05)
         self.var = tf.Variable(init, name=f"{name}_emb")
         self.accum = tf.Variable(tf.fill([capacity, dim], initial_accumulator), name=f"{name}_acc")
         self._rows: dict[int, int] = {}
