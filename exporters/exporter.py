@@ -24,6 +24,18 @@ VERSIONS = Counter("odl_exporter_versions_total", "versions", ["outcome"])
 LATEST = Gauge("odl_exporter_latest_version", "newest published version")
 
 
+def quality_gate(snap: dict) -> str | None:
+    """Why a snapshot must not become a version, or None.  Weights must be finite, and so must the
+    last training loss once the model has trained (NaN AUC is legitimate: one class seen so far)."""
+    reason = savedmodel.check_weights(snap["weights"])
+    if reason:
+        return reason
+    loss = snap["metrics"].get("loss")
+    if snap["step"] > 0 and loss is not None and not math.isfinite(loss):
+        return f"non-finite training loss ({loss})"
+    return None
+
+
 class Exporter:
     def __init__(self, cfg: Config, comp: Component, actor, ray):
         self.cfg, self.comp, self.actor, self.ray = cfg, comp, actor, ray
@@ -46,15 +58,6 @@ class Exporter:
         self.rows_pushed += n
         return n
 
-    def _gate(self, snap: dict) -> str | None:
-        reason = savedmodel.check_weights(snap["weights"])
-        if reason:
-            return reason
-        auc = snap["metrics"].get("auc")
-        if auc is not None and isinstance(auc, float) and math.isinf(auc):
-            return "non-finite progressive AUC"
-        return None
-
     def publish_version(self, force: bool = False) -> int | None:
         self.push_deltas()
         snap = self.ray.get(self.actor.snapshot.remote(), timeout=60)
@@ -63,7 +66,7 @@ class Exporter:
             return None  # nothing new was trained
         if not force and trained < self.cfg.exporter.min_samples_per_version:
             return None
-        reason = self._gate(snap)
+        reason = quality_gate(snap)
         version = self.store.next_version()
         if reason:
             self.refused += 1

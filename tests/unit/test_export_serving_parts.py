@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from bench.registry import BenchResult, available, render
 from exporters import savedmodel
+from exporters.exporter import quality_gate
 from exporters.registry import Manifest, ModelStore
 from odl.config import TrainerConfig
 from odl.plot import svg_line_chart
@@ -49,9 +50,14 @@ def test_store_versions_are_atomic_and_retained(tmp_path):
     assert store.versions() == [1, 4, 5]
 
 
-def test_export_refuses_non_finite_weights():
+def test_export_refuses_non_finite_weights_and_loss():
     assert savedmodel.check_weights({"a": np.ones(3)}) is None
     assert "a" in savedmodel.check_weights({"a": np.array([1.0, math.nan])})
+    ok = {"weights": {"a": np.ones(3)}, "step": 5, "metrics": {"loss": 0.4, "auc": math.nan}}
+    assert quality_gate(ok) is None
+    assert quality_gate({**ok, "step": 0, "metrics": {"loss": math.nan}}) is None  # not trained yet
+    assert "loss" in quality_gate({**ok, "metrics": {"loss": math.inf}})
+    assert "a" in quality_gate({**ok, "weights": {"a": np.array([math.nan])}})
 
 
 @pytest.mark.parametrize("body,msg", [
