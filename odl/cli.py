@@ -10,7 +10,7 @@ import click
 
 from odl.config import ConfigError, dump_config, load_config
 
-COMPONENTS = ("source", "feature-job", "trainer", "exporter", "serving")
+COMPONENTS = ("source", "feature-job", "feature-store", "trainer", "exporter", "serving")
 # The feature job follows its input: pausing the source pauses it.  (Pausing Flink itself means
 # stop-with-savepoint and resume-from-savepoint; that belongs to the feature-pipeline work.)
 PAUSABLE = ("source", "trainer", "exporter")
@@ -44,6 +44,9 @@ def run(component: str, replica: int, config: str | None) -> None:
         rc = fn(cfg)
     elif component == "feature-job":
         from pipeline.feature_job import run as fn
+        rc = fn(cfg)
+    elif component == "feature-store":
+        from pipeline.feature_store_writer import run as fn
         rc = fn(cfg)
     elif component == "trainer":
         from trainers.actor import run as fn
@@ -92,7 +95,9 @@ def _fmt(v) -> str:
 
 
 KEY_METRICS = {"source": ("impression", "click", "malformed", "events_per_s"),
-               "feature-job": ("events_in_per_s", "watermark_lag_s", "samples", "dlq", "dlq_reasons"),
+               "feature-job": ("events_in_per_s", "watermark_lag_s", "positives", "negatives",
+                               "dlq", "dlq_reasons"),
+               "feature-store": ("updates_per_s", "written", "malformed", "redis_errors"),
                "trainer": ("samples_trained", "auc", "auc_frozen", "logloss", "samples_per_s", "duplicates"),
                "exporter": ("latest_version", "rows_pushed", "generation", "refused"),
                "serving": ("requests", "p50_ms", "p99_ms", "port")}

@@ -102,13 +102,18 @@ class SourceConfig(_Section):
 class FeatureJobConfig(_Section):
     parallelism: int = Field(1, ge=1)
     attribution_window_s: int = Field(10, ge=1)
-    watermark_delay_s: int = Field(2, ge=0)
+    watermark_delay_ms: int = Field(1000, ge=0, description="event-time out-of-orderness allowed; "
+                                    "later events go to the DLQ as late_event")
     idle_timeout_s: int = Field(5, ge=1)
     checkpoint_interval_s: int = Field(10, ge=1)
     restore: bool = Field(True, description="restart from the newest retained checkpoint")
     rest_ports: str = Field("8081-8099", pattern=r"^\d+(-\d+)?$",
                             description="Flink REST API port range (loopback); job metrics come from it")
     group_id: str = "odl-feature-job"
+    store_group_id: str = Field("odl-feature-store", description="consumer group of the writer "
+                                "that materialises feature updates into Redis")
+    store_ttl_s: int = Field(7200, ge=60, description="Redis expiry of an entity's features; "
+                             "longer than the longest feature window")
 
 
 class TrainerConfig(_Section):

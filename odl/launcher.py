@@ -126,6 +126,7 @@ class LocalStack:
                      # a local head has no Serve replicas to drain: stop at once on SIGTERM
                      env={"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}),
             ProcSpec("feature-job", self._odl("feature-job")),
+            ProcSpec("feature-store", self._odl("feature-store")),
             ProcSpec("trainer", self._odl("trainer")),
             ProcSpec("exporter", self._odl("exporter")),
         ]

@@ -2,14 +2,16 @@
 
 Redis keys carry hash tags so that every multi-key command ODL issues stays inside one slot on
 Redis Cluster: the control plane lives under ``{odl:cp}``; embedding rows of one table share
-``{odl:emb:<table>}`` so a chunked MGET/MSET of a table is one slot.
+``{odl:emb:<table>}`` so a chunked MGET/MSET of a table is one slot; online features of one
+entity kind share ``{odl:fs:<kind>}`` (serving reads a user and its candidate items in two MGETs).
 """
 from __future__ import annotations
 
 EVENTS = "events"
 EVENTS_DLQ = "events.dlq"
 SAMPLES = "samples"
-ALL_TOPICS = (EVENTS, EVENTS_DLQ, SAMPLES)
+FEATURES = "features"   # feature-state updates per entity, materialised into Redis
+ALL_TOPICS = (EVENTS, EVENTS_DLQ, SAMPLES, FEATURES)
 
 
 def topic(name: str, prefix: str = "") -> str:
@@ -38,3 +40,9 @@ def emb_key(table: str, entity_id: int | str) -> str:
 def emb_meta(table: str) -> str:
     """Hash with dim, dtype, generation and row count of one embedding table."""
     return f"{{odl:emb:{table}}}:meta"
+
+
+# --- online feature store ------------------------------------------------------------------
+def fs_key(kind: str, entity_id: int | str) -> str:
+    """Feature state of one entity: kind is ``user`` or ``item`` (``odl.features``)."""
+    return f"{{odl:fs:{kind}}}:{entity_id}"

@@ -13,7 +13,8 @@ from odl.config import Config
 from odl.control import ControlPlane, Heartbeater
 
 # Offsets from metrics.base_port, one per process kind; serving adds its replica index.
-METRICS_PORT_OFFSETS = {"source": 0, "feature-job": 1, "trainer": 2, "exporter": 3, "serving": 10}
+METRICS_PORT_OFFSETS = {"source": 0, "feature-job": 1, "trainer": 2, "exporter": 3,
+                         "feature-store": 4, "serving": 10}
 
 
 def setup_logging(instance: str) -> logging.Logger:

@@ -11,14 +11,22 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from odl.features import Features, category_of
+
 SCHEMA_VERSION = 1
 MAX_ID = 2**53 - 1                # ids must survive a JSON/double round trip
 MAX_REQUEST_ID_LEN = 128
+MAX_EVENT_ID_LEN = 256
 MAX_POSITION = 1000
 MAX_CONTEXT_BYTES = 2048
 MAX_FUTURE_SKEW_MS = 5 * 60 * 1000
 MAX_AGE_MS = 7 * 24 * 3600 * 1000
 EVENT_TYPES = ("impression", "click")
+
+
+def default_event_id(etype: str, request_id: str, item_id: int) -> str:
+    """The id of an event that does not carry one: one impression / click per request and item."""
+    return f"{etype[0]}:{request_id}:{item_id}"
 
 
 class _Event:
@@ -29,7 +37,7 @@ class _Event:
 
     @property
     def event_id(self) -> str:
-        return f"{self.type[0]}:{self.request_id}:{self.item_id}"
+        return default_event_id(self.type, self.request_id, self.item_id)
 
     def to_json(self) -> bytes:
         return json.dumps({**asdict(self), "event_id": self.event_id}, separators=(",", ":")).encode()
@@ -53,13 +61,15 @@ class Click(_Event):
     user_id: int
     item_id: int
     ts_ms: int
+    context: dict[str, Any] = field(default_factory=dict)
     type: str = "click"
     schema_version: int = SCHEMA_VERSION
 
 
 @dataclass(frozen=True)
 class Sample:
-    """One labelled impression as the feature job emits it (topic ``samples``)."""
+    """One labelled impression as the feature job emits it (topic ``samples``), with its
+    features as of the impression's event time (``odl.features``)."""
     sample_id: str
     request_id: str
     user_id: int
@@ -68,6 +78,8 @@ class Sample:
     hour: int
     label: int
     impression_ts_ms: int
+    category: int = 0
+    features: Features = Features()
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "Sample":
@@ -75,24 +87,61 @@ class Sample:
         return cls(sample_id=str(d["sample_id"]), request_id=str(d["request_id"]),
                    user_id=int(d["user_id"]), item_id=int(d["item_id"]),
                    position=int(d["position"]), hour=int(d.get("hour") or 0),
-                   label=int(d["label"]), impression_ts_ms=int(d["impression_ts_ms"]))
+                   label=int(d["label"]), impression_ts_ms=int(d["impression_ts_ms"]),
+                   category=int(d.get("category") or 0),
+                   features=Features.from_json(d.get("features")))
 
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+@dataclass(frozen=True)
+class ParsedEvent:
+    """A valid event reduced to what the feature job uses (one JSON parse per event)."""
+    etype: str
+    event_id: str
+    request_id: str
+    user_id: int
+    item_id: int
+    position: int
+    hour: int
+    category: int
+    ts_ms: int
+
+
 def validate_event(raw: str | bytes | None, record_ts_ms: int | None = None,
                    now_ms: int | None = None) -> str | None:
     """Return None for a valid event, else a short machine-readable reason."""
+    return parse_event(raw, record_ts_ms, now_ms)[0]
+
+
+def parse_event(raw: str | bytes | None, record_ts_ms: int | None = None,
+                now_ms: int | None = None) -> tuple[str | None, ParsedEvent | None]:
+    """(None, event) for a valid event, else (reason, None); ``record_ts_ms`` is the Kafka
+    record timestamp, the event time by contract (the payload's ``ts_ms`` when absent)."""
     if raw is None:
-        return "empty"
+        return "empty", None
     try:
         ev = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        return "invalid_json"
+        return "invalid_json", None
     if not isinstance(ev, dict):
-        return "not_an_object"
+        return "not_an_object", None
+    reason = _check(ev, record_ts_ms, now_ms)
+    if reason is not None:
+        return reason, None
+    ctx = ev.get("context") or {}
+    hour = ctx.get("hour")
+    eid = ev.get("event_id") or default_event_id(ev["type"], ev["request_id"], ev["item_id"])
+    return None, ParsedEvent(
+        etype=ev["type"], event_id=eid, request_id=ev["request_id"], user_id=ev["user_id"],
+        item_id=ev["item_id"], position=ev.get("position") or 0,
+        hour=hour % 24 if _is_int(hour) else 0, category=category_of(ctx.get("category")),
+        ts_ms=record_ts_ms if record_ts_ms is not None else ev["ts_ms"])
+
+
+def _check(ev: dict, record_ts_ms: int | None, now_ms: int | None) -> str | None:
     if ev.get("schema_version") != SCHEMA_VERSION:
         return "bad_schema_version"
     etype = ev.get("type")
@@ -110,13 +159,16 @@ def validate_event(raw: str | bytes | None, record_ts_ms: int | None = None,
     ts = ev.get("ts_ms")
     if not _is_int(ts):
         return "bad_ts_ms"
+    eid = ev.get("event_id")
+    if eid is not None and (not isinstance(eid, str) or not eid or len(eid) > MAX_EVENT_ID_LEN):
+        return "bad_event_id"
     if etype == "impression":
         pos = ev.get("position")
         if not _is_int(pos) or not 0 <= pos <= MAX_POSITION:
             return "bad_position"
-        ctx = ev.get("context", {})
-        if not isinstance(ctx, dict) or len(json.dumps(ctx)) > MAX_CONTEXT_BYTES:
-            return "bad_context"
+    ctx = ev.get("context", {})
+    if not isinstance(ctx, dict) or len(json.dumps(ctx)) > MAX_CONTEXT_BYTES:
+        return "bad_context"
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     event_ts = record_ts_ms if record_ts_ms is not None else ts
     if event_ts > now_ms + MAX_FUTURE_SKEW_MS:

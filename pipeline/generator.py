@@ -115,7 +115,7 @@ class SyntheticSource:
             if self.rng.random() < p:
                 lo, hi = cfg.click_delay_s
                 ts = now_ms + int(1000 * self.rng.uniform(lo, hi))
-                clk = Click(rid, user, item, ts)
+                clk = Click(rid, user, item, ts, {"category": item % CATEGORIES})
                 heapq.heappush(self._pending, Record(ts, str(user).encode(), clk.to_json(), ts, "click"))
         if cfg.malformed_rate and self.rng.random() < cfg.malformed_rate * k:
             out.append(Record(now_ms, b"bad", _malformed(self.rng, now_ms), now_ms, "malformed"))

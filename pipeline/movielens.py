@@ -20,6 +20,23 @@ from pipeline.generator import Record
 CLICK_THRESHOLD = 4.0
 
 
+def load_genres(directory: Path) -> dict[int, int]:
+    """movie id -> index of its first genre (the item category); empty if movies.csv is absent."""
+    path = Path(directory) / "movies.csv"
+    if not path.is_file():
+        return {}
+    vocab: dict[str, int] = {}
+    out = {}
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            try:
+                genre = (row.get("genres") or "").split("|")[0]
+                out[int(row["movieId"])] = vocab.setdefault(genre, len(vocab) + 1)
+            except (KeyError, ValueError):
+                continue  # a bad movie row only costs that movie its category
+    return out
+
+
 def load_ratings(directory: Path) -> list[tuple[int, int, int, float]]:
     """(timestamp, user_id, movie_id, rating) sorted by timestamp; raises with the file named."""
     path = Path(directory) / "ratings.csv"
@@ -45,6 +62,7 @@ class MovieLensReplay:
 
     def records(self) -> Iterator[Record]:
         ratings = load_ratings(self.cfg.movielens_dir)
+        genres = load_genres(self.cfg.movielens_dir)
         if not ratings:
             return
         t0 = ratings[0][0]
@@ -59,11 +77,13 @@ class MovieLensReplay:
             rid = f"ml-{user}-{ts}-{movie}"
             hour = (ts // 3600) % 24
             # the rating itself is the label's source: it must never travel as a feature
-            imp = Impression(rid, user, movie, 0, now_ms, {"hour": int(hour), "orig_ts": ts})
+            cat = genres.get(movie, 0)
+            imp = Impression(rid, user, movie, 0, now_ms,
+                             {"hour": int(hour), "orig_ts": ts, "category": cat})
             yield Record(now_ms, str(user).encode(), imp.to_json(), now_ms)
             if rating >= CLICK_THRESHOLD:
                 cts = now_ms + int(1000 * self.rng.uniform(lo, hi))
-                heapq.heappush(pending, Record(cts, str(user).encode(),
-                                               Click(rid, user, movie, cts).to_json(), cts, "click"))
+                clk = Click(rid, user, movie, cts, {"category": cat})
+                heapq.heappush(pending, Record(cts, str(user).encode(), clk.to_json(), cts, "click"))
         while pending:
             yield heapq.heappop(pending)

@@ -99,7 +99,7 @@ class StreamingTrainer:
         hold_ms = None
         if cfg.trainer.align_labels:
             fj = cfg.feature_job
-            hold_ms = 1000 * (fj.attribution_window_s + fj.watermark_delay_s + fj.idle_timeout_s)
+            hold_ms = 1000 * (fj.attribution_window_s + fj.idle_timeout_s) + fj.watermark_delay_ms
         self.aligner = LabelAligner(hold_ms) if hold_ms is not None else None
         self._last_data = time.monotonic()
         self.trained = 0

@@ -1,0 +1,216 @@
+"""The feature job's Flink SQL, generated from config and the feature definition.
+
+Dataflow (every arrow is Flink SQL; the two Python UDFs only parse events and evaluate features):
+
+    events_raw ─ odl_parse ─┬─ rejects, late events ───────────────────────────────► events.dlq
+                            └─ valid ─ dedup by event_id ─┬─ duplicates ─────────────► events.dlq
+                                                          └─ events
+    events ─ HOP tiles (user 5 min, user 1 h, item 1 h) ─┬───────────────────────────► features
+           ─ user's last N clicks (ROWS window) ─────────┤
+                                                         └─ versioned views
+    impressions ─ temporal joins AS OF impression time ─ odl_features ─┐
+    clicks ─────────────────────────────── interval LEFT JOIN ─────────┴────────────► samples
+    clicks ─ interval LEFT JOIN impressions (± window) ─ unattributed ────────────────► events.dlq
+
+Semantics: a click is attributed to the impression of the same request and item when its event
+time is after the impression's and at most the attribution window later.  The positive sample
+leaves as soon as the click arrives; the negative when the watermark passes the window's end.
+Clicks without such an impression go to the DLQ as ``click_before_impression`` (an impression of
+that request and item exists but is not earlier) or ``click_unattributed`` (none within the window
+either side: too late, or never shown).  Events behind the watermark are ``late_event`` and a
+repeated ``event_id`` is a ``duplicate_event``: nothing leaves the job without being counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from odl import features as F
+from odl.config import Config
+
+
+@dataclass(frozen=True)
+class JobTopics:
+    events: str
+    samples: str
+    dlq: str
+    features: str
+
+
+def _kafka_opts(cfg: Config, topic: str) -> str:
+    return (f"'connector' = 'kafka', 'topic' = '{topic}', "
+            f"'properties.bootstrap.servers' = '{cfg.kafka.bootstrap_servers}'")
+
+
+def _seconds(ms: int) -> str:
+    """A millisecond-exact interval literal (a plain SECOND literal stops at 99 s in Flink)."""
+    s, frac = divmod(int(ms), 1000)
+    m, s = divmod(s, 60)
+    h, m = divmod(m, 60)
+    d, h = divmod(h, 24)
+    return f"INTERVAL '{d} {h:02}:{m:02}:{s:02}.{frac:03}' DAY TO SECOND(3)"
+
+
+def _epoch_ms(ts: str) -> str:
+    """A window bound (TIMESTAMP(3), UTC wall time, whole seconds) as epoch milliseconds."""
+    return f"CAST(TIMESTAMPDIFF(SECOND, TIMESTAMP '1970-01-01 00:00:00', {ts}) AS BIGINT) * 1000"
+
+
+def source_ddl(cfg: Config, topic: str, group_id: str, table: str = "events_raw") -> str:
+    """The events source: raw payloads, event time from the Kafka record timestamp."""
+    return f"""CREATE TABLE {table} (
+              payload STRING,
+              `partition` INT METADATA VIRTUAL,
+              `offset` BIGINT METADATA VIRTUAL,
+              ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp',
+              WATERMARK FOR ts AS ts - {_seconds(cfg.feature_job.watermark_delay_ms)}
+            ) WITH ({_kafka_opts(cfg, topic)},
+              'properties.group.id' = '{group_id}',
+              'scan.startup.mode' = 'group-offsets',
+              'properties.auto.offset.reset' = 'earliest',
+              'format' = 'raw')"""
+
+
+FEATURES_TYPE = ("ROW<`user` ROW<imps_5m INT, clicks_5m INT, imps_1h INT, clicks_1h INT, "
+                 "last_items ARRAY<BIGINT>, last_categories ARRAY<INT>>, "
+                 "item ROW<imps_1h INT, clicks_1h INT, ctr_1h DOUBLE>>")
+
+
+def _sinks(cfg: Config, topics: JobTopics) -> list[str]:
+    return [
+        f"""CREATE TABLE samples_sink (
+              sample_id STRING, request_id STRING, user_id BIGINT, item_id BIGINT,
+              `position` INT, `hour` INT, category INT, label INT,
+              impression_ts_ms BIGINT, label_ts_ms BIGINT, features {FEATURES_TYPE}
+            ) WITH ({_kafka_opts(cfg, topics.samples)},
+              'key.format' = 'raw', 'key.fields' = 'sample_id',
+              'value.format' = 'json', 'value.fields-include' = 'ALL',
+              'sink.delivery-guarantee' = 'at-least-once')""",
+        f"""CREATE TABLE dlq_sink (
+              reason STRING, payload STRING, source_partition INT, source_offset BIGINT, ts_ms BIGINT
+            ) WITH ({_kafka_opts(cfg, topics.dlq)},
+              'format' = 'json', 'sink.delivery-guarantee' = 'at-least-once')""",
+        # one record per state change of an entity; key = kind:id keeps an entity's updates
+        # in order on one partition for the writer that materialises them into Redis
+        f"""CREATE TABLE features_sink (
+              entity STRING, kind STRING, entity_id BIGINT, part STRING, version_ms BIGINT,
+              `value` STRING
+            ) WITH ({_kafka_opts(cfg, topics.features)},
+              'key.format' = 'raw', 'key.fields' = 'entity',
+              'value.format' = 'json', 'value.fields-include' = 'ALL',
+              'sink.delivery-guarantee' = 'at-least-once')""",
+    ]
+
+
+def _tiles_view(name: str, key: str, window_s: int) -> str:
+    return f"""CREATE TEMPORARY VIEW {name} AS
+        SELECT {key} AS entity_id, {_epoch_ms('window_end')} AS end_ms, window_time,
+               CAST(SUM(CASE WHEN etype = 'impression' THEN 1 ELSE 0 END) AS INT) AS imps,
+               CAST(SUM(CASE WHEN etype = 'click' THEN 1 ELSE 0 END) AS INT) AS clicks
+        FROM TABLE(HOP(TABLE events, DESCRIPTOR(ts), {_seconds(F.TILE_SLIDE_S * 1000)},
+                       {_seconds(window_s * 1000)}))
+        GROUP BY {key}, window_start, window_end, window_time"""
+
+
+def _latest_view(name: str, source: str, time_col: str) -> str:
+    """A versioned view (newest row per entity) for event-time temporal joins."""
+    return f"""CREATE TEMPORARY VIEW {name} AS
+        SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY entity_id ORDER BY {time_col} DESC)
+                       AS rn FROM {source}) WHERE rn = 1"""
+
+
+def _tile_args(alias: str) -> str:
+    """A tile's columns as UDF arguments; PyFlink's thread mode cannot pass NULL numbers, so a
+    missing tile (no events yet) is end_ms = -1."""
+    return (f"COALESCE({alias}.end_ms, -1), COALESCE({alias}.imps, 0), "
+            f"COALESCE({alias}.clicks, 0)")
+
+
+# (view, entity key, window, the part name in the feature store)
+TILES = (("user_tiles_5m", "user_id", F.USER_WINDOWS_S[0], "t5m"),
+         ("user_tiles_1h", "user_id", F.USER_WINDOWS_S[1], "t1h"),
+         ("item_tiles_1h", "item_id", F.ITEM_WINDOW_S, "t1h"))
+
+
+def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
+    """(DDL, INSERTs) of the job; split out so tests can check the SQL without a cluster."""
+    fj = cfg.feature_job
+    win = _seconds(fj.attribution_window_s * 1000)
+    ddl = [source_ddl(cfg, topics.events, fj.group_id), *_sinks(cfg, topics),
+           """CREATE TEMPORARY VIEW checked AS
+              SELECT payload, `partition`, `offset`, ts, odl_parse(payload, ts) AS e,
+                     ts <= CURRENT_WATERMARK(ts) AS late
+              FROM events_raw""",
+           """CREATE TEMPORARY VIEW valid AS
+              SELECT e.etype AS etype, e.event_id AS event_id, e.request_id AS request_id,
+                     e.user_id AS user_id, e.item_id AS item_id, e.`position` AS `position`,
+                     e.`hour` AS `hour`, e.category AS category, e.ts_ms AS ts_ms,
+                     payload, `partition`, `offset`, ts
+              FROM checked WHERE e.reason IS NULL AND late IS NOT TRUE""",
+           # at-least-once producers repeat events: the first of an event_id counts, the rest are
+           # routed to the DLQ (state per id expires with table.exec.state.ttl)
+           """CREATE TEMPORARY VIEW numbered AS
+              SELECT *, COUNT(*) OVER (PARTITION BY event_id ORDER BY ts
+                                       ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS seen
+              FROM valid""",
+           "CREATE TEMPORARY VIEW events AS SELECT * FROM numbered WHERE seen = 1",
+           "CREATE TEMPORARY VIEW imps AS SELECT * FROM events WHERE etype = 'impression'",
+           "CREATE TEMPORARY VIEW clicks AS SELECT * FROM events WHERE etype = 'click'",
+           *[_tiles_view(name, key, w) for name, key, w, _ in TILES],
+           *[_latest_view(f"latest_{name}", name, "window_time") for name, *_ in TILES],
+           f"""CREATE TEMPORARY VIEW last_clicks AS
+              SELECT user_id AS entity_id, ts, ts_ms,
+                     LISTAGG({F.click_entry_sql()}, ' ') OVER (
+                       PARTITION BY user_id ORDER BY ts
+                       ROWS BETWEEN {F.LAST_N - 1} PRECEDING AND CURRENT ROW) AS entries
+              FROM clicks""",
+           _latest_view("latest_last_clicks", "last_clicks", "ts"),
+           f"""CREATE TEMPORARY VIEW featured AS
+              SELECT i.request_id, i.user_id, i.item_id, i.`position`, i.`hour`, i.category,
+                     i.ts_ms, i.ts,
+                     odl_features(i.ts_ms, {_tile_args("u5")}, {_tile_args("u1")},
+                                  COALESCE(lc.entries, ''), {_tile_args("it")}) AS features
+              FROM imps AS i
+              LEFT JOIN latest_user_tiles_5m FOR SYSTEM_TIME AS OF i.ts AS u5
+                ON i.user_id = u5.entity_id
+              LEFT JOIN latest_user_tiles_1h FOR SYSTEM_TIME AS OF i.ts AS u1
+                ON i.user_id = u1.entity_id
+              LEFT JOIN latest_last_clicks FOR SYSTEM_TIME AS OF i.ts AS lc
+                ON i.user_id = lc.entity_id
+              LEFT JOIN latest_item_tiles_1h FOR SYSTEM_TIME AS OF i.ts AS it
+                ON i.item_id = it.entity_id""",
+           ]
+    dlq_cols = "payload, `partition`, `offset`, UNIX_TIMESTAMP() * 1000"
+    inserts = [
+        f"""INSERT INTO samples_sink
+            SELECT CONCAT(i.request_id, ':', CAST(i.item_id AS STRING)) AS sample_id,
+                   i.request_id, i.user_id, i.item_id, i.`position`, i.`hour`, i.category,
+                   CASE WHEN c.request_id IS NULL THEN 0 ELSE 1 END AS label,
+                   i.ts_ms AS impression_ts_ms,
+                   COALESCE(c.ts_ms, i.ts_ms + {fj.attribution_window_s * 1000}) AS label_ts_ms,
+                   i.features
+            FROM featured i LEFT JOIN clicks c
+              ON i.request_id = c.request_id AND i.item_id = c.item_id
+             AND c.ts > i.ts AND c.ts <= i.ts + {win}""",
+        f"""INSERT INTO dlq_sink
+            SELECT COALESCE(e.reason, 'late_event'), {dlq_cols} FROM checked
+            WHERE e.reason IS NOT NULL OR late IS TRUE""",
+        f"INSERT INTO dlq_sink SELECT 'duplicate_event', {dlq_cols} FROM numbered WHERE seen > 1",
+        f"""INSERT INTO dlq_sink
+            SELECT CASE WHEN i.request_id IS NULL THEN 'click_unattributed'
+                        ELSE 'click_before_impression' END,
+                   c.payload, c.`partition`, c.`offset`, UNIX_TIMESTAMP() * 1000
+            FROM clicks c LEFT JOIN imps i
+              ON c.request_id = i.request_id AND c.item_id = i.item_id
+             AND i.ts BETWEEN c.ts - {win} AND c.ts + {win}
+            WHERE i.request_id IS NULL OR i.ts >= c.ts""",
+        *[f"""INSERT INTO features_sink
+              SELECT CONCAT('{'item' if key == 'item_id' else 'user'}:', CAST(entity_id AS STRING)),
+                     '{'item' if key == 'item_id' else 'user'}', entity_id, '{part}', end_ms,
+                     {F.tile_sql()}
+              FROM {name}""" for name, key, _, part in TILES],
+        """INSERT INTO features_sink
+           SELECT CONCAT('user:', CAST(entity_id AS STRING)), 'user', entity_id, 'clicks', ts_ms,
+                  entries
+           FROM last_clicks""",
+    ]
+    return ddl, inserts

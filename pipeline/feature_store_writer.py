@@ -1,0 +1,78 @@
+"""`odl run feature-store`: materialise the feature job's entity-state updates into Redis.
+
+Consumes the ``features`` topic, applies each poll's updates through ``FeatureStore.write``
+(newest version per key wins, so at-least-once replays are harmless) and commits the offsets only
+after Redis has them.  Malformed records are counted and skipped with a log line: the topic is
+written by our own job, so one is a bug to see, not a reason to stop serving fresh features.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from kafka.errors import KafkaError
+from prometheus_client import Counter
+from redis import RedisError
+
+from odl import names
+from odl.config import Config
+from odl.control import redis_client
+from odl.feature_store import FeatureStore, FeatureUpdate, FeatureUpdateError
+from odl.kafka_util import consumer
+from odl.runtime import Component
+
+UPDATES = Counter("odl_feature_store_updates_total", "feature updates consumed", ["result"])
+
+
+def decode(values: list[bytes]) -> tuple[list[FeatureUpdate], int]:
+    """(updates, number of malformed records) of one poll."""
+    out, bad = [], 0
+    for v in values:
+        try:
+            out.append(FeatureUpdate.from_dict(json.loads(v)))
+        except (ValueError, FeatureUpdateError, TypeError):
+            bad += 1
+    return out, bad
+
+
+def run(cfg: Config) -> int:
+    comp = Component(cfg, "feature-store")
+    comp.install_signal_handlers()
+    topic = names.topic(names.FEATURES, cfg.kafka.topic_prefix)
+    store = FeatureStore(redis_client(cfg, decode=False), cfg.feature_job.store_ttl_s)
+    c = consumer(cfg, topic, cfg.feature_job.store_group_id, max_poll_records=5000)
+    stats = {"updates": 0, "written": 0, "malformed": 0, "redis_errors": 0}
+    started = time.time()
+    comp.start_heartbeat(lambda: ("paused" if comp.paused else "running", None, {
+        **stats, "updates_per_s": round(stats["updates"] / max(1e-3, time.time() - started), 1)}))
+    try:
+        while not comp.stop.is_set():
+            batch = c.poll(timeout_ms=500)
+            values = [r.value for recs in batch.values() for r in recs]
+            if not values:
+                continue
+            updates, bad = decode(values)
+            if bad:
+                comp.log.error("%d malformed feature updates skipped", bad)
+            while not comp.stop.is_set():
+                try:
+                    stats["written"] += store.write(updates)
+                    break
+                except RedisError as exc:  # keep the offsets: retry until Redis is back
+                    stats["redis_errors"] += 1
+                    comp.log.warning("redis write failed (%s); retrying", exc)
+                    comp.stop.wait(1.0)
+            else:
+                break
+            try:
+                c.commit()
+            except KafkaError as exc:  # replayed after a rebalance; writes are idempotent
+                comp.log.warning("commit failed: %s", exc)
+            stats["updates"] += len(updates)
+            stats["malformed"] += bad
+            UPDATES.labels("applied").inc(len(updates))
+            UPDATES.labels("malformed").inc(bad)
+        return 0
+    finally:
+        c.close()
+        comp.close()
