@@ -99,3 +99,23 @@ def test_predict_answers_with_version(served_model):
 def test_bad_requests_get_json_4xx(served_model, method, path, body, raw, code):
     status, out = _call(served_model, method, path, body, raw)
     assert status == code and "error" in out
+
+
+def test_feature_store_keeps_the_newest_version_and_reads_back(redis_cfg):
+    from odl.control import redis_client
+    from odl.feature_store import FeatureStore, FeatureUpdate
+    from odl.features import Tile
+
+    store = FeatureStore(redis_client(redis_cfg, decode=False), ttl_s=120)
+    b = 1_800_000_000_000 // 60_000 * 60_000
+    new = FeatureUpdate("user", 7, "t5m", b, Tile(b, 3, 1).encode())
+    old = FeatureUpdate("user", 7, "t5m", b - 60_000, Tile(b - 60_000, 9, 9).encode())
+    assert store.write([new, old]) == 1          # in one batch: newest wins
+    assert store.write([old]) == 0               # a replay of an older update changes nothing
+    store.write([FeatureUpdate("item", 5, "t1h", b, Tile(b, 40, 2).encode()),
+                 FeatureUpdate("user", 7, "clicks", b - 10, f"{b - 10}:5:3")])
+    [f] = store.features(7, [5], b + 1000)
+    assert (f.user.imps_5m, f.user.clicks_5m, f.user.last_items[0], f.item.imps_1h) == (3, 1, 5, 40)
+    [unknown] = store.features(8, [6], b + 1000)  # unseen entities: no history, prior CTR
+    assert unknown.user.imps_1h == 0 and unknown.item.ctr_1h > 0
+    assert 0 < store.r.ttl(f"{{odl:fs:user}}:7:t5m") <= 120

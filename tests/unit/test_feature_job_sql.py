@@ -1,12 +1,45 @@
+import time
+from datetime import datetime, timezone
+
 from odl.config import Config
-from pipeline.feature_job import JobTopics, statements
+from pipeline.feature_sql import JobTopics, _seconds, statements
+from pipeline.feature_store_writer import decode
+from pipeline.udfs import features_row, parse_row
 
 
 def test_job_sql_routes_rejects_and_joins_within_the_window():
-    cfg = Config.model_validate({"feature_job": {"attribution_window_s": 17, "watermark_delay_s": 3}})
-    ddl, inserts = statements(cfg, JobTopics("ev", "sa", "dl"))
+    cfg = Config.model_validate({"feature_job": {"attribution_window_s": 17, "watermark_delay_ms": 1500}})
+    ddl, inserts = statements(cfg, JobTopics("ev", "sa", "dl", "fe"))
     text = "\n".join(ddl + inserts)
-    assert "'topic' = 'ev'" in text and "'topic' = 'sa'" in text and "'topic' = 'dl'" in text
-    assert "INTERVAL '17' SECOND" in inserts[0] and "LEFT JOIN" in inserts[0]
-    assert "INTERVAL '3' SECOND" in ddl[0]
-    assert "reason IS NOT NULL" in inserts[1]
+    for topic in ("ev", "sa", "dl", "fe"):
+        assert f"'topic' = '{topic}'" in text
+    assert _seconds(17_000) in inserts[0] and "LEFT JOIN" in inserts[0]
+    assert "c.ts > i.ts" in inserts[0]                      # a click strictly after its impression
+    assert "ts - INTERVAL '0 00:00:01.500' DAY TO SECOND(3)" in ddl[0]
+    reasons = "\n".join(inserts[1:4])
+    for reason in ("late_event", "duplicate_event", "click_unattributed", "click_before_impression"):
+        assert reason in reasons
+    assert text.count("FOR SYSTEM_TIME AS OF i.ts") == 4     # features as of the impression
+
+
+def test_interval_literals():
+    assert _seconds(3_600_000) == "INTERVAL '0 01:00:00.000' DAY TO SECOND(3)"
+    assert _seconds(90_061_001) == "INTERVAL '1 01:01:01.001' DAY TO SECOND(3)"
+
+
+def test_udf_adapters_never_return_null_numbers():
+    row = parse_row("{broken", None)
+    assert row[0] == "invalid_json" and None not in row
+    now = int(time.time() * 1000)
+    ok = parse_row('{"type":"click","request_id":"r","user_id":1,"item_id":2,"ts_ms":%d,'
+                   '"schema_version":1}' % now, datetime.fromtimestamp(now / 1000, timezone.utc))
+    assert ok[0] is None and ok[-1] == now               # event time = the record timestamp
+    user, item = features_row(5, -1, 0, 0, -1, 0, 0, "", -1, 0, 0)
+    assert user[:4] == (0, 0, 0, 0) and item[:2] == (0, 0)
+
+
+def test_writer_skips_malformed_updates():
+    good = b'{"kind":"user","entity_id":1,"part":"t5m","version_ms":60000,"value":"60000|1|0"}'
+    updates, bad = decode([good, b"{", b'{"kind":"shop","entity_id":1,"part":"x","version_ms":1,"value":""}',
+                           b'{"kind":"item","entity_id":"x","part":"t1h","version_ms":1,"value":""}'])
+    assert len(updates) == 1 and bad == 3
