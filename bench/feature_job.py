@@ -10,10 +10,12 @@ leaves out the ~5 s job start.  Latency: with the full job running, live events 
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from kafka import KafkaConsumer
@@ -22,7 +24,7 @@ from bench.common import private_broker
 from bench.registry import BenchResult
 from odl.config import Config
 from odl.kafka_util import ensure_topics, producer
-from pipeline import feature_job
+from pipeline import feature_job, feature_sql
 from pipeline.generator import SyntheticSource
 
 DESCRIPTION = "feature job vs SQL pass-through: events/s and click-to-positive latency"
@@ -110,10 +112,15 @@ def _run_job(cfg: Config, inserts_for, ddl_extra: list[str]):
 
 
 def run(cfg: Config) -> BenchResult:
-    with private_broker(cfg) as bootstrap:
+    with private_broker(cfg) as bootstrap, tempfile.TemporaryDirectory(prefix="odl-bench-fj-") as tmp:
         prefix = f"b{uuid.uuid4().hex[:6]}."
-        bcfg = cfg.model_copy(update={"kafka": cfg.kafka.model_copy(update={
-            "bootstrap_servers": bootstrap, "topic_prefix": prefix})})
+        # private checkpoints, never restored: a stack's (or an earlier bench's) state must not
+        # leak into the measurement
+        state = Path(tmp)
+        bcfg = cfg.model_copy(update={
+            "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": bootstrap, "topic_prefix": prefix}),
+            "paths": cfg.paths.model_copy(update={"state_dir": state}),
+            "feature_job": cfg.feature_job.model_copy(update={"restore": False})})
         ensure_topics(bcfg)
         events_topic = prefix + "events"
         start_ms = int(time.time() * 1000) - 600_000
@@ -134,7 +141,7 @@ def run(cfg: Config) -> BenchResult:
             update={"group_id": "bench-pass"})})
         copy_topic = prefix + "copy"
         ensure_topics(pass_cfg)
-        ddl = [feature_job.source_ddl(pass_cfg, events_topic, "bench-pass"),
+        ddl = [feature_sql.source_ddl(pass_cfg, events_topic, "bench-pass"),
                f"CREATE TABLE copy_sink (payload STRING) WITH ("
                f"'connector' = 'kafka', 'topic' = '{copy_topic}', "
                f"'properties.bootstrap.servers' = '{bootstrap}', 'format' = 'raw')"]
@@ -149,8 +156,9 @@ def run(cfg: Config) -> BenchResult:
         pass_rate, pass_dt = _rate(arr, len(recs), len(recs))
 
         # 2) the full feature job on the same events
-        topics = feature_job.JobTopics(events_topic, prefix + "samples", prefix + "events.dlq")
-        full_ddl, full_inserts = feature_job.statements(bcfg, topics)
+        topics = feature_sql.JobTopics(events_topic, prefix + "samples", prefix + "events.dlq",
+                                       prefix + "features")
+        full_ddl, full_inserts = feature_sql.statements(bcfg, topics)
         stop, arr = threading.Event(), Arrivals([], [])
         th = threading.Thread(target=_consume, args=(bootstrap, [topics.samples, topics.dlq], stop, arr, True))
         th.start()
