@@ -123,6 +123,9 @@ def test_stack_end_to_end(stack_config):
         assert count_rows(r, "user") > 0 and count_rows(r, "item") > 0
         assert beats["feature-job"].metrics["dlq"] > 0          # the malformed events were routed
         assert beats["feature-job"].metrics["samples"] > 0
+        # the online feature store follows the job: users' last clicks are in Redis
+        _wait(lambda: _beat(cp, "feature-store").metrics.get("written", 0) > 0, 30)
+        assert any(True for _ in r.scan_iter(match="{odl:fs:user}:*:clicks", count=1000))
 
         # bad input at the edge: a 4xx with a JSON error, never a 5xx
         resp = requests.post(f"http://127.0.0.1:{cfg.serving.ports[0]}/v1/models/ctr:predict",
@@ -132,7 +135,8 @@ def test_stack_end_to_end(stack_config):
         # operator CLI: status table, pause keeps the position, resume continues
         out = runner.invoke(cli, ["status", "--config", str(stack_config)])
         assert out.exit_code == 0, out.output
-        for name in ("source", "feature-job", "trainer", "exporter", "serving-0", "serving-1"):
+        for name in ("source", "feature-job", "feature-store", "trainer", "exporter", "serving-0",
+                     "serving-1"):
             assert name in out.output
         assert runner.invoke(cli, ["pause", "trainer", "--config", str(stack_config)]).exit_code == 0
         _wait(lambda: _beat(cp, "trainer").state == "paused", 20)
