@@ -125,10 +125,11 @@ def _tile_args(alias: str) -> str:
             f"COALESCE({alias}.clicks, 0)")
 
 
-# (view, entity key, window, the part name in the feature store)
-TILES = (("user_tiles_5m", "user_id", F.USER_WINDOWS_S[0], "t5m"),
-         ("user_tiles_1h", "user_id", F.USER_WINDOWS_S[1], "t1h"),
-         ("item_tiles_1h", "item_id", F.ITEM_WINDOW_S, "t1h"))
+# (view, entity kind, window, the part name in the feature store); the kind's id column is
+# ``<kind>_id``
+TILES = (("user_tiles_5m", "user", F.USER_WINDOWS_S[0], "t5m"),
+         ("user_tiles_1h", "user", F.USER_WINDOWS_S[1], "t1h"),
+         ("item_tiles_1h", "item", F.ITEM_WINDOW_S, "t1h"))
 
 
 def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
@@ -155,7 +156,7 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
            "CREATE TEMPORARY VIEW events AS SELECT * FROM numbered WHERE seen = 1",
            "CREATE TEMPORARY VIEW imps AS SELECT * FROM events WHERE etype = 'impression'",
            "CREATE TEMPORARY VIEW clicks AS SELECT * FROM events WHERE etype = 'click'",
-           *[_tiles_view(name, key, w) for name, key, w, _ in TILES],
+           *[_tiles_view(name, f"{kind}_id", w) for name, kind, w, _ in TILES],
            *[_latest_view(f"latest_{name}", name, "window_time") for name, *_ in TILES],
            f"""CREATE TEMPORARY VIEW last_clicks AS
               SELECT user_id AS entity_id, ts, ts_ms,
@@ -204,10 +205,10 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
              AND i.ts BETWEEN c.ts - {win} AND c.ts + {win}
             WHERE i.request_id IS NULL OR i.ts >= c.ts""",
         *[f"""INSERT INTO features_sink
-              SELECT CONCAT('{'item' if key == 'item_id' else 'user'}:', CAST(entity_id AS STRING)),
-                     '{'item' if key == 'item_id' else 'user'}', entity_id, '{part}', end_ms,
+              SELECT CONCAT('{kind}:', CAST(entity_id AS STRING)), '{kind}', entity_id, '{part}',
+                     end_ms,
                      {F.tile_sql()}
-              FROM {name}""" for name, key, _, part in TILES],
+              FROM {name}""" for name, kind, _, part in TILES],
         """INSERT INTO features_sink
            SELECT CONCAT('user:', CAST(entity_id AS STRING)), 'user', entity_id, 'clicks', ts_ms,
                   entries
