@@ -29,6 +29,14 @@ def push_rows(r: redis.Redis, table: str, ids: np.ndarray, vectors: np.ndarray) 
     return int(pipe.execute()[1])
 
 
+def delete_rows(r: redis.Redis, table: str, ids: np.ndarray) -> int:
+    """Delete evicted ids' vectors (serving then falls back to the default); returns deleted."""
+    n = 0
+    for start in range(0, len(ids), CHUNK):
+        n += int(r.delete(*[names.emb_key(table, int(i)) for i in ids[start:start + CHUNK]]))
+    return n
+
+
 def fetch_rows(r: redis.Redis, table: str, ids: list[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(vectors [n, dim] float32, found mask [n]); missing rows are zeros (the default)."""
     out = np.zeros((len(ids), dim), dtype=np.float32)

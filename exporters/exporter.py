@@ -20,6 +20,7 @@ from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
 from odl.runtime import Component
 
 ROWS_PUSHED = Counter("odl_exporter_rows_pushed_total", "embedding rows written to Redis", ["table"])
+ROWS_DELETED = Counter("odl_exporter_rows_deleted_total", "evicted ids deleted from Redis", ["table"])
 VERSIONS = Counter("odl_exporter_versions_total", "versions", ["outcome"])
 LATEST = Gauge("odl_exporter_latest_version", "newest published version")
 
@@ -42,19 +43,28 @@ class Exporter:
         self.r = redis_client(cfg, decode=False)
         self.store = ModelStore(cfg.paths.model_store, cfg.serving.model_name)
         self.generation = 0
+        self.mark = 0   # trainer step up to which embedding changes were pushed
         self.rows_pushed = 0
         self.last_version: int | None = self.store.latest()
         self.last_step = 0
         self.refused = 0
 
     def push_deltas(self) -> int:
-        deltas = self.ray.get(self.actor.pull_embedding_delta.remote(), timeout=60)
+        """Push rows changed since the last push and delete evicted ids; returns rows written."""
+        mark, changes = self.ray.get(self.actor.embedding_changes.remote(self.mark), timeout=60)
+        if not all(c["complete"] for c in changes.values()):
+            # evictions older than the mark are forgotten (or the trainer restarted): resync all
+            mark, changes = self.ray.get(self.actor.embedding_changes.remote(0), timeout=60)
         n = 0
-        for table, (ids, vecs) in deltas.items():
-            if len(ids):
-                self.generation = embeddings.push_rows(self.r, table, ids, vecs)
-                ROWS_PUSHED.labels(table).inc(len(ids))
-                n += len(ids)
+        for table, c in changes.items():
+            if len(c["removed"]):
+                embeddings.delete_rows(self.r, table, c["removed"])
+                ROWS_DELETED.labels(table).inc(len(c["removed"]))
+            if len(c["ids"]):
+                self.generation = embeddings.push_rows(self.r, table, c["ids"], c["vectors"])
+                ROWS_PUSHED.labels(table).inc(len(c["ids"]))
+                n += len(c["ids"])
+        self.mark = mark
         self.rows_pushed += n
         return n
 
@@ -80,8 +90,8 @@ class Exporter:
                             trainer_step=snap["step"], kafka_offsets=snap.get("offsets", {}),
                             metrics=snap["metrics"], embedding_generation=self.generation,
                             model_name=self.cfg.serving.model_name,
-                            embedding_dim=snap["config"]["embedding_dim"])
-        dim = snap["config"]["embedding_dim"]
+                            embedding_dim=snap["embedding_dim"])
+        dim = snap["embedding_dim"]
         self.store.publish(version, lambda p: savedmodel.save(snap["weights"], dim, p), manifest)
         self.comp.cp.register_version(manifest.to_dict())
         self.last_version, self.last_step = version, snap["step"]

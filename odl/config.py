@@ -116,21 +116,75 @@ class FeatureJobConfig(_Section):
                              "longer than the longest feature window")
 
 
+class EmbeddingTableConfig(_Section):
+    """One dynamic embedding table: its size, who gets a row, and when a row leaves."""
+    dim: int = Field(16, ge=1)
+    initial_rows: int = Field(1024, ge=2, description="rows allocated at start; doubles as needed")
+    capacity: int = Field(1 << 20, ge=2, description="cap on trainable rows; beyond it the least "
+                          "frequently used rows are evicted")
+    admit_min_count: int = Field(1, ge=1, description="an id gets its own row once seen this often")
+    admit_probability: float = Field(1.0, gt=0, le=1, description="or, per sighting, with this "
+                                     "probability (deterministic in id and sighting)")
+    filter_capacity: int = Field(1 << 18, ge=16, description="ids counted while waiting for "
+                                 "admission; the stalest are forgotten beyond it")
+    ttl_s: float | None = Field(None, gt=0, description="evict rows not seen for this long, in "
+                                "event time; None keeps them")
+    init_stddev: float = Field(0.05, ge=0)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "EmbeddingTableConfig":
+        if self.initial_rows > self.capacity + 1:
+            raise ValueError("initial_rows must not exceed capacity + 1")
+        return self
+
+
+class TrainerCheckpointConfig(_Section):
+    full_interval_s: float = Field(600.0, gt=0, description="a full checkpoint this often")
+    incremental_interval_s: float = Field(30.0, gt=0, description="changed rows only, in between")
+    keep_full: int = Field(3, ge=1, description="full checkpoints retained, with their increments")
+    restore: bool = Field(True, description="resume from the newest valid checkpoint")
+    ledger: bool = Field(False, description="store the hashes of the sample ids trained since "
+                         "the previous checkpoint in each one (an audit trail; tests use it)")
+
+
+def _default_tables() -> dict[str, EmbeddingTableConfig]:
+    return {"user": EmbeddingTableConfig(), "item": EmbeddingTableConfig()}
+
+
 class TrainerConfig(_Section):
     group_id: str = "odl-trainer"
     batch_size: int = Field(256, ge=1)
-    max_batch_wait_ms: int = Field(500, ge=1)
-    embedding_dim: int = Field(16, ge=1)
-    table_capacity: int = Field(1 << 16, ge=16)
-    hidden_units: tuple[int, ...] = (64, 32)
+    max_batch_wait_ms: int = Field(500, ge=1, description="a partial batch is trained after this")
+    tables: dict[str, EmbeddingTableConfig] = Field(default_factory=_default_tables)
+    sparse_optimizer: Literal["adagrad", "adam", "ftrl"] = "adagrad"
     sparse_learning_rate: float = Field(0.2, gt=0)
     dense_learning_rate: float = Field(0.002, gt=0)
+    cross_layers: int = Field(2, ge=0, description="DCN-v2 cross layers")
+    hidden_units: tuple[int, ...] = (64, 32)
+    batch_norm: bool = True
     auc_window: int = Field(5000, ge=100, description="samples in the progressive AUC window")
     align_labels: bool = Field(True, description="train an impression only once its label is final")
     frozen_baseline_after: int | None = Field(
         20000, ge=1, description="samples after which a frozen copy is scored beside the live model")
+    dedup_window: int = Field(200_000, ge=1, description="recent sample ids remembered to drop "
+                              "at-least-once repeats")
     num_positions: int = Field(100, ge=1)
+    checkpoint: TrainerCheckpointConfig = TrainerCheckpointConfig()
     seed: int = 7
+
+    @model_validator(mode="after")
+    def _tables(self) -> "TrainerConfig":
+        missing = {"user", "item"} - set(self.tables)
+        if missing:
+            raise ValueError(f"tables must define {sorted(missing)}")
+        dims = {t.dim for t in self.tables.values()}
+        if len(dims) != 1:
+            raise ValueError("user and item tables need one dim (the model multiplies them)")
+        return self
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.tables["user"].dim
 
 
 class ExporterConfig(_Section):

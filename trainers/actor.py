@@ -65,9 +65,11 @@ class TrainerActorImpl:
                 time.sleep(0.2)
                 continue
             recs = self.trainer.poll_batch()
-            trained = self.trainer.step(recs)  # also releases samples held for their labels
-            if recs or trained:
-                self.trainer.commit()
+            self.trainer.step(recs)  # also releases samples held for their labels
+            kind = self.trainer.due_checkpoint()
+            if kind:
+                self._checkpoint(kind)
+        self._checkpoint("incr")  # a clean stop loses no work
         self.state = "stopped"
         try:
             self._heartbeat()
@@ -76,11 +78,19 @@ class TrainerActorImpl:
         self.trainer.close()
         return self.trainer.metrics()
 
+    def _checkpoint(self, kind: str) -> None:
+        try:
+            info = self.trainer.checkpoint(kind)
+            self.log.debug("checkpoint %s", info.path.name)
+        except OSError as exc:  # disk trouble: keep training, the next attempt may succeed
+            self.log.error("checkpoint failed: %s", exc)
+
     def stop(self) -> None:
         self._stop = True
 
-    def pull_embedding_delta(self):
-        return self.trainer.model.take_embedding_delta()
+    def embedding_changes(self, since: int):
+        """(mark, {table: {ids, vectors, removed, complete}}) of rows changed after ``since``."""
+        return self.trainer.model.embedding_changes(since)
 
     def snapshot(self) -> dict[str, Any]:
         """Dense weights plus what a manifest needs, taken under the model lock."""
@@ -88,6 +98,7 @@ class TrainerActorImpl:
         with m.lock:
             return {"weights": m.dense_weights(), "step": m.step, "metrics": self.trainer.metrics(),
                     "offsets": dict(self.trainer.offsets),
+                    "embedding_dim": self.cfg.trainer.embedding_dim,
                     "config": self.cfg.trainer.model_dump(mode="json")}
 
     def metrics(self) -> dict[str, Any]:

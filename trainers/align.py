@@ -56,3 +56,13 @@ class LabelAligner:
             if h.offset < low.get(h.partition, h.offset + 1):
                 low[h.partition] = h.offset
         return low
+
+    def snapshot(self) -> list[Held]:
+        """The held samples (for a checkpoint), in no particular order."""
+        return list(self._heap)
+
+    def restore(self, held: list[Held], clock_ms: int) -> None:
+        self._heap = list(held)
+        heapq.heapify(self._heap)
+        self._seq = itertools.count(max((h.seq for h in held), default=-1) + 1)
+        self.clock_ms = clock_ms

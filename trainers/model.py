@@ -1,86 +1,109 @@
-"""The CTR model: sparse embedding tables + an MLP, trained with sparse Adagrad on the tables and
-Adam on the dense network.
+"""The CTR model: dynamic embedding tables (``trainers.embedding``) feeding a DCN-v2 network --
+cross layers beside a deep tower with BatchNorm -- plus a factorisation-machine term.
 
-Embedding lookups are ``tf.gather`` on plain variables and the table update is
-``ResourceSparseApplyAdagradV2`` on the de-duplicated rows of the batch, because Keras'
-optimisers rewrite whole tables each step (DESIGN.md: 2-4k vs ~100k samples/s).
+Tables are updated by a sparse optimiser (``trainers.sparse_optim``) on the batch's unique rows
+only; the network by Keras Adam.  Embedding lookups are ``tf.gather`` on plain variables
+(DESIGN.md: ``keras.layers.Embedding`` is 5x slower after sparse writes).
 
-The network's forward pass (``ctr_logits``) is a pure function of a weight dict, shared by the
-trainer and the exporter's serving module, so both compute one model.
+The forward pass (``forward``) is a pure function of a weight dict, shared by the trainer and the
+exporter's serving module, so both compute one model.  BatchNorm uses batch statistics while
+training and the moving averages (ordinary entries of the weight dict) when serving.
 """
 from __future__ import annotations
 
 import threading
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
 from odl.config import TrainerConfig
+from trainers import sparse_optim
+from trainers.embedding import DynamicEmbedding
 
 SPARSE_TABLES = ("user", "item")      # large id spaces: live in Redis for serving
 NUM_HOURS = 24
+SMALL_EMB_DIM = 4
+BN_MOMENTUM = 0.99
+BN_EPSILON = 1e-3
 
 
-class EmbeddingTable:
-    """A collision-free id -> row map over a fixed-capacity variable.
+def _deep_layers(w: dict) -> int:
+    n = 0
+    while f"dense_{n}/kernel" in w:
+        n += 1
+    return n
 
-    Row 0 is the shared default row; every id gets its own row until the table is full, after
-    which new ids share row 0 (counted as overflow).  Issue-level admission/eviction policies plug
-    in here.  ``take_delta`` hands the exporter the ids touched since its last call.
-    """
 
-    def __init__(self, name: str, capacity: int, dim: int, seed: int, initial_accumulator: float = 0.1):
-        self.name, self.capacity, self.dim = name, capacity, dim
-        init = tf.random.stateless_normal([capacity, dim], seed=[seed, zlib.crc32(name.encode()) % 1000], stddev=0.05)
-        self.var = tf.Variable(init, name=f"{name}_emb")
-        self.accum = tf.Variable(tf.fill([capacity, dim], initial_accumulator), name=f"{name}_acc")
-        self._rows: dict[int, int] = {}
-        self._dirty: set[int] = set()
-        self.overflow = 0
-        self._lock = threading.Lock()
+def _cross_layers(w: dict) -> int:
+    n = 0
+    while f"cross_{n}/kernel" in w:
+        n += 1
+    return n
 
-    def __len__(self) -> int:
-        return len(self._rows)
 
-    def lookup_rows(self, ids: np.ndarray, admit: bool) -> np.ndarray:
-        rows = np.empty(len(ids), dtype=np.int64)
-        with self._lock:
-            for k, i in enumerate(ids.tolist()):
-                r = self._rows.get(i)
-                if r is None and admit:
-                    if len(self._rows) + 1 < self.capacity:
-                        r = self._rows[i] = len(self._rows) + 1
-                    else:
-                        self.overflow += 1
-                rows[k] = r or 0
-                if admit and r:
-                    self._dirty.add(i)
-        return rows
-
-    def take_delta(self) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, float32 vectors) of rows changed since the previous call; clears the mark."""
-        with self._lock:
-            ids = np.fromiter(self._dirty, dtype=np.int64, count=len(self._dirty))
-            self._dirty = set()
-            rows = np.array([self._rows[i] for i in ids.tolist()], dtype=np.int64)
-        vecs = tf.gather(self.var, rows).numpy() if len(rows) else np.zeros((0, self.dim), np.float32)
-        return ids, vecs.astype(np.float32)
+def forward(w: dict[str, tf.Tensor], user: tf.Tensor, item: tf.Tensor, position: tf.Tensor,
+            hour: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, dict[str, tuple]]:
+    """Logits [B] from looked-up user/item vectors and position/hour indices, and, when training,
+    the batch moments of every BatchNorm (to update its moving averages)."""
+    x0 = tf.concat([user, item, user * item, tf.gather(w["position_emb"], position),
+                    tf.gather(w["hour_emb"], hour)], axis=1)
+    x = x0
+    for n in range(_cross_layers(w)):        # DCN-v2: x <- x0 * (W x + b) + x
+        x = x0 * (tf.matmul(x, w[f"cross_{n}/kernel"]) + w[f"cross_{n}/bias"]) + x
+    h, moments = x0, {}
+    for n in range(_deep_layers(w)):
+        h = tf.matmul(h, w[f"dense_{n}/kernel"]) + w[f"dense_{n}/bias"]
+        bn = f"bn_{n}"
+        if f"{bn}/gamma" in w:
+            if training:
+                mean, var = tf.nn.moments(h, axes=[0])
+                moments[bn] = (mean, var)
+            else:
+                mean, var = w[f"{bn}/moving_mean"], w[f"{bn}/moving_variance"]
+            h = tf.nn.batch_normalization(h, mean, var, w[f"{bn}/beta"], w[f"{bn}/gamma"], BN_EPSILON)
+        h = tf.nn.relu(h)
+    logit = tf.matmul(tf.concat([x, h], axis=1), w["out/kernel"]) + w["out/bias"]
+    fm = tf.reduce_sum(user * item, axis=1)  # the FM pairwise term of the two large tables
+    return tf.squeeze(logit, axis=1) + fm, moments
 
 
 def ctr_logits(w: dict[str, tf.Tensor], user: tf.Tensor, item: tf.Tensor,
                position: tf.Tensor, hour: tf.Tensor) -> tf.Tensor:
-    """Forward pass from looked-up user/item vectors and position/hour indices to logits [B]."""
-    pos = tf.gather(w["position_emb"], position)
-    hr = tf.gather(w["hour_emb"], hour)
-    x = tf.concat([user, item, user * item, pos, hr], axis=1)
-    n = 0
-    while f"dense_{n}/kernel" in w:
-        x = tf.nn.relu(tf.matmul(x, w[f"dense_{n}/kernel"]) + w[f"dense_{n}/bias"])
-        n += 1
-    logit = tf.matmul(x, w["out/kernel"]) + w["out/bias"]
-    return tf.squeeze(logit, axis=1) + tf.reduce_sum(user * item, axis=1)
+    """Serving-time logits (BatchNorm on its moving averages)."""
+    return forward(w, user, item, position, hour, training=False)[0]
+
+
+def init_dense(cfg: TrainerConfig) -> dict[str, np.ndarray]:
+    """Initial network weights; sizes from config (seeded: the same config gives the same net)."""
+    rng = np.random.default_rng(cfg.seed)
+    d = cfg.embedding_dim
+    w: dict[str, np.ndarray] = {
+        "position_emb": rng.normal(0, 0.05, (cfg.num_positions + 1, SMALL_EMB_DIM)),
+        "hour_emb": rng.normal(0, 0.05, (NUM_HOURS, SMALL_EMB_DIM)),
+    }
+    width = 3 * d + 2 * SMALL_EMB_DIM
+    for n in range(cfg.cross_layers):
+        w[f"cross_{n}/kernel"] = rng.normal(0, np.sqrt(1.0 / width), (width, width)) * 0.1
+        w[f"cross_{n}/bias"] = np.zeros(width)
+    fan_in = width
+    for n, units in enumerate(cfg.hidden_units):
+        w[f"dense_{n}/kernel"] = rng.normal(0, np.sqrt(2.0 / fan_in), (fan_in, units))
+        w[f"dense_{n}/bias"] = np.zeros(units)
+        if cfg.batch_norm:
+            w[f"bn_{n}/gamma"] = np.ones(units)
+            w[f"bn_{n}/beta"] = np.zeros(units)
+            w[f"bn_{n}/moving_mean"] = np.zeros(units)
+            w[f"bn_{n}/moving_variance"] = np.ones(units)
+        fan_in = units
+    out_in = width + (cfg.hidden_units[-1] if cfg.hidden_units else width)
+    w["out/kernel"] = rng.normal(0, np.sqrt(1.0 / out_in), (out_in, 1))
+    w["out/bias"] = np.full(1, -1.5)
+    return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+def is_trainable(name: str) -> bool:
+    return not name.endswith(("/moving_mean", "/moving_variance"))
 
 
 @dataclass
@@ -90,44 +113,36 @@ class Batch:
     positions: np.ndarray
     hours: np.ndarray
     labels: np.ndarray
+    ts_ms: np.ndarray | None = None   # impression event time (the tables' clock)
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def clock_ms(self) -> int:
+        return int(self.ts_ms.max()) if self.ts_ms is not None and len(self.ts_ms) else 0
 
 
 class CTRModel:
     def __init__(self, cfg: TrainerConfig):
         self.cfg = cfg
-        d = cfg.embedding_dim
-        self.tables = {t: EmbeddingTable(t, cfg.table_capacity, d, cfg.seed + k)
+        self.sparse_opt = sparse_optim.make(cfg.sparse_optimizer, cfg.sparse_learning_rate)
+        self.tables = {t: DynamicEmbedding(t, cfg.tables[t], self.sparse_opt, cfg.seed * 1000 + k)
                        for k, t in enumerate(SPARSE_TABLES)}
-        rng = np.random.default_rng(cfg.seed)
-        dense: dict[str, np.ndarray] = {
-            "position_emb": rng.normal(0, 0.05, (cfg.num_positions + 1, 4)),
-            "hour_emb": rng.normal(0, 0.05, (NUM_HOURS, 4)),
-        }
-        fan_in = 3 * d + 8
-        for n, units in enumerate(cfg.hidden_units):
-            dense[f"dense_{n}/kernel"] = rng.normal(0, np.sqrt(2.0 / fan_in), (fan_in, units))
-            dense[f"dense_{n}/bias"] = np.zeros(units)
-            fan_in = units
-        dense["out/kernel"] = rng.normal(0, np.sqrt(1.0 / fan_in), (fan_in, 1))
-        dense["out/bias"] = np.full(1, -1.5)
-        self.dense = {k: tf.Variable(v.astype(np.float32), name=k.replace("/", "_"))
-                      for k, v in dense.items()}
-        self._dense_list = list(self.dense.values())
+        self.dense = {k: tf.Variable(v, name=k.replace("/", "_"), trainable=is_trainable(k))
+                      for k, v in init_dense(cfg).items()}
+        self._trainable = [v for k, v in self.dense.items() if is_trainable(k)]
         self.dense_opt = tf.keras.optimizers.Adam(cfg.dense_learning_rate)
-        self.dense_opt.build(self._dense_list)
+        self.dense_opt.build(self._trainable)
         self.step = 0
+        self.clock_ms = 0
         self.lock = threading.RLock()
 
     # --- compiled steps ----------------------------------------------------------------------
-    def _inputs(self, batch: Batch, admit: bool):
-        u = self.tables["user"].lookup_rows(batch.user_ids, admit)
-        i = self.tables["item"].lookup_rows(batch.item_ids, admit)
+    def _context(self, batch: Batch):
         pos = np.clip(batch.positions, 0, self.cfg.num_positions).astype(np.int64)
         hr = np.mod(batch.hours, NUM_HOURS).astype(np.int64)
-        return u, i, pos, hr
+        return pos, hr
 
     @tf.function(reduce_retracing=True)
     def _predict(self, u, i, pos, hr):
@@ -135,44 +150,67 @@ class CTRModel:
                                      tf.gather(self.tables["item"].var, i), pos, hr))
 
     @tf.function(reduce_retracing=True)
-    def _train(self, u, i, pos, hr, labels):
+    def _train(self, u, i, pos, hr, labels, step):
         ut, it = self.tables["user"], self.tables["item"]
         with tf.GradientTape() as tape:
             ue, ie = tf.gather(ut.var, u), tf.gather(it.var, i)
             tape.watch([ue, ie])
-            logits = ctr_logits(self.dense, ue, ie, pos, hr)
+            logits, moments = forward(self.dense, ue, ie, pos, hr, training=True)
             loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
-        g_ue, g_ie, *g_dense = tape.gradient(loss, [ue, ie] + self._dense_list)
-        self.dense_opt.apply_gradients(zip(g_dense, self._dense_list))
-        lr = tf.constant(self.cfg.sparse_learning_rate)
+        g_ue, g_ie, *g_dense = tape.gradient(loss, [ue, ie] + self._trainable)
+        self.dense_opt.apply_gradients(zip(g_dense, self._trainable))
+        for bn, (mean, var) in moments.items():
+            for stat, value in (("moving_mean", mean), ("moving_variance", var)):
+                v = self.dense[f"{bn}/{stat}"]
+                v.assign(BN_MOMENTUM * v + (1.0 - BN_MOMENTUM) * value)
         for table, rows, grad in ((ut, u, g_ue), (it, i, g_ie)):
             uniq, idx = tf.unique(rows)
             summed = tf.math.unsorted_segment_sum(grad, idx, tf.shape(uniq)[0])
-            tf.raw_ops.ResourceSparseApplyAdagradV2(
-                var=table.var.handle, accum=table.accum.handle, lr=lr, epsilon=tf.constant(1e-7),
-                grad=summed, indices=uniq, use_locking=False)
+            keep = uniq > 0   # row 0 is the shared default: never trained
+            table.opt.apply(table.var, table.slots, tf.boolean_mask(uniq, keep),
+                            tf.boolean_mask(summed, keep), step)
         return loss
 
     # --- public API --------------------------------------------------------------------------
     def predict(self, batch: Batch) -> np.ndarray:
         """Score without admitting new ids (unknown ids use the default row)."""
         with self.lock:
-            return self._predict(*self._inputs(batch, admit=False)).numpy()
+            u = self.tables["user"].rows_of(batch.user_ids)
+            i = self.tables["item"].rows_of(batch.item_ids)
+            return self._predict(u, i, *self._context(batch)).numpy()
 
     def train(self, batch: Batch) -> float:
         with self.lock:
-            u, i, pos, hr = self._inputs(batch, admit=True)
-            loss = self._train(u, i, pos, hr, tf.constant(batch.labels, tf.float32))
-            self.step += 1
+            step = self.step + 1
+            self.clock_ms = max(self.clock_ms, batch.clock_ms)
+            u = self.tables["user"].lookup_train(batch.user_ids, self.clock_ms, step)
+            i = self.tables["item"].lookup_train(batch.item_ids, self.clock_ms, step)
+            loss = self._train(u, i, *self._context(batch), tf.constant(batch.labels, tf.float32),
+                               tf.constant(step, tf.int64))
+            self.step = step
             return float(loss)
+
+    def expire(self) -> int:
+        """Evict rows past their tables' TTL at the model's event-time clock."""
+        with self.lock:
+            return sum(t.expire(self.clock_ms, self.step) for t in self.tables.values())
 
     def dense_weights(self) -> dict[str, np.ndarray]:
         with self.lock:
             return {k: v.numpy() for k, v in self.dense.items()}
 
-    def take_embedding_delta(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def embedding_changes(self, since: int) -> tuple[int, dict[str, dict]]:
+        """(mark, {table: {ids, vectors, removed, complete}}) for rows changed after step
+        ``since``; pass the returned mark next time.  Taken under the model lock: one step."""
         with self.lock:
-            return {name: t.take_delta() for name, t in self.tables.items()}
+            if since > self.step:  # the reader's mark predates a restore to an older step
+                since = 0
+            out = {}
+            for name, t in self.tables.items():
+                ids, rows, removed, complete = t.changed_since(since)
+                out[name] = {"ids": ids, "vectors": t.vectors(rows), "removed": removed,
+                             "complete": complete}
+            return self.step, out
 
     def frozen_copy(self) -> "FrozenModel":
         """An immutable copy of the model as it is now (a baseline that stops learning)."""
@@ -180,8 +218,38 @@ class CTRModel:
             tables = {n: (dict(t._rows), t.var.numpy()) for n, t in self.tables.items()}
             return FrozenModel(self.dense_weights(), tables, self.cfg.num_positions, self.step)
 
-    def occupancy(self) -> dict[str, int]:
-        return {name: len(t) for name, t in self.tables.items()}
+    def occupancy(self) -> dict[str, dict[str, int]]:
+        return {name: t.occupancy() for name, t in self.tables.items()}
+
+    # --- state (checkpoints) -----------------------------------------------------------------
+    def state(self, since: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Dense weights, dense optimiser slots and every table (or, with ``since``, the rows
+        changed after that step), all from one moment: the caller holds ``lock``."""
+        with self.lock:
+            out = {"dense": self.dense_weights(),
+                   "dense_opt": {str(k): v.numpy() for k, v in enumerate(self.dense_opt.variables)},
+                   "model": {"step": np.array(self.step, np.int64),
+                             "clock_ms": np.array(self.clock_ms, np.int64)}}
+            for name, t in self.tables.items():
+                out[f"table_{name}"] = t.state(since)
+            return out
+
+    def load(self, state: dict[str, dict[str, np.ndarray]], increment: bool = False) -> None:
+        with self.lock:
+            for k, v in state["dense"].items():
+                self.dense[k].assign(v)
+            opt_vars = self.dense_opt.variables
+            if len(state["dense_opt"]) != len(opt_vars):
+                raise ValueError(f"checkpoint has {len(state['dense_opt'])} dense optimiser "
+                                 f"variables, the model {len(opt_vars)}: a different network")
+            for k, v in enumerate(opt_vars):
+                v.assign(state["dense_opt"][str(k)])
+            for name, t in self.tables.items():
+                t.load(state[f"table_{name}"], increment=increment)
+            self.step = int(state["model"]["step"])
+            self.clock_ms = int(state["model"]["clock_ms"])
+            for t in self.tables.values():
+                t.forget_history(self.step)
 
 
 class FrozenModel:

@@ -1,30 +1,40 @@
-"""The streaming training loop: consume samples, drop duplicates, score each batch before
-training on it (progressive validation), train, commit offsets.
+"""The streaming training loop: consume samples, drop duplicates, hold each until its label is
+final, score each batch before training on it (progressive validation), train, checkpoint.
 
-Kept free of Ray so it can be tested and benchmarked on its own; ``trainers.actor`` hosts it in a
-Ray actor.  Delivery is at-least-once for now (offsets are committed after the batch is trained);
-``sample_id`` de-duplication within a bounded window makes replays after a crash mostly harmless.
+**Exactly-once on an at-least-once stream.**  Every consumed record is, at any moment, in exactly
+one of four places: trained into the model, held for its label (``LabelAligner``), waiting for a
+full batch, or dropped (duplicate / malformed).  A checkpoint stores all four together with the
+consumer positions -- model weights, optimiser slots, held and waiting samples, the duplicate
+window -- in one atomic write.  A restart restores it and seeks to its positions, so a record
+consumed after the checkpoint is trained once, and one before it never again.  Offsets are
+committed to the consumer group only after a checkpoint holds them (for lag monitoring).
+
+Batches are full (``batch_size``) except when the stream is quiet for ``max_batch_wait_ms``: a
+replay of the same records cuts the same batches, which is what makes a restored run train the
+same model as an uninterrupted one.  Kept free of Ray so it can be tested and benchmarked on its
+own; ``trainers.actor`` hosts it in a Ray actor.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+from kafka import TopicPartition
 from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
 from odl import names
 from odl.config import Config
 from odl.kafka_util import consumer
-from trainers.align import LabelAligner
+from trainers.align import Held, LabelAligner
+from trainers.checkpoint import CheckpointInfo, CheckpointStore
 from trainers.metrics import ProgressiveValidator
-from trainers.model import Batch, CTRModel, FrozenModel
+from trainers.model import CTRModel, FrozenModel
+from trainers.samples import DedupWindow, Rec, Row, parse_records, rows_array, to_batch
 
 log = logging.getLogger("odl.trainer")
 
@@ -32,89 +42,86 @@ SAMPLES = Counter("odl_trainer_samples_total", "samples consumed", ["outcome"])
 AUC = Gauge("odl_trainer_progressive_auc", "progressive AUC over the sliding window")
 LOGLOSS = Gauge("odl_trainer_progressive_logloss", "progressive log-loss over the sliding window")
 STEP = Gauge("odl_trainer_step", "training steps taken")
+ROWS = Gauge("odl_trainer_embedding_rows", "rows with their own embedding", ["table"])
+ADMITTED = Gauge("odl_trainer_embedding_admitted", "ids admitted to a table so far", ["table"])
+EVICTED = Gauge("odl_trainer_embedding_evicted", "rows evicted so far", ["table", "why"])
+CKPT_SECONDS = Gauge("odl_trainer_checkpoint_seconds", "duration of the last checkpoint", ["kind"])
+CKPT_BYTES = Gauge("odl_trainer_checkpoint_bytes", "size of the last checkpoint", ["kind"])
+EXPIRE_EVERY_STEPS = 200
 
 
-class DedupWindow:
-    """Remembers the last ``capacity`` sample ids (LRU) to drop at-least-once duplicates."""
-
-    def __init__(self, capacity: int = 500_000):
-        self.capacity = capacity
-        self._ids: OrderedDict[str, None] = OrderedDict()
-
-    def seen(self, sample_id: str) -> bool:
-        if sample_id in self._ids:
-            self._ids.move_to_end(sample_id)
-            return True
-        self._ids[sample_id] = None
-        if len(self._ids) > self.capacity:
-            self._ids.popitem(last=False)
-        return False
-
-
-@dataclass(frozen=True)
-class Rec:
-    """What the trainer keeps of a consumed sample record."""
-    partition: Any
-    offset: int
-    value: bytes
-
-
-def parse_records(recs: list[Rec], dedup: DedupWindow) -> tuple[list[tuple[int, Rec, tuple]], int, int]:
-    """Decode sample records; returns ([(impression_ts_ms, rec, row)], duplicates, malformed)."""
-    out, dup, bad = [], 0, 0
-    for rec in recs:
-        try:
-            d = json.loads(rec.value)
-            row = (int(d["user_id"]), int(d["item_id"]), int(d["position"]), int(d.get("hour") or 0),
-                   float(d["label"]))
-            sid, ts = str(d["sample_id"]), int(d["impression_ts_ms"])
-        except (ValueError, KeyError, TypeError):
-            bad += 1
-            continue
-        if dedup.seen(sid):
-            dup += 1
-            continue
-        out.append((ts, rec, row))
-    return out, dup, bad
-
-
-def to_batch(rows: list[tuple]) -> Batch | None:
-    if not rows:
-        return None
-    a = np.asarray(rows, dtype=np.float64)
-    return Batch(a[:, 0].astype(np.int64), a[:, 1].astype(np.int64), a[:, 2].astype(np.int64),
-                 a[:, 3].astype(np.int64), a[:, 4].astype(np.float32))
+def checkpoint_dir(cfg: Config, shard: str) -> Path:
+    return cfg.paths.checkpoints / "trainer" / shard
 
 
 class StreamingTrainer:
-    def __init__(self, cfg: Config):
+    def __init__(self, cfg: Config, partitions: list[int] | None = None, shard: str = "trainer-0"):
         self.cfg = cfg
-        self.model = CTRModel(cfg.trainer)
-        self.validator = ProgressiveValidator(cfg.trainer.auc_window)
+        tc = cfg.trainer
+        self.topic = names.topic(names.SAMPLES, cfg.kafka.topic_prefix)
+        self.partitions = partitions
+        self.model = CTRModel(tc)
+        self.validator = ProgressiveValidator(tc.auc_window)
         # A copy frozen after `frozen_baseline_after` samples, scored on the same batches: the
-        # measured value of continuing to learn on a drifting stream.
+        # measured value of continuing to learn on a drifting stream.  Not checkpointed.
         self.frozen: FrozenModel | None = None
-        self.frozen_validator = ProgressiveValidator(cfg.trainer.auc_window)
-        self.dedup = DedupWindow()
+        self.frozen_validator = ProgressiveValidator(tc.auc_window)
+        self.dedup = DedupWindow(tc.dedup_window)
         hold_ms = None
-        if cfg.trainer.align_labels:
+        if tc.align_labels:
             fj = cfg.feature_job
             hold_ms = 1000 * (fj.attribution_window_s + fj.idle_timeout_s) + fj.watermark_delay_ms
         self.aligner = LabelAligner(hold_ms) if hold_ms is not None else None
+        self.waiting: list[Row] = []           # released, not yet a full batch
+        self.positions: dict[int, int] = {}    # partition -> next offset to consume
+        self.ledger: list[int] = []            # sample hashes trained since the last checkpoint
+        self.store = CheckpointStore(checkpoint_dir(cfg, shard), tc.checkpoint.keep_full)
+        self.last_ckpt: CheckpointInfo | None = None
+        self._last_ckpt_step = 0
+        self._last_full = self._last_incr = time.monotonic()
         self._last_data = time.monotonic()
         self.trained = 0
         self.duplicates = 0
         self.malformed = 0
         self.last_loss = float("nan")
+        self.restored_from: str | None = None
         self.started = time.time()
         self._consumer = None
-        self.offsets: dict[str, int] = {}
+        if tc.checkpoint.restore:
+            self.restore()
 
+    # --- consuming ---------------------------------------------------------------------------
     def _ensure_consumer(self):
-        if self._consumer is None:
-            topic = names.topic(names.SAMPLES, self.cfg.kafka.topic_prefix)
-            self._consumer = consumer(self.cfg, topic, self.cfg.trainer.group_id)
-        return self._consumer
+        """Assign this trainer's partitions and seek to the checkpoint's positions (else the
+        group's committed offsets, else the beginning)."""
+        if self._consumer is not None:
+            return self._consumer
+        c = consumer(self.cfg, None, self.cfg.trainer.group_id)
+        try:
+            deadline = time.monotonic() + 30
+            parts = c.partitions_for_topic(self.topic)
+            while not parts and time.monotonic() < deadline:
+                time.sleep(0.2)
+                parts = c.partitions_for_topic(self.topic)
+            if not parts:
+                raise RuntimeError(f"topic {self.topic} has no partitions (is the broker up?)")
+            mine = sorted(p for p in parts if self.partitions is None or p in self.partitions)
+            tps = [TopicPartition(self.topic, p) for p in mine]
+            c.assign(tps)
+            for tp in tps:
+                if tp.partition in self.positions:
+                    c.seek(tp, self.positions[tp.partition])
+                    continue
+                committed = c.committed(tp)
+                if committed is not None:
+                    c.seek(tp, committed)
+                else:
+                    c.seek_to_beginning(tp)
+        except Exception:
+            c.close()
+            raise
+        self._consumer = c
+        return c
 
     def poll_batch(self, timeout_s: float | None = None) -> list[Rec]:
         """Collect up to batch_size records, waiting at most max_batch_wait_ms."""
@@ -132,37 +139,46 @@ class StreamingTrainer:
                 out.extend(Rec(tp, r.offset, r.value) for r in recs)
         return out
 
-    def step(self, recs: list[Rec]) -> int:
-        """Align labels, then progressive validation and one training step per released batch.
-        Returns the samples trained."""
+    # --- training ----------------------------------------------------------------------------
+    def step(self, recs: list[Rec], flush: bool = False) -> int:
+        """Take consumed records in; train every batch they complete.  Returns samples trained."""
+        for rec in recs:
+            p = rec.partition.partition if hasattr(rec.partition, "partition") else int(rec.partition)
+            self.positions[p] = max(self.positions.get(p, 0), rec.offset + 1)
         parsed, dup, bad = parse_records(recs, self.dedup)
         self.duplicates += dup
         self.malformed += bad
         SAMPLES.labels("duplicate").inc(dup)
         SAMPLES.labels("malformed").inc(bad)
-        if self.aligner is None:
-            return self._train(to_batch([row for _, _, row in parsed]))
         now = time.monotonic()
-        for ts, rec, row in parsed:
-            self.aligner.add(ts, rec.partition, rec.offset, row)
+        quiet = not recs and now - self._last_data > self.cfg.trainer.max_batch_wait_ms / 1000.0
         if recs:
             self._last_data = now
-        # a quiet stream sends no newer impressions to move the clock: flush what is held
-        idle = now - self._last_data > self.aligner.hold_ms / 1000.0
-        released = self.aligner.release(flush=idle)
-        trained = 0
+        if self.aligner is None:
+            self.waiting.extend(row for _, row in parsed)
+        else:
+            for rec, row in parsed:
+                self.aligner.add(row[5], rec.partition, rec.offset, row)
+            # a quiet stream sends no newer impressions to move the clock: flush what is held
+            idle = not recs and now - self._last_data > self.aligner.hold_ms / 1000.0
+            self.waiting.extend(self.aligner.release(flush=idle or flush))
         size = self.cfg.trainer.batch_size
-        for k in range(0, len(released), size):
-            trained += self._train(to_batch(released[k:k + size]))
+        trained = 0
+        while len(self.waiting) >= size or (self.waiting and (quiet or flush)):
+            batch, self.waiting = self.waiting[:size], self.waiting[size:]
+            trained += self._train(batch)
         return trained
 
-    def _train(self, batch: Batch | None) -> int:
-        if batch is None:
-            return 0
+    def _train(self, rows: list[Row]) -> int:
+        batch = to_batch(rows)
         self.validator.add(self.model.predict(batch), batch.labels)
         if self.frozen is not None:
             self.frozen_validator.add(self.frozen.predict(batch), batch.labels)
         self.last_loss = self.model.train(batch)
+        if self.model.step % EXPIRE_EVERY_STEPS == 0:
+            self.model.expire()
+        if self.cfg.trainer.checkpoint.ledger:
+            self.ledger.extend(r[6] for r in rows)
         self.trained += len(batch)
         SAMPLES.labels("trained").inc(len(batch))
         after = self.cfg.trainer.frozen_baseline_after
@@ -175,17 +191,93 @@ class StreamingTrainer:
         STEP.set(self.model.step)
         return len(batch)
 
-    def commit(self) -> None:
-        """Commit, per partition, the consumed position or the oldest still-held record, whichever
-        is earlier (held samples are not trained yet), and remember it for the next manifest."""
-        if self._consumer is None:
-            return
-        held = self.aligner.min_held_offsets() if self.aligner is not None else {}
-        offsets = {tp: min(self._consumer.position(tp), held.get(tp, 1 << 62))
-                   for tp in self._consumer.assignment()}
-        self._consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
-        self.offsets = {f"{tp.topic}:{tp.partition}": o for tp, o in offsets.items()}
+    # --- checkpoints -------------------------------------------------------------------------
+    def due_checkpoint(self) -> str | None:
+        ck = self.cfg.trainer.checkpoint
+        now = time.monotonic()
+        if self.last_ckpt is None or now - self._last_full >= ck.full_interval_s:
+            return "full"
+        if now - self._last_incr >= ck.incremental_interval_s:
+            return "incr"
+        return None
 
+    def _stream_state(self) -> dict[str, np.ndarray]:
+        held: list[Held] = self.aligner.snapshot() if self.aligner is not None else []
+        held_parts = [h.partition.partition if hasattr(h.partition, "partition") else int(h.partition)
+                      for h in held]
+        return {"held_rows": rows_array([h.row for h in held]),
+                "held_meta": np.array([[h.seq, p, h.offset] for h, p in zip(held, held_parts)],
+                                      np.int64).reshape(-1, 3),
+                "aligner_clock_ms": np.array(self.aligner.clock_ms if self.aligner else 0, np.int64),
+                "waiting_rows": rows_array(self.waiting),
+                "dedup": self.dedup.state(),
+                "ledger": np.array(self.ledger, np.int64),
+                "val_scores": np.array(self.validator.scores, np.float64),
+                "val_labels": np.array(self.validator.labels, np.float64),
+                "counters": np.array([self.trained, self.duplicates, self.malformed,
+                                      self.validator.seen], np.int64)}
+
+    def checkpoint(self, kind: str | None = None) -> CheckpointInfo:
+        """Write a checkpoint of everything consumed so far (see the module docstring)."""
+        kind = kind or ("full" if self.last_ckpt is None else "incr")
+        if self.last_ckpt is None:
+            kind = "full"   # an increment needs a base
+        t0 = time.perf_counter()
+        with self.model.lock:
+            since = None if kind == "full" else self._last_ckpt_step
+            groups = {k: v for k, v in self.model.state(since).items()}
+            groups["stream"] = self._stream_state()
+            step = self.model.step
+        meta = {"step": step, "since_step": since, "positions": {str(p): o for p, o in self.positions.items()},
+                "topic": self.topic, "trained": self.trained}
+        info = self.store.write(kind, groups, meta, base=None if kind == "full" else self.last_ckpt.seq)
+        self.last_ckpt, self._last_ckpt_step = info, step
+        self.ledger = []
+        now = time.monotonic()
+        self._last_incr = now
+        if kind == "full":
+            self._last_full = now
+        CKPT_SECONDS.labels(kind).set(time.perf_counter() - t0)
+        CKPT_BYTES.labels(kind).set(info.size_bytes)
+        self._commit_offsets()
+        return info
+
+    def restore(self) -> bool:
+        chain = self.store.restore_chain()
+        if not chain:
+            return False
+        for k, (info, groups) in enumerate(chain):
+            self.model.load({g: a for g, a in groups.items() if g != "stream"}, increment=k > 0)
+        info, groups = chain[-1]
+        s = groups["stream"]
+        self.positions = {int(p): int(o) for p, o in info.meta["positions"].items()}
+        if self.aligner is not None:
+            held = [Held(int(r[5]), int(m[0]), TopicPartition(self.topic, int(m[1])), int(m[2]),
+                         tuple(int(x) for x in r))
+                    for r, m in zip(s["held_rows"], s["held_meta"])]
+            self.aligner.restore(held, int(s["aligner_clock_ms"]))
+        self.waiting = [tuple(int(x) for x in r) for r in s["waiting_rows"]]
+        self.dedup.load(s["dedup"])
+        self.validator.scores.extend(s["val_scores"].tolist())
+        self.validator.labels.extend(s["val_labels"].tolist())
+        self.trained, self.duplicates, self.malformed, self.validator.seen = (int(x) for x in s["counters"])
+        self.last_ckpt, self._last_ckpt_step = info, int(info.meta["step"])
+        self.restored_from = info.path.name
+        log.info("restored %s (+%d increments): step %d, positions %s", chain[0][0].path.name,
+                 len(chain) - 1, self.model.step, self.positions)
+        return True
+
+    def _commit_offsets(self) -> None:
+        """Tell the group where the checkpoint stands (monitoring; restore uses the checkpoint)."""
+        if self._consumer is None or not self.positions:
+            return
+        try:
+            self._consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+                                   for p, o in self.positions.items()})
+        except Exception as exc:  # noqa: BLE001 - monitoring only
+            log.warning("offset commit failed: %s", exc)
+
+    # --- control -----------------------------------------------------------------------------
     def set_paused(self, paused: bool) -> None:
         c = self._ensure_consumer()
         parts = c.assignment()
@@ -197,15 +289,26 @@ class StreamingTrainer:
     def metrics(self) -> dict[str, Any]:
         s = self.validator.summary()
         frozen = self.frozen_validator.summary() if self.frozen is not None else None
+        occ = self.model.occupancy()
+        for t, o in occ.items():
+            ROWS.labels(t).set(o["rows"])
+            ADMITTED.labels(t).set(o["admitted"])
+            EVICTED.labels(t, "ttl").set(o["evicted_ttl"])
+            EVICTED.labels(t, "lfu").set(o["evicted_lfu"])
         return {"samples_trained": self.trained, "step": self.model.step,
                 "duplicates": self.duplicates, "malformed": self.malformed,
                 "auc": s["auc"], "logloss": s["logloss"], "ctr": s["ctr"], "loss": self.last_loss,
                 "samples_per_s": round(self.trained / max(1e-3, time.time() - self.started), 1),
                 "auc_frozen": frozen["auc"] if frozen else None,
                 "held_for_labels": len(self.aligner) if self.aligner is not None else 0,
+                "waiting_for_batch": len(self.waiting),
                 "frozen_at_step": self.frozen.step if self.frozen else None,
                 "scored_since_frozen": self.frozen_validator.seen,
-                **{f"rows_{k}": v for k, v in self.model.occupancy().items()}}
+                "checkpoint": self.last_ckpt.path.name if self.last_ckpt else None,
+                "restored_from": self.restored_from,
+                "positions": {str(p): o for p, o in sorted(self.positions.items())},
+                **{f"rows_{k}": v["rows"] for k, v in occ.items()},
+                "tables": occ}
 
     def close(self) -> None:
         if self._consumer is not None:

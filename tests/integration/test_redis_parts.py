@@ -15,6 +15,7 @@ from odl.control import ControlPlane, Heartbeat
 from serving.app import ServingApp
 from serving.model import ModelHolder
 from trainers.model import CTRModel
+from tests.unit.helpers import small_cfg
 from odl.config import TrainerConfig
 
 
@@ -50,7 +51,7 @@ def test_control_plane_heartbeats_pause_and_pin(redis_cfg):
 
 @pytest.fixture
 def served_model(redis_cfg):
-    model = CTRModel(TrainerConfig(table_capacity=64, embedding_dim=16, hidden_units=(8,)))
+    model = CTRModel(small_cfg(64, 16, (8,)))
     store = ModelStore(redis_cfg.paths.model_store, "ctr")
     m = Manifest(version="1", parent=None, trainer_step=0, kafka_offsets={}, metrics={},
                  embedding_generation=0, embedding_dim=16)

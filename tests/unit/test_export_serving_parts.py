@@ -8,6 +8,7 @@ from bench.registry import BenchResult, available, render
 from exporters import savedmodel
 from exporters.exporter import quality_gate
 from exporters.registry import Manifest, ModelStore
+from tests.unit.helpers import small_cfg
 from odl.config import TrainerConfig
 from odl.plot import svg_line_chart
 from serving.app import BadRequest, parse_instances
@@ -20,7 +21,7 @@ def manifest(v: int) -> Manifest:
 
 
 def test_saved_model_matches_trainer_predictions(tmp_path):
-    model = CTRModel(TrainerConfig(table_capacity=64, embedding_dim=8, hidden_units=(16,)))
+    model = CTRModel(small_cfg(64, 8, (16,)))
     rng = np.random.default_rng(0)
     b = Batch(rng.integers(0, 30, 64), rng.integers(0, 30, 64), rng.integers(0, 5, 64),
               rng.integers(0, 24, 64), (rng.random(64) < 0.3).astype(np.float32))
@@ -29,8 +30,8 @@ def test_saved_model_matches_trainer_predictions(tmp_path):
     store = ModelStore(tmp_path, "ctr")
     store.publish(1, lambda p: savedmodel.save(model.dense_weights(), 8, p), manifest(1))
     fn = tf.saved_model.load(str(store.path(1))).signatures["serving_default"]
-    u_rows = model.tables["user"].lookup_rows(b.user_ids, admit=False)
-    i_rows = model.tables["item"].lookup_rows(b.item_ids, admit=False)
+    u_rows = model.tables["user"].rows_of(b.user_ids)
+    i_rows = model.tables["item"].rows_of(b.item_ids)
     out = fn(user_emb=tf.gather(model.tables["user"].var, u_rows),
              item_emb=tf.gather(model.tables["item"].var, i_rows),
              position=tf.constant(b.positions), hour=tf.constant(b.hours))["probability"].numpy()

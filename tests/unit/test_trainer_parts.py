@@ -2,12 +2,13 @@ import json
 
 import numpy as np
 
-from odl.config import SourceConfig, TrainerConfig
+from tests.unit.helpers import small_cfg
+from odl.config import SourceConfig
 from pipeline.generator import SyntheticWorld
 from trainers.metrics import ProgressiveValidator, auc
-from trainers.model import Batch, CTRModel, EmbeddingTable
+from trainers.model import Batch, CTRModel
 from trainers.align import LabelAligner
-from trainers.streaming import DedupWindow, Rec, parse_records, to_batch
+from trainers.samples import DedupWindow, Rec, parse_records, sample_hash, to_batch
 
 
 def brute_auc(s, y):
@@ -29,37 +30,30 @@ def test_progressive_window_is_bounded():
     assert pv.summary()["window"] == 100 and pv.seen == 250
 
 
-def test_embedding_table_is_collision_free_and_tracks_deltas():
-    t = EmbeddingTable("user", capacity=8, dim=4, seed=1)
-    rows = t.lookup_rows(np.array([10, 11, 10, 12]), admit=True)
-    assert rows[0] == rows[2] and len({*rows.tolist()}) == 3 and 0 not in rows
-    assert t.lookup_rows(np.array([99]), admit=False)[0] == 0  # not admitted: default row
-    ids, vecs = t.take_delta()
-    assert sorted(ids.tolist()) == [10, 11, 12] and vecs.shape == (3, 4)
-    assert len(t.take_delta()[0]) == 0
-    t.lookup_rows(np.arange(100, 120), admit=True)  # overflow beyond capacity shares row 0
-    assert len(t) == 7 and t.overflow > 0
-
-
 def test_dedup_and_malformed_samples():
     d = DedupWindow(capacity=3)
     good = {"sample_id": "a", "user_id": 1, "item_id": 2, "position": 0, "hour": 1, "label": 1,
             "impression_ts_ms": 5}
-    vals = [json.dumps(good).encode(), json.dumps(good).encode(), b"{oops", json.dumps({"x": 1}).encode()]
+    vals = [json.dumps(good).encode(), json.dumps(good).encode(), b"{oops", json.dumps({"x": 1}).encode(),
+            json.dumps({**good, "sample_id": "z", "label": 7}).encode()]
     parsed, dup, bad = parse_records([Rec("p", k, v) for k, v in enumerate(vals)], d)
-    assert len(parsed) == 1 and dup == 1 and bad == 2
-    ts, rec, row = parsed[0]
-    assert ts == 5 and rec.offset == 0 and row == (1, 2, 0, 1, 1.0)
-    assert len(to_batch([row, row])) == 2 and to_batch([]) is None
+    assert len(parsed) == 1 and dup == 1 and bad == 3
+    rec, row = parsed[0]
+    assert rec.offset == 0 and row == (1, 2, 0, 1, 1, 5, sample_hash("a"))
+    batch = to_batch([row, row])
+    assert len(batch) == 2 and batch.clock_ms == 5 and to_batch([]) is None
     for sid in "bcd":
-        d.seen(sid)
-    assert not d.seen("a")  # evicted from the bounded window
+        d.seen(sample_hash(sid))
+    assert not d.seen(sample_hash("a"))  # evicted from the bounded window
+    restored = DedupWindow(capacity=3)
+    restored.load(d.state())
+    assert restored.state().tolist() == d.state().tolist()
 
 
 def test_model_learns_a_synthetic_preference():
     world = SyntheticWorld(SourceConfig(num_users=50, num_items=40, drift_per_minute=0))
     rng = np.random.default_rng(1)
-    model = CTRModel(TrainerConfig(table_capacity=256, embedding_dim=8, hidden_units=(16,)))
+    model = CTRModel(small_cfg(256, 8, (16,)))
     pv = ProgressiveValidator(4000)
 
     def batch(n=256):
@@ -84,7 +78,7 @@ def test_model_learns_a_synthetic_preference():
 
 def test_frozen_copy_scores_like_the_model_then_stops_learning():
     rng = np.random.default_rng(3)
-    model = CTRModel(TrainerConfig(table_capacity=64, embedding_dim=8, hidden_units=(8,)))
+    model = CTRModel(small_cfg(64, 8, (8,)))
     b = Batch(rng.integers(0, 20, 128), rng.integers(0, 20, 128), rng.integers(0, 4, 128),
               rng.integers(0, 24, 128), (rng.random(128) < 0.3).astype(np.float32))
     model.train(b)
