@@ -35,8 +35,9 @@ def main() -> None:
 @main.command()
 @click.argument("component", type=click.Choice(COMPONENTS))
 @click.option("--replica", type=int, default=0, help="serving replica index")
+@click.option("--no-ray", is_flag=True, help="trainer: run in this process instead of a Ray actor")
 @config_option
-def run(component: str, replica: int, config: str | None) -> None:
+def run(component: str, replica: int, no_ray: bool, config: str | None) -> None:
     """Run one long-lived component in the foreground."""
     cfg = _cfg(config)
     if component == "source":
@@ -48,6 +49,9 @@ def run(component: str, replica: int, config: str | None) -> None:
     elif component == "feature-store":
         from pipeline.feature_store_writer import run as fn
         rc = fn(cfg)
+    elif component == "trainer" and no_ray:
+        from trainers.loop import run_standalone
+        rc = run_standalone(cfg)
     elif component == "trainer":
         from trainers.actor import run as fn
         rc = fn(cfg)

@@ -6,15 +6,12 @@ asks for a GPU when the cluster has one; TensorFlow then places the model there.
 """
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import threading
 import time
 from typing import Any
 
 from odl.config import Config
-from odl.control import ControlPlane, Heartbeat
 from odl.runtime import METRICS_PORT_OFFSETS, setup_logging
 from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
 
@@ -24,7 +21,7 @@ MAX_RESTARTS = 3
 
 class TrainerActorImpl:
     def __init__(self, cfg_json: str, metrics_port: int | None):
-        from trainers.streaming import StreamingTrainer
+        from trainers.loop import TrainerLoop
         self.cfg = Config.model_validate_json(cfg_json)
         self.log = setup_logging("trainer")
         if metrics_port:
@@ -33,60 +30,15 @@ class TrainerActorImpl:
                 start_http_server(metrics_port, addr="127.0.0.1")
             except OSError as exc:  # a restarted actor may find the port still taken
                 self.log.warning("metrics port %d unavailable: %s", metrics_port, exc)
-        self.trainer = StreamingTrainer(self.cfg)
-        self.cp = ControlPlane(self.cfg)
-        self._stop = False
-        self._paused = False
-        self.state = "starting"
-
-    def _heartbeat(self) -> None:
-        self.cp.heartbeat(Heartbeat("trainer", "trainer", time.time(), self.state, os.getpid(),
-                                    socket.gethostname(), None, self.trainer.metrics()))
+        self.loop = TrainerLoop(self.cfg)   # restores the newest checkpoint
+        self.trainer = self.loop.trainer
 
     def run(self) -> dict[str, Any]:
         """Train until ``stop``; pauses (keeping the position) while the control plane says so."""
-        next_hb = 0.0
-        self.state = "running"
-        while not self._stop:
-            now = time.monotonic()
-            if now >= next_hb:
-                next_hb = now + self.cfg.control.heartbeat_interval_s
-                try:
-                    paused = self.cp.is_paused("trainer")
-                    if paused != self._paused:
-                        self.trainer.set_paused(paused)
-                        self._paused = paused
-                        self.state = "paused" if paused else "running"
-                        self.log.info("trainer %s", self.state)
-                    self._heartbeat()
-                except Exception as exc:  # noqa: BLE001 - control plane away: keep training
-                    self.log.warning("control plane: %s", exc)
-            if self._paused:  # no polling at all: a rebalance cannot resume partitions behind our back
-                time.sleep(0.2)
-                continue
-            recs = self.trainer.poll_batch()
-            self.trainer.step(recs)  # also releases samples held for their labels
-            kind = self.trainer.due_checkpoint()
-            if kind:
-                self._checkpoint(kind)
-        self._checkpoint("incr")  # a clean stop loses no work
-        self.state = "stopped"
-        try:
-            self._heartbeat()
-        except Exception:  # noqa: BLE001
-            pass
-        self.trainer.close()
-        return self.trainer.metrics()
-
-    def _checkpoint(self, kind: str) -> None:
-        try:
-            info = self.trainer.checkpoint(kind)
-            self.log.debug("checkpoint %s", info.path.name)
-        except OSError as exc:  # disk trouble: keep training, the next attempt may succeed
-            self.log.error("checkpoint failed: %s", exc)
+        return self.loop.run()
 
     def stop(self) -> None:
-        self._stop = True
+        self.loop.stop_event.set()
 
     def embedding_changes(self, since: int):
         """(mark, {table: {ids, vectors, removed, complete}}) of rows changed after ``since``."""
@@ -97,7 +49,8 @@ class TrainerActorImpl:
         m = self.trainer.model
         with m.lock:
             return {"weights": m.dense_weights(), "step": m.step, "metrics": self.trainer.metrics(),
-                    "offsets": dict(self.trainer.offsets),
+                    "offsets": {f"{self.trainer.topic}:{p}": o
+                                for p, o in self.trainer.positions.items()},
                     "embedding_dim": self.cfg.trainer.embedding_dim,
                     "config": self.cfg.trainer.model_dump(mode="json")}
 

@@ -95,6 +95,9 @@ class CheckpointStore:
         try:
             files = {}
             for name, arrays in groups.items():
+                for key, a in arrays.items():
+                    if np.asarray(a).dtype == object:  # would be pickled: unsafe and unportable
+                        raise TypeError(f"checkpoint array {name}/{key} has dtype object")
                 path = tmp / f"{name}.npz"
                 np.savez(path, **arrays)
                 _fsync(path)

@@ -240,7 +240,10 @@ class DynamicEmbedding:
         if k == 0:
             raise RuntimeError(f"table {self.name}: capacity {self.cfg.capacity} is smaller than "
                                "the distinct ids of one batch")
-        victims = used[np.argpartition(self.freq[used], k - 1)[:k]]
+        # least frequent first, then least recently seen, then by id: a choice made on ids, not
+        # on row numbers, so a restored table (rows placed differently) evicts the same ids
+        order = np.lexsort((self.row_id[used], self.last_seen[used], self.freq[used]))
+        victims = used[order[:k]]
         self._evict_rows(victims, step)
         self.stats.evicted_lfu += k
 

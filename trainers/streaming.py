@@ -229,7 +229,8 @@ class StreamingTrainer:
             groups["stream"] = self._stream_state()
             step = self.model.step
         meta = {"step": step, "since_step": since, "positions": {str(p): o for p, o in self.positions.items()},
-                "topic": self.topic, "trained": self.trained}
+                "topic": self.topic, "trained": self.trained,
+                "previous": self.last_ckpt.seq if self.last_ckpt else None}
         info = self.store.write(kind, groups, meta, base=None if kind == "full" else self.last_ckpt.seq)
         self.last_ckpt, self._last_ckpt_step = info, step
         self.ledger = []
