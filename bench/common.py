@@ -54,3 +54,18 @@ def private_broker(cfg: Config) -> Iterator[str]:
                   "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"],
                  port, "tansu broker"):
         yield f"127.0.0.1:{port}"
+
+
+def synthetic_samples(n: int, seed: int = 11, num_users: int = 3000, num_items: int = 800) -> list[dict]:
+    """Sample records as the feature job writes them, with a learnable (user, item) pattern and
+    impression times 20 ms apart; shared by the trainer benchmark and the trainer tests."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, num_users, n)
+    items = rng.integers(0, num_items, n)
+    p = 0.1 + 0.3 * ((users + items) % 3 == 0)
+    labels = rng.random(n) < p
+    return [{"sample_id": f"r{k}:{i}", "request_id": f"r{k}", "user_id": int(u), "item_id": int(i),
+             "position": k % 5, "hour": (k // 500) % 24, "category": 0, "label": int(y),
+             "impression_ts_ms": 1_700_000_000_000 + 20 * k, "label_ts_ms": 0}
+            for k, (u, i, y) in enumerate(zip(users.tolist(), items.tolist(), labels.tolist()))]

@@ -168,6 +168,7 @@ class LocalStack:
         # The local broker keeps nothing across `odl up`s, so Flink checkpoints of an earlier
         # stack point at offsets that no longer exist; restarts within one stack restore them.
         shutil.rmtree(self.cfg.paths.checkpoints / "flink", ignore_errors=True)
+        shutil.rmtree(self.cfg.paths.checkpoints / "trainer", ignore_errors=True)
         states: dict[str, ProcState] = {}
         env = self._env()
         try:

@@ -54,10 +54,11 @@ class DedupWindow:
 
 @dataclass(frozen=True)
 class Rec:
-    """What the trainer keeps of a consumed sample record."""
+    """What the trainer keeps of a consumed sample record (``row``: decoded ahead, if it could be)."""
     partition: Any      # a TopicPartition
     offset: int
     value: bytes
+    row: Row | None = None
 
 
 def decode(value: bytes) -> Row:
@@ -74,11 +75,13 @@ def parse_records(recs: list[Rec], dedup: DedupWindow) -> tuple[list[tuple[Rec, 
     """Decode sample records; returns ([(rec, row)], duplicates, malformed)."""
     out, dup, bad = [], 0, 0
     for rec in recs:
-        try:
-            row = decode(rec.value)
-        except (ValueError, KeyError, TypeError, OverflowError):
-            bad += 1
-            continue
+        row = rec.row
+        if row is None:
+            try:
+                row = decode(rec.value)
+            except (ValueError, KeyError, TypeError, OverflowError):
+                bad += 1
+                continue
         if dedup.seen(row[6]):
             dup += 1
             continue

@@ -34,6 +34,7 @@ from trainers.align import Held, LabelAligner
 from trainers.checkpoint import CheckpointInfo, CheckpointStore
 from trainers.metrics import ProgressiveValidator
 from trainers.model import CTRModel, FrozenModel
+from trainers.prefetch import Prefetcher
 from trainers.samples import DedupWindow, Rec, Row, parse_records, rows_array, to_batch
 
 log = logging.getLogger("odl.trainer")
@@ -80,23 +81,23 @@ class StreamingTrainer:
         self._last_ckpt_step = 0
         self._last_full = self._last_incr = time.monotonic()
         self._last_data = time.monotonic()
+        self._gauges_at = 0.0
         self.trained = 0
         self.duplicates = 0
         self.malformed = 0
         self.last_loss = float("nan")
         self.restored_from: str | None = None
         self.started = time.time()
-        self._consumer = None
+        self._prefetch: Prefetcher | None = None
         if tc.checkpoint.restore:
             self.restore()
 
     # --- consuming ---------------------------------------------------------------------------
-    def _ensure_consumer(self):
+    def _open_consumer(self):
         """Assign this trainer's partitions and seek to the checkpoint's positions (else the
-        group's committed offsets, else the beginning)."""
-        if self._consumer is not None:
-            return self._consumer
-        c = consumer(self.cfg, None, self.cfg.trainer.group_id)
+        group's committed offsets, else the beginning).  Runs on the prefetch thread."""
+        c = consumer(self.cfg, None, self.cfg.trainer.group_id,
+                     max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
         try:
             deadline = time.monotonic() + 30
             parts = c.partitions_for_topic(self.topic)
@@ -120,24 +121,17 @@ class StreamingTrainer:
         except Exception:
             c.close()
             raise
-        self._consumer = c
         return c
 
+    def prefetcher(self) -> Prefetcher:
+        if self._prefetch is None:
+            self._prefetch = Prefetcher(self._open_consumer)
+        return self._prefetch
+
     def poll_batch(self, timeout_s: float | None = None) -> list[Rec]:
-        """Collect up to batch_size records, waiting at most max_batch_wait_ms."""
-        c = self._ensure_consumer()
-        want = self.cfg.trainer.batch_size
-        deadline = time.monotonic() + (timeout_s if timeout_s is not None
-                                       else self.cfg.trainer.max_batch_wait_ms / 1000.0)
-        out: list[Rec] = []
-        while len(out) < want:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            polled = c.poll(timeout_ms=max(1, int(left * 1000)), max_records=want - len(out))
-            for tp, recs in polled.items():
-                out.extend(Rec(tp, r.offset, r.value) for r in recs)
-        return out
+        """Up to batch_size records, waiting at most max_batch_wait_ms."""
+        wait = timeout_s if timeout_s is not None else self.cfg.trainer.max_batch_wait_ms / 1000.0
+        return self.prefetcher().take(self.cfg.trainer.batch_size, wait)
 
     # --- training ----------------------------------------------------------------------------
     def step(self, recs: list[Rec], flush: bool = False) -> int:
@@ -184,10 +178,12 @@ class StreamingTrainer:
         after = self.cfg.trainer.frozen_baseline_after
         if self.frozen is None and after is not None and self.trained >= after:
             self.frozen = self.model.frozen_copy()
-        summary = self.validator.summary()
-        if not math.isnan(summary["auc"]):
-            AUC.set(summary["auc"])
-        LOGLOSS.set(summary["logloss"])
+        if time.monotonic() - self._gauges_at >= 1.0:  # the window's AUC is a sort: once a second
+            self._gauges_at = time.monotonic()
+            summary = self.validator.summary()
+            if not math.isnan(summary["auc"]):
+                AUC.set(summary["auc"])
+            LOGLOSS.set(summary["logloss"])
         STEP.set(self.model.step)
         return len(batch)
 
@@ -270,22 +266,21 @@ class StreamingTrainer:
 
     def _commit_offsets(self) -> None:
         """Tell the group where the checkpoint stands (monitoring; restore uses the checkpoint)."""
-        if self._consumer is None or not self.positions:
+        if self._prefetch is None or not self.positions:
             return
+        offsets = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+                   for p, o in self.positions.items()}
         try:
-            self._consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
-                                   for p, o in self.positions.items()})
+            self._prefetch.call(lambda c: c.commit(offsets), timeout_s=10)
         except Exception as exc:  # noqa: BLE001 - monitoring only
             log.warning("offset commit failed: %s", exc)
 
     # --- control -----------------------------------------------------------------------------
     def set_paused(self, paused: bool) -> None:
-        c = self._ensure_consumer()
-        parts = c.assignment()
-        if paused:
-            c.pause(*parts)
-        else:
-            c.resume(*parts)
+        """Stop (or restart) fetching; records already fetched stay queued, the position kept."""
+        def apply(c):
+            (c.pause if paused else c.resume)(*c.assignment())
+        self.prefetcher().call(apply)
 
     def metrics(self) -> dict[str, Any]:
         s = self.validator.summary()
@@ -312,6 +307,6 @@ class StreamingTrainer:
                 "tables": occ}
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
+        if self._prefetch is not None:
+            self._prefetch.close()
+            self._prefetch = None

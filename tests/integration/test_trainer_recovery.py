@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import yaml
 
+from bench.common import synthetic_samples
 from odl import names
 from odl.kafka_util import ensure_topics, producer
 from tests.conftest import make_config
@@ -30,18 +31,6 @@ pytestmark = pytest.mark.slow
 N_SAMPLES = 24_000
 REPEATS = 400        # at-least-once repeats the feature job may emit after its own restart
 KILLS = 5
-
-
-def samples() -> list[dict]:
-    rng = np.random.default_rng(11)
-    out = []
-    for k in range(N_SAMPLES):
-        u, i = int(rng.integers(0, 3000)), int(rng.integers(0, 800))
-        label = int(rng.random() < 0.1 + 0.3 * ((u + i) % 3 == 0))
-        out.append({"sample_id": f"r{k}:{i}", "request_id": f"r{k}", "user_id": u, "item_id": i,
-                    "position": k % 5, "hour": (k // 500) % 24, "category": 0, "label": label,
-                    "impression_ts_ms": 1_700_000_000_000 + 20 * k, "label_ts_ms": 0})
-    return out
 
 
 def config(tmp_path: Path, redis_port: int, broker_port: int, name: str):
@@ -113,7 +102,7 @@ def final_model(cfg) -> CTRModel:
 
 def test_kill_9_trains_every_sample_exactly_once_and_matches_an_uninterrupted_run(
         tmp_path, redis_port, broker_port):
-    data = samples()
+    data = synthetic_samples(N_SAMPLES)
     rng = np.random.default_rng(2)
     stream = list(data)
     for k in sorted(rng.choice(N_SAMPLES - 1, REPEATS, replace=False).tolist(), reverse=True):
