@@ -3,7 +3,9 @@ decoding, de-duplicating, aligning labels, checkpointing on its schedule) vs an 
 over the same samples, pre-decoded, with the same model config and batch size, in one run.  Both
 score each batch before training on it.  Then the cost of a full and an incremental checkpoint.
 
-The ratio says whether the stream starves the model (goal >= 0.9).
+The ratio says whether the stream starves the model (goal >= 0.9).  The clock starts at the
+first record, as the in-memory loop's starts at its first batch: the consumer's one-off start
+(metadata, group coordinator) is not part of either rate.
 """
 from __future__ import annotations
 
@@ -27,10 +29,12 @@ from trainers.streaming import StreamingTrainer
 DESCRIPTION = "streaming trainer vs in-memory loop: samples/s, checkpoint time and size"
 SAMPLES = 100_000
 INCREMENT_BATCHES = 20
+RUNS = 3
 
 
 def _in_memory(cfg: Config, rows: list, warm) -> float:
     model = CTRModel(cfg.trainer)
+    model.predict(warm)   # trace both functions outside the timing
     model.train(warm)
     size = cfg.trainer.batch_size
     batches = [to_batch(rows[k:k + size]) for k in range(0, len(rows), size)]
@@ -41,22 +45,26 @@ def _in_memory(cfg: Config, rows: list, warm) -> float:
     return len(rows) / (time.perf_counter() - t0)
 
 
-def _streaming(cfg: Config, n: int, warm) -> tuple[float, StreamingTrainer]:
-    tr = StreamingTrainer(cfg)
+def _streaming(cfg: Config, n: int, warm, run: int) -> tuple[float, StreamingTrainer]:
+    cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
+        update={"group_id": f"bench-trainer-{run}"})})
+    tr = StreamingTrainer(cfg, shard=f"bench-{run}")
+    tr.model.predict(warm)
     tr.model.train(warm)
     tr.checkpoint("full")   # what a fresh trainer writes first, outside the timing
     tr.prefetcher()
+    # the consumer's start (metadata, group, end offsets) is not timed
+    end = tr.prefetcher().call(lambda src: src.end_offsets())
+    first = tr.poll_batch(timeout_s=60)
     t0 = time.perf_counter()
-    end = {}
+    tr.step(first)
     while tr.trained < n:
         recs = tr.poll_batch()
         tr.step(recs)
         kind = tr.due_checkpoint()
         if kind:
             tr.checkpoint(kind)
-        if not end:
-            end = tr.prefetcher().call(lambda c: c.end_offsets(list(c.assignment())))
-        if all(tr.positions.get(tp.partition, 0) >= o for tp, o in end.items()):
+        if all(tr.positions.get(p, 0) >= o for p, o in end.items()):
             tr.step([], flush=True)   # the replay is over: release what waits for labels
     return n / (time.perf_counter() - t0), tr
 
@@ -81,8 +89,15 @@ def run(cfg: Config) -> BenchResult:
         prod.flush()
         prod.close()
 
-        mem_rate = _in_memory(bcfg, rows, warm)
-        stream_rate, tr = _streaming(bcfg, len(rows), warm)
+        # best of RUNS each, alternating: this VM's neighbours make single runs vary by +-30%
+        mem, stream = [], []
+        for run in range(RUNS):
+            mem.append(_in_memory(bcfg, rows, warm))
+            rate, tr = _streaming(bcfg, len(rows), warm, run)
+            stream.append(rate)
+            if run < RUNS - 1:
+                tr.close()
+        mem_rate, stream_rate = max(mem), max(stream)
 
         t = time.perf_counter()
         full = tr.checkpoint("full")
@@ -101,9 +116,11 @@ def run(cfg: Config) -> BenchResult:
     lines = [f"{SAMPLES:,} samples, batch {bcfg.trainer.batch_size}, "
              f"{occ['user']['rows']:,} user rows, {occ['item']['rows']:,} item rows, "
              f"sparse optimizer {bcfg.trainer.sparse_optimizer}",
-             f"in-memory loop:    {mem_rate:,.0f} samples/s",
-             f"streaming trainer: {stream_rate:,.0f} samples/s (broker, decode, dedup, label "
-             f"alignment, scheduled checkpoints)",
+             f"in-memory loop:    {mem_rate:,.0f} samples/s (best of "
+             f"{', '.join(f'{x:,.0f}' for x in mem)})",
+             f"streaming trainer: {stream_rate:,.0f} samples/s (best of "
+             f"{', '.join(f'{x:,.0f}' for x in stream)}; broker, decode, dedup, label alignment, "
+             f"scheduled checkpoints)",
              f"full checkpoint:        {full_s * 1000:.0f} ms, {full_mb:.2f} MB",
              f"incremental checkpoint: {inc_s * 1000:.0f} ms, {inc_mb:.2f} MB "
              f"({INCREMENT_BATCHES} batches after the full one)"]

@@ -144,12 +144,16 @@ class CTRModel:
         hr = np.mod(batch.hours, NUM_HOURS).astype(np.int64)
         return pos, hr
 
-    @tf.function(reduce_retracing=True)
+    # shape-generic signatures: a partial batch must not retrace (~0.4 s each)
+    _IDX = tf.TensorSpec([None], tf.int64)
+
+    @tf.function(input_signature=[_IDX, _IDX, _IDX, _IDX])
     def _predict(self, u, i, pos, hr):
         return tf.sigmoid(ctr_logits(self.dense, tf.gather(self.tables["user"].var, u),
                                      tf.gather(self.tables["item"].var, i), pos, hr))
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(input_signature=[_IDX, _IDX, _IDX, _IDX, tf.TensorSpec([None], tf.float32),
+                                  tf.TensorSpec([], tf.int64)])
     def _train(self, u, i, pos, hr, labels, step):
         ut, it = self.tables["user"], self.tables["item"]
         with tf.GradientTape() as tape:

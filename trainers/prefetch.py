@@ -1,11 +1,10 @@
 """Fetching ahead of training.
 
-kafka-python fetches the next batch of records only once the previous one is consumed, and it
-decodes records in Python; done in the training thread, that left the model idle for most of
-each step (``odl bench trainer``).  The ``Prefetcher`` owns the consumer in a background thread:
-it polls, decodes the JSON of each sample and queues the results (bounded), while TensorFlow --
-which releases the GIL -- trains on the previous batch.  kafka-python is not thread-safe, so every
-other consumer operation (pause, commit, end offsets) is a call executed by that thread.
+Done in the training thread, fetching and decoding left the model idle for most of each step
+(``odl bench trainer``).  The ``Prefetcher`` owns the sample source (``trainers.kafka_source``)
+in a background thread: it fetches, decodes the JSON of each sample and queues the results
+(bounded), while TensorFlow -- which releases the GIL -- trains on the previous batch.  Every other
+operation on the source (pause, commit, end offsets) is a call executed by that thread.
 
 Prefetched records are not consumed in the exactly-once sense: the trainer's positions advance
 only for records it has taken, so a restart re-fetches whatever was still queued.
@@ -25,8 +24,8 @@ log = logging.getLogger("odl.trainer.prefetch")
 
 
 class Prefetcher:
-    def __init__(self, make_consumer: Callable[[], Any], max_chunks: int = 16, poll_records: int = 2000):
-        self._make = make_consumer
+    def __init__(self, make_source: Callable[[], Any], max_chunks: int = 16, poll_records: int = 2000):
+        self._make = make_source
         self._chunks: queue.Queue[list[Rec]] = queue.Queue(maxsize=max_chunks)
         self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()
         self._carry: list[Rec] = []
@@ -37,10 +36,10 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._run, name="odl-prefetch", daemon=True)
         self._thread.start()
 
-    # --- the consumer thread ------------------------------------------------------------------
+    # --- the source's thread ------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            consumer = self._make()
+            source = self._make()
         except BaseException as exc:  # noqa: BLE001 - surfaced by take()
             self._error = exc
             self._ready.set()
@@ -48,46 +47,44 @@ class Prefetcher:
         self._ready.set()
         try:
             while not self._stop.is_set():
-                self._run_calls(consumer)
-                if self._chunks.full() or not consumer.assignment() or consumer.paused():
+                self._run_calls(source)
+                if self._chunks.full() or source.paused:
                     time.sleep(0.02)
                     continue
-                polled = consumer.poll(timeout_ms=100, max_records=self._poll_records)
                 chunk = []
-                for tp, recs in polled.items():
-                    for r in recs:
-                        try:
-                            row = decode(r.value)
-                        except (ValueError, KeyError, TypeError, OverflowError):
-                            row = None   # counted as malformed by the trainer
-                        chunk.append(Rec(tp, r.offset, r.value, row))
+                for tp, offset, value in source.fetch(self._poll_records, 0.1):
+                    try:
+                        row = decode(value)
+                    except (ValueError, KeyError, TypeError, OverflowError):
+                        row = None   # counted as malformed by the trainer
+                    chunk.append(Rec(tp, offset, value, row))
                 while chunk and not self._stop.is_set():
                     try:
                         self._chunks.put(chunk, timeout=0.1)
                         break
                     except queue.Full:
-                        self._run_calls(consumer)
+                        self._run_calls(source)
         except BaseException as exc:  # noqa: BLE001
             log.error("prefetch failed: %s", exc)
             self._error = exc
         finally:
-            self._run_calls(consumer)
-            consumer.close()
+            self._run_calls(source)
+            source.close()
 
-    def _run_calls(self, consumer) -> None:
+    def _run_calls(self, source) -> None:
         while True:
             try:
                 fn, fut = self._calls.get_nowait()
             except queue.Empty:
                 return
             try:
-                fut.set_result(fn(consumer))
+                fut.set_result(fn(source))
             except BaseException as exc:  # noqa: BLE001
                 fut.set_exception(exc)
 
     # --- the training thread -----------------------------------------------------------------
     def call(self, fn: Callable[[Any], Any], timeout_s: float = 30.0) -> Any:
-        """Run ``fn(consumer)`` on the consumer's thread and return its result."""
+        """Run ``fn(source)`` on the source's thread and return its result."""
         self._ready.wait(timeout_s)
         if self._error is not None:
             raise RuntimeError(f"sample consumer failed: {self._error}") from self._error

@@ -7,12 +7,12 @@ checkpoint): user, item, position, hour, label, impression time, and a 64-bit ha
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from trainers.model import Batch
 
@@ -63,7 +63,7 @@ class Rec:
 
 def decode(value: bytes) -> Row:
     """One sample record -> Row; raises ValueError/KeyError/TypeError when malformed."""
-    d = json.loads(value)
+    d = orjson.loads(value)
     label = int(d["label"])
     if label not in (0, 1):
         raise ValueError(f"label {label} is not 0 or 1")

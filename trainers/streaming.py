@@ -24,16 +24,15 @@ from typing import Any
 
 import numpy as np
 from kafka import TopicPartition
-from kafka.structs import OffsetAndMetadata
 from prometheus_client import Counter, Gauge
 
 from odl import names
 from odl.config import Config
-from odl.kafka_util import consumer
 from trainers.align import Held, LabelAligner
 from trainers.checkpoint import CheckpointInfo, CheckpointStore
 from trainers.metrics import ProgressiveValidator
 from trainers.model import CTRModel, FrozenModel
+from trainers.kafka_source import SampleSource
 from trainers.prefetch import Prefetcher
 from trainers.samples import DedupWindow, Rec, Row, parse_records, rows_array, to_batch
 
@@ -93,39 +92,15 @@ class StreamingTrainer:
             self.restore()
 
     # --- consuming ---------------------------------------------------------------------------
-    def _open_consumer(self):
-        """Assign this trainer's partitions and seek to the checkpoint's positions (else the
-        group's committed offsets, else the beginning).  Runs on the prefetch thread."""
-        c = consumer(self.cfg, None, self.cfg.trainer.group_id,
-                     max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
-        try:
-            deadline = time.monotonic() + 30
-            parts = c.partitions_for_topic(self.topic)
-            while not parts and time.monotonic() < deadline:
-                time.sleep(0.2)
-                parts = c.partitions_for_topic(self.topic)
-            if not parts:
-                raise RuntimeError(f"topic {self.topic} has no partitions (is the broker up?)")
-            mine = sorted(p for p in parts if self.partitions is None or p in self.partitions)
-            tps = [TopicPartition(self.topic, p) for p in mine]
-            c.assign(tps)
-            for tp in tps:
-                if tp.partition in self.positions:
-                    c.seek(tp, self.positions[tp.partition])
-                    continue
-                committed = c.committed(tp)
-                if committed is not None:
-                    c.seek(tp, committed)
-                else:
-                    c.seek_to_beginning(tp)
-        except Exception:
-            c.close()
-            raise
-        return c
+    def _open_source(self) -> SampleSource:
+        """This trainer's partitions from the checkpoint's positions (else the group's committed
+        offsets, else the beginning).  Runs on the prefetch thread."""
+        return SampleSource(self.cfg, self.topic, self.cfg.trainer.group_id, self.partitions,
+                            dict(self.positions))
 
     def prefetcher(self) -> Prefetcher:
         if self._prefetch is None:
-            self._prefetch = Prefetcher(self._open_consumer)
+            self._prefetch = Prefetcher(self._open_source)
         return self._prefetch
 
     def poll_batch(self, timeout_s: float | None = None) -> list[Rec]:
@@ -268,19 +243,16 @@ class StreamingTrainer:
         """Tell the group where the checkpoint stands (monitoring; restore uses the checkpoint)."""
         if self._prefetch is None or not self.positions:
             return
-        offsets = {TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
-                   for p, o in self.positions.items()}
+        positions = dict(self.positions)
         try:
-            self._prefetch.call(lambda c: c.commit(offsets), timeout_s=10)
+            self._prefetch.call(lambda src: src.commit(positions), timeout_s=10)
         except Exception as exc:  # noqa: BLE001 - monitoring only
             log.warning("offset commit failed: %s", exc)
 
     # --- control -----------------------------------------------------------------------------
     def set_paused(self, paused: bool) -> None:
         """Stop (or restart) fetching; records already fetched stay queued, the position kept."""
-        def apply(c):
-            (c.pause if paused else c.resume)(*c.assignment())
-        self.prefetcher().call(apply)
+        self.prefetcher().call(lambda src: src.set_paused(paused))
 
     def metrics(self) -> dict[str, Any]:
         s = self.validator.summary()

@@ -1,0 +1,94 @@
+"""The trainer's sample source: librdkafka (confluent-kafka) with manual partition assignment.
+
+The trainer reads the samples topic at the model's pace; kafka-python decodes every record in
+Python (~16 us each, `odl bench trainer`), librdkafka fetches and decodes in C threads of its own.
+DESIGN.md allows a faster client on a hot path that a benchmark shows to be the bottleneck; the
+rest of ODL keeps kafka-python.  Only the prefetch thread touches a source (librdkafka consumers
+are not meant to be shared between threads either).
+
+Partitions are assigned, not subscribed: a trainer owns a fixed set (all, or its shard's), and
+starts where its checkpoint says -- else at the group's committed offset, else the beginning.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
+from confluent_kafka import TopicPartition as CTopicPartition
+from kafka import TopicPartition
+
+from odl.config import Config
+
+log = logging.getLogger("odl.trainer.source")
+
+
+class SampleSource:
+    def __init__(self, cfg: Config, topic: str, group_id: str, partitions: list[int] | None,
+                 positions: dict[int, int], metadata_timeout_s: float = 30.0):
+        self.topic = topic
+        self.paused = False
+        self._c = Consumer({
+            "bootstrap.servers": cfg.kafka.bootstrap_servers, "group.id": group_id,
+            "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            "enable.partition.eof": False, "client.id": f"odl-{group_id}",
+            "fetch.max.bytes": 64 << 20, "max.partition.fetch.bytes": 8 << 20,
+            "queued.max.messages.kbytes": 64 << 10})
+        try:
+            mine = self._partitions(metadata_timeout_s, partitions)
+            start = []
+            committed = {tp.partition: tp.offset for tp in self._c.committed(
+                [CTopicPartition(topic, p) for p in mine if p not in positions], timeout=10)}
+            for p in mine:
+                off = positions.get(p, committed.get(p, -1))
+                start.append(CTopicPartition(topic, p, off if off is not None and off >= 0
+                                             else OFFSET_BEGINNING))
+            self._c.assign(start)
+        except BaseException:
+            self._c.close()
+            raise
+        self._tps = {p: TopicPartition(topic, p) for p in mine}
+        self.partitions = mine
+
+    def _partitions(self, timeout_s: float, wanted: list[int] | None) -> list[int]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                meta = self._c.list_topics(self.topic, timeout=2.0).topics.get(self.topic)
+                if meta is not None and meta.error is None and meta.partitions:
+                    return sorted(p for p in meta.partitions if wanted is None or p in wanted)
+            except KafkaException as exc:
+                log.warning("metadata for %s: %s", self.topic, exc)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"topic {self.topic} has no partitions (is the broker up?)")
+            time.sleep(0.2)
+
+    def fetch(self, max_records: int, timeout_s: float) -> list[tuple[TopicPartition, int, bytes]]:
+        """Up to ``max_records`` (partition, offset, value); non-fatal client errors are logged
+        (librdkafka retries them), fatal ones raise."""
+        out = []
+        for m in self._c.consume(num_messages=max_records, timeout=timeout_s):
+            err = m.error()
+            if err is not None:
+                if err.fatal():
+                    raise KafkaException(err)
+                if err.code() != KafkaError._PARTITION_EOF:
+                    log.warning("sample consumer: %s", err)
+                continue
+            out.append((self._tps[m.partition()], m.offset(), m.value()))
+        return out
+
+    def commit(self, positions: dict[int, int]) -> None:
+        self._c.commit(offsets=[CTopicPartition(self.topic, p, o) for p, o in positions.items()],
+                       asynchronous=False)
+
+    def set_paused(self, paused: bool) -> None:
+        (self._c.pause if paused else self._c.resume)(self._c.assignment())
+        self.paused = paused
+
+    def end_offsets(self) -> dict[int, int]:
+        return {p: self._c.get_watermark_offsets(CTopicPartition(self.topic, p), timeout=10)[1]
+                for p in self.partitions}
+
+    def close(self) -> None:
+        self._c.close()
