@@ -27,29 +27,43 @@ def sample_hash(sample_id: str) -> int:
 
 
 class DedupWindow:
-    """Remembers the last ``capacity`` sample-id hashes (LRU) to drop at-least-once repeats."""
+    """The last ``capacity`` distinct sample-id hashes, first sighting first out, to drop
+    at-least-once repeats.  FIFO, not LRU: the window is then a function of the sequence of new
+    ids alone, so a checkpoint can store just the ids added since the previous one and a restore
+    rebuilds exactly the same window."""
 
     def __init__(self, capacity: int = 200_000):
         self.capacity = capacity
         self._ids: OrderedDict[int, None] = OrderedDict()
+        self.added = 0   # ids ever added (the checkpoint's mark)
 
     def __len__(self) -> int:
         return len(self._ids)
 
     def seen(self, sid: int) -> bool:
         if sid in self._ids:
-            self._ids.move_to_end(sid)
             return True
         self._ids[sid] = None
+        self.added += 1
         if len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
         return False
 
-    def state(self) -> np.ndarray:
-        return np.fromiter(self._ids, np.int64, len(self._ids))
+    def state(self, since_added: int | None = None) -> np.ndarray:
+        """All ids in the window, or those added after the mark ``since_added``."""
+        n = len(self._ids) if since_added is None else min(len(self._ids), self.added - since_added)
+        ids = np.fromiter(self._ids, np.int64, len(self._ids))
+        return ids[len(ids) - n:]
 
-    def load(self, ids: np.ndarray) -> None:
-        self._ids = OrderedDict.fromkeys(ids.tolist()[-self.capacity:])
+    def load(self, ids: np.ndarray, added: int, append: bool = False) -> None:
+        if not append:
+            self._ids = OrderedDict()
+        for i in ids.tolist():   # added after the mark: evicted meanwhile if also older
+            self._ids.pop(i, None)
+            self._ids[i] = None
+        while len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+        self.added = added
 
 
 @dataclass(frozen=True)

@@ -78,6 +78,7 @@ class StreamingTrainer:
         self.store = CheckpointStore(checkpoint_dir(cfg, shard), tc.checkpoint.keep_full)
         self.last_ckpt: CheckpointInfo | None = None
         self._last_ckpt_step = 0
+        self._ckpt_dedup_mark = 0
         self._last_full = self._last_incr = time.monotonic()
         self._last_data = time.monotonic()
         self._gauges_at = 0.0
@@ -172,7 +173,7 @@ class StreamingTrainer:
             return "incr"
         return None
 
-    def _stream_state(self) -> dict[str, np.ndarray]:
+    def _stream_state(self, incremental: bool) -> dict[str, np.ndarray]:
         held: list[Held] = self.aligner.snapshot() if self.aligner is not None else []
         held_parts = [h.partition.partition if hasattr(h.partition, "partition") else int(h.partition)
                       for h in held]
@@ -181,7 +182,9 @@ class StreamingTrainer:
                                       np.int64).reshape(-1, 3),
                 "aligner_clock_ms": np.array(self.aligner.clock_ms if self.aligner else 0, np.int64),
                 "waiting_rows": rows_array(self.waiting),
-                "dedup": self.dedup.state(),
+                # an increment stores the ids added since the previous checkpoint only
+                "dedup": self.dedup.state(self._ckpt_dedup_mark if incremental else None),
+                "dedup_added": np.array(self.dedup.added, np.int64),
                 "ledger": np.array(self.ledger, np.int64),
                 "val_scores": np.array(self.validator.scores, np.float64),
                 "val_labels": np.array(self.validator.labels, np.float64),
@@ -197,13 +200,14 @@ class StreamingTrainer:
         with self.model.lock:
             since = None if kind == "full" else self._last_ckpt_step
             groups = {k: v for k, v in self.model.state(since).items()}
-            groups["stream"] = self._stream_state()
+            groups["stream"] = self._stream_state(incremental=kind == "incr")
             step = self.model.step
         meta = {"step": step, "since_step": since, "positions": {str(p): o for p, o in self.positions.items()},
                 "topic": self.topic, "trained": self.trained,
                 "previous": self.last_ckpt.seq if self.last_ckpt else None}
         info = self.store.write(kind, groups, meta, base=None if kind == "full" else self.last_ckpt.seq)
         self.last_ckpt, self._last_ckpt_step = info, step
+        self._ckpt_dedup_mark = self.dedup.added
         self.ledger = []
         now = time.monotonic()
         self._last_incr = now
@@ -220,6 +224,8 @@ class StreamingTrainer:
             return False
         for k, (info, groups) in enumerate(chain):
             self.model.load({g: a for g, a in groups.items() if g != "stream"}, increment=k > 0)
+            st = groups["stream"]
+            self.dedup.load(st["dedup"], int(st["dedup_added"]), append=k > 0)
         info, groups = chain[-1]
         s = groups["stream"]
         self.positions = {int(p): int(o) for p, o in info.meta["positions"].items()}
@@ -229,7 +235,7 @@ class StreamingTrainer:
                     for r, m in zip(s["held_rows"], s["held_meta"])]
             self.aligner.restore(held, int(s["aligner_clock_ms"]))
         self.waiting = [tuple(int(x) for x in r) for r in s["waiting_rows"]]
-        self.dedup.load(s["dedup"])
+        self._ckpt_dedup_mark = self.dedup.added
         self.validator.scores.extend(s["val_scores"].tolist())
         self.validator.labels.extend(s["val_labels"].tolist())
         self.trained, self.duplicates, self.malformed, self.validator.seen = (int(x) for x in s["counters"])

@@ -2,7 +2,9 @@
 traffic, then every stage must have moved: samples trained, a version exported, its embeddings
 in Redis, serving answering with it.  Also: nothing listens beyond loopback, pause/resume works,
 and nothing outlives `odl down`."""
+import os
 import re
+import signal
 import subprocess
 import time
 
@@ -78,6 +80,7 @@ def stack_config(tmp_path):
         "exporter": {"version_interval_s": 8, "min_samples_per_version": 100},
         "source": {"rate": 300, "malformed_rate": 0.01},
         "feature_job": {"attribution_window_s": 5, "checkpoint_interval_s": 5},
+        "trainer": {"checkpoint": {"incremental_interval_s": 3}},
     }
     path = tmp_path / "odl.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -145,6 +148,16 @@ def test_stack_end_to_end(stack_config):
         assert _beat(cp, "trainer").metrics["samples_trained"] == frozen
         assert runner.invoke(cli, ["resume", "trainer", "--config", str(stack_config)]).exit_code == 0
         _wait(lambda: _beat(cp, "trainer").metrics["samples_trained"] > frozen, 30)
+
+        # kill -9 the trainer actor's process: Ray restarts it, it restores its newest checkpoint
+        # and trains on from there
+        old = _beat(cp, "trainer")
+        os.kill(old.pid, signal.SIGKILL)
+        _wait(lambda: _beat(cp, "trainer").pid != old.pid
+              and _beat(cp, "trainer").metrics.get("restored_from") is not None
+              and _beat(cp, "trainer").metrics["step"] > 0, 90)
+        back = _beat(cp, "trainer").metrics
+        _wait(lambda: _beat(cp, "trainer").metrics["samples_trained"] > back["samples_trained"], 60)
 
         # every socket of every stack process is on loopback
         pids = set(_stack_pids(pgids))

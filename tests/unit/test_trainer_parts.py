@@ -42,12 +42,15 @@ def test_dedup_and_malformed_samples():
     assert rec.offset == 0 and row == (1, 2, 0, 1, 1, 5, sample_hash("a"))
     batch = to_batch([row, row])
     assert len(batch) == 2 and batch.clock_ms == 5 and to_batch([]) is None
+    full, mark = d.state(), d.added
     for sid in "bcd":
         d.seen(sample_hash(sid))
-    assert not d.seen(sample_hash("a"))  # evicted from the bounded window
+    assert not d.seen(sample_hash("a"))  # evicted from the bounded window (first in, first out)
+    # full + the ids added since rebuild the same window
     restored = DedupWindow(capacity=3)
-    restored.load(d.state())
-    assert restored.state().tolist() == d.state().tolist()
+    restored.load(full, mark)
+    restored.load(d.state(since_added=mark), d.added, append=True)
+    assert restored.state().tolist() == d.state().tolist() and restored.added == d.added
 
 
 def test_model_learns_a_synthetic_preference():
