@@ -65,7 +65,7 @@ def _streaming(cfg: Config, n: int, warm, run: int) -> tuple[float, StreamingTra
         if kind:
             tr.checkpoint(kind)
         if all(tr.positions.get(p, 0) >= o for p, o in end.items()):
-            tr.step([], flush=True)   # the replay is over: release what waits for labels
+            tr.step(None, flush=True)   # the replay is over: release what waits for labels
     return n / (time.perf_counter() - t0), tr
 
 

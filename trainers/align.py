@@ -8,61 +8,67 @@ holds samples until the stream's own clock (the newest impression time seen) has
 ``impression time + hold``, then releases them in impression-time order, positives and negatives
 together.  The price is freshness: ``hold`` (window + watermark delay + slack) more latency.
 
-Held samples are not yet trained, so the committed Kafka position of a partition never passes its
-oldest held record (``min_held_offsets``): a crash replays them instead of losing them.
+Held samples are not yet trained; the trainer's checkpoints store them with the consumer
+positions, so a crash neither loses nor repeats them.  Rows are int64 arrays (``trainers.samples``)
+kept in arrival-ordered parts: samples arrive nearly in time order, so a release only looks at the
+oldest parts, and a stable sort by time keeps arrival order among equal times.
 """
+
 from __future__ import annotations
 
-import heapq
-import itertools
-from typing import Any, NamedTuple
+import numpy as np
 
+from trainers.samples import ROW_WIDTH
 
-class Held(NamedTuple):
-    """Ordered by (ts_ms, seq) -- seq is unique, so comparison never reaches the rest.  A tuple,
-    not a dataclass: heap comparisons run in C (the dataclass cost ~3 us per sample)."""
-    ts_ms: int
-    seq: int
-    partition: Any   # a TopicPartition (or any hashable key)
-    offset: int
-    row: tuple
+TS = 5   # the impression-time column of a row
 
 
 class LabelAligner:
     def __init__(self, hold_ms: int):
         self.hold_ms = hold_ms
-        self._heap: list[Held] = []
-        self._seq = itertools.count()
+        self._parts: list[np.ndarray] = []   # arrival order
+        self._min_ts: list[int] = []
+        self._n = 0
         self.clock_ms = 0
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return self._n
 
-    def add(self, ts_ms: int, partition: Any, offset: int, row: tuple) -> None:
-        heapq.heappush(self._heap, Held(ts_ms, next(self._seq), partition, offset, row))
-        self.clock_ms = max(self.clock_ms, ts_ms)
+    def add(self, rows: np.ndarray) -> None:
+        if not len(rows):
+            return
+        self._parts.append(rows)
+        self._min_ts.append(int(rows[:, TS].min()))
+        self._n += len(rows)
+        self.clock_ms = max(self.clock_ms, int(rows[:, TS].max()))
 
-    def release(self, flush: bool = False) -> list[tuple]:
+    def release(self, flush: bool = False) -> np.ndarray:
         """Rows whose window has closed (all of them with ``flush``), oldest impression first."""
-        out = []
         limit = self.clock_ms - self.hold_ms
-        while self._heap and (flush or self._heap[0].ts_ms <= limit):
-            out.append(heapq.heappop(self._heap).row)
-        return out
+        out, parts, mins = [], [], []
+        for part, low in zip(self._parts, self._min_ts):
+            if not flush and low > limit:
+                parts.append(part)
+                mins.append(low)
+                continue
+            due = np.ones(len(part), bool) if flush else part[:, TS] <= limit
+            out.append(part[due])
+            rest = part[~due]
+            if len(rest):
+                parts.append(rest)
+                mins.append(int(rest[:, TS].min()))
+        if not out:
+            return np.zeros((0, ROW_WIDTH), np.int64)
+        self._parts, self._min_ts = parts, mins
+        rows = np.concatenate(out)
+        self._n -= len(rows)
+        return rows[np.argsort(rows[:, TS], kind="stable")]
 
-    def min_held_offsets(self) -> dict[Any, int]:
-        low: dict[Any, int] = {}
-        for h in self._heap:
-            if h.offset < low.get(h.partition, h.offset + 1):
-                low[h.partition] = h.offset
-        return low
+    def snapshot(self) -> np.ndarray:
+        """The held rows in arrival order (for a checkpoint)."""
+        return np.concatenate(self._parts) if self._parts else np.zeros((0, ROW_WIDTH), np.int64)
 
-    def snapshot(self) -> list[Held]:
-        """The held samples (for a checkpoint), in no particular order."""
-        return list(self._heap)
-
-    def restore(self, held: list[Held], clock_ms: int) -> None:
-        self._heap = list(held)
-        heapq.heapify(self._heap)
-        self._seq = itertools.count(max((h.seq for h in held), default=-1) + 1)
+    def restore(self, rows: np.ndarray, clock_ms: int) -> None:
+        self._parts, self._min_ts, self._n = [], [], 0
+        self.add(rows)
         self.clock_ms = clock_ms

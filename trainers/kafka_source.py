@@ -16,7 +16,6 @@ import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException
 from confluent_kafka import TopicPartition as CTopicPartition
-from kafka import TopicPartition
 
 from odl.config import Config
 
@@ -47,7 +46,6 @@ class SampleSource:
         except BaseException:
             self._c.close()
             raise
-        self._tps = {p: TopicPartition(topic, p) for p in mine}
         self.partitions = mine
 
     def _partitions(self, timeout_s: float, wanted: list[int] | None) -> list[int]:
@@ -63,7 +61,7 @@ class SampleSource:
                 raise RuntimeError(f"topic {self.topic} has no partitions (is the broker up?)")
             time.sleep(0.2)
 
-    def fetch(self, max_records: int, timeout_s: float) -> list[tuple[TopicPartition, int, bytes]]:
+    def fetch(self, max_records: int, timeout_s: float) -> list[tuple[int, int, bytes]]:
         """Up to ``max_records`` (partition, offset, value); non-fatal client errors are logged
         (librdkafka retries them), fatal ones raise."""
         out = []
@@ -75,7 +73,7 @@ class SampleSource:
                 if err.code() != KafkaError._PARTITION_EOF:
                     log.warning("sample consumer: %s", err)
                 continue
-            out.append((self._tps[m.partition()], m.offset(), m.value()))
+            out.append((m.partition(), m.offset(), m.value()))
         return out
 
     def commit(self, positions: dict[int, int]) -> None:

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from trainers.samples import Rec, decode
+from trainers.samples import Records, decode_records
 
 log = logging.getLogger("odl.trainer.prefetch")
 
@@ -26,9 +26,9 @@ log = logging.getLogger("odl.trainer.prefetch")
 class Prefetcher:
     def __init__(self, make_source: Callable[[], Any], max_chunks: int = 16, poll_records: int = 2000):
         self._make = make_source
-        self._chunks: queue.Queue[list[Rec]] = queue.Queue(maxsize=max_chunks)
+        self._chunks: queue.Queue[Records] = queue.Queue(maxsize=max_chunks)
         self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()
-        self._carry: list[Rec] = []
+        self._carry = Records.empty()
         self._poll_records = poll_records
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -51,14 +51,9 @@ class Prefetcher:
                 if self._chunks.full() or source.paused:
                     time.sleep(0.02)
                     continue
-                chunk = []
-                for tp, offset, value in source.fetch(self._poll_records, 0.1):
-                    try:
-                        row = decode(value)
-                    except (ValueError, KeyError, TypeError, OverflowError):
-                        row = None   # counted as malformed by the trainer
-                    chunk.append(Rec(tp, offset, value, row))
-                while chunk and not self._stop.is_set():
+                fetched = source.fetch(self._poll_records, 0.1)
+                chunk = decode_records(*zip(*fetched)) if fetched else None
+                while chunk is not None and not self._stop.is_set():
                     try:
                         self._chunks.put(chunk, timeout=0.1)
                         break
@@ -92,22 +87,24 @@ class Prefetcher:
         self._calls.put((fn, fut))
         return fut.result(timeout_s)
 
-    def take(self, want: int, timeout_s: float) -> list[Rec]:
+    def take(self, want: int, timeout_s: float) -> Records:
         """Up to ``want`` records, waiting at most ``timeout_s`` for them."""
         if self._error is not None:
             raise RuntimeError(f"sample consumer failed: {self._error}") from self._error
-        out, self._carry = self._carry[:want], self._carry[want:]
+        out, self._carry = [self._carry[:want]], self._carry[want:]
+        have = len(out[0])
         deadline = time.monotonic() + timeout_s
-        while len(out) < want:
+        while have < want:
             left = deadline - time.monotonic()
             try:
-                chunk = self._chunks.get(timeout=max(0.0, left)) if left > 0 else self._chunks.get_nowait()
+                chunk = self._chunks.get(timeout=left) if left > 0 else self._chunks.get_nowait()
             except queue.Empty:
                 break
-            need = want - len(out)
-            out.extend(chunk[:need])
-            self._carry.extend(chunk[need:])
-        return out
+            need = want - have
+            out.append(chunk[:need])
+            self._carry = chunk[need:]
+            have += len(out[-1])
+        return Records.concat([r for r in out if len(r)])
 
     def close(self) -> None:
         self._stop.set()

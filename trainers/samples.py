@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import orjson
@@ -49,6 +48,11 @@ class DedupWindow:
             self._ids.popitem(last=False)
         return False
 
+    def first_sightings(self, sids: np.ndarray) -> np.ndarray:
+        """Mask of the ids not seen before (a repeat within ``sids`` counts as seen); adds them."""
+        seen = self.seen
+        return np.fromiter((not seen(s) for s in sids.tolist()), bool, len(sids))
+
     def state(self, since_added: int | None = None) -> np.ndarray:
         """All ids in the window, or those added after the mark ``since_added``."""
         n = len(self._ids) if since_added is None else min(len(self._ids), self.added - since_added)
@@ -67,12 +71,57 @@ class DedupWindow:
 
 
 @dataclass(frozen=True)
-class Rec:
-    """What the trainer keeps of a consumed sample record (``row``: decoded ahead, if it could be)."""
-    partition: Any      # a TopicPartition
-    offset: int
-    value: bytes
-    row: Row | None = None
+class Records:
+    """Consumed sample records, columnar (a chunk of them costs one numpy op, not a Python loop
+    per record): partition and offset of each, its decoded row, and whether it decoded."""
+    partitions: np.ndarray   # int32 [n]
+    offsets: np.ndarray      # int64 [n]
+    rows: np.ndarray         # int64 [n, ROW_WIDTH]; rows of malformed records are zeros
+    valid: np.ndarray        # bool [n]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, s: slice) -> "Records":
+        return Records(self.partitions[s], self.offsets[s], self.rows[s], self.valid[s])
+
+    @staticmethod
+    def empty() -> "Records":
+        return Records(np.zeros(0, np.int32), np.zeros(0, np.int64),
+                       np.zeros((0, ROW_WIDTH), np.int64), np.zeros(0, bool))
+
+    @staticmethod
+    def concat(parts: list["Records"]) -> "Records":
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return Records.empty()
+        return Records(np.concatenate([p.partitions for p in parts]),
+                       np.concatenate([p.offsets for p in parts]),
+                       np.concatenate([p.rows for p in parts]),
+                       np.concatenate([p.valid for p in parts]))
+
+    def next_offsets(self) -> dict[int, int]:
+        """partition -> the offset after its last record here."""
+        out = {}
+        for p in np.unique(self.partitions).tolist():
+            out[p] = int(self.offsets[self.partitions == p].max()) + 1
+        return out
+
+
+def decode_records(partitions: list[int], offsets: list[int], values: list[bytes]) -> Records:
+    """Decode raw records; a malformed one keeps its place (``valid`` False) so its offset counts."""
+    rows, valid = [], []
+    zero = (0,) * ROW_WIDTH
+    for v in values:
+        try:
+            rows.append(decode(v))
+            valid.append(True)
+        except (ValueError, KeyError, TypeError, OverflowError):
+            rows.append(zero)
+            valid.append(False)
+    return Records(np.asarray(partitions, np.int32), np.asarray(offsets, np.int64),
+                   rows_array(rows), np.asarray(valid, bool))
 
 
 def decode(value: bytes) -> Row:
@@ -85,30 +134,13 @@ def decode(value: bytes) -> Row:
             label, int(d["impression_ts_ms"]), sample_hash(str(d["sample_id"])))
 
 
-def parse_records(recs: list[Rec], dedup: DedupWindow) -> tuple[list[tuple[Rec, Row]], int, int]:
-    """Decode sample records; returns ([(rec, row)], duplicates, malformed)."""
-    out, dup, bad = [], 0, 0
-    for rec in recs:
-        row = rec.row
-        if row is None:
-            try:
-                row = decode(rec.value)
-            except (ValueError, KeyError, TypeError, OverflowError):
-                bad += 1
-                continue
-        if dedup.seen(row[6]):
-            dup += 1
-            continue
-        out.append((rec, row))
-    return out, dup, bad
-
-
-def rows_array(rows: list[Row]) -> np.ndarray:
+def rows_array(rows) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(-1, ROW_WIDTH)
 
 
-def to_batch(rows: list[Row]) -> Batch | None:
-    if not rows:
-        return None
+def to_batch(rows: np.ndarray) -> Batch | None:
+    """int64 rows [n, ROW_WIDTH] -> a model Batch (None if empty)."""
     a = rows_array(rows)
+    if not len(a):
+        return None
     return Batch(a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4].astype(np.float32), a[:, 5])

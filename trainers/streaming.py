@@ -23,18 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from kafka import TopicPartition
 from prometheus_client import Counter, Gauge
 
 from odl import names
 from odl.config import Config
-from trainers.align import Held, LabelAligner
+from trainers.align import LabelAligner
 from trainers.checkpoint import CheckpointInfo, CheckpointStore
 from trainers.metrics import ProgressiveValidator
 from trainers.model import CTRModel, FrozenModel
 from trainers.kafka_source import SampleSource
 from trainers.prefetch import Prefetcher
-from trainers.samples import DedupWindow, Rec, Row, parse_records, rows_array, to_batch
+from trainers.samples import ROW_WIDTH, DedupWindow, Records, to_batch
 
 log = logging.getLogger("odl.trainer")
 
@@ -72,7 +71,7 @@ class StreamingTrainer:
             fj = cfg.feature_job
             hold_ms = 1000 * (fj.attribution_window_s + fj.idle_timeout_s) + fj.watermark_delay_ms
         self.aligner = LabelAligner(hold_ms) if hold_ms is not None else None
-        self.waiting: list[Row] = []           # released, not yet a full batch
+        self.waiting = np.zeros((0, ROW_WIDTH), np.int64)   # released, not yet a full batch
         self.positions: dict[int, int] = {}    # partition -> next offset to consume
         self.ledger: list[int] = []            # sample hashes trained since the last checkpoint
         self.store = CheckpointStore(checkpoint_dir(cfg, shard), tc.checkpoint.keep_full)
@@ -104,42 +103,50 @@ class StreamingTrainer:
             self._prefetch = Prefetcher(self._open_source)
         return self._prefetch
 
-    def poll_batch(self, timeout_s: float | None = None) -> list[Rec]:
+    def poll_batch(self, timeout_s: float | None = None) -> Records:
         """Up to batch_size records, waiting at most max_batch_wait_ms."""
         wait = timeout_s if timeout_s is not None else self.cfg.trainer.max_batch_wait_ms / 1000.0
         return self.prefetcher().take(self.cfg.trainer.batch_size, wait)
 
     # --- training ----------------------------------------------------------------------------
-    def step(self, recs: list[Rec], flush: bool = False) -> int:
+    def step(self, recs: Records | None, flush: bool = False) -> int:
         """Take consumed records in; train every batch they complete.  Returns samples trained."""
-        for rec in recs:
-            p = rec.partition.partition if hasattr(rec.partition, "partition") else int(rec.partition)
-            self.positions[p] = max(self.positions.get(p, 0), rec.offset + 1)
-        parsed, dup, bad = parse_records(recs, self.dedup)
-        self.duplicates += dup
-        self.malformed += bad
-        SAMPLES.labels("duplicate").inc(dup)
-        SAMPLES.labels("malformed").inc(bad)
+        n = len(recs) if recs is not None else 0
+        if n:
+            for p, o in recs.next_offsets().items():
+                self.positions[p] = max(self.positions.get(p, 0), o)
+            bad = int(n - recs.valid.sum())
+            rows = recs.rows[recs.valid]
+            fresh = self.dedup.first_sightings(rows[:, 6])
+            dup = int(len(rows) - fresh.sum())
+            rows = rows[fresh]
+            self.duplicates += dup
+            self.malformed += bad
+            SAMPLES.labels("duplicate").inc(dup)
+            SAMPLES.labels("malformed").inc(bad)
+        else:
+            rows = self.waiting[:0]
         now = time.monotonic()
-        quiet = not recs and now - self._last_data > self.cfg.trainer.max_batch_wait_ms / 1000.0
-        if recs:
+        quiet = not n and now - self._last_data > self.cfg.trainer.max_batch_wait_ms / 1000.0
+        if n:
             self._last_data = now
         if self.aligner is None:
-            self.waiting.extend(row for _, row in parsed)
+            released = rows
         else:
-            for rec, row in parsed:
-                self.aligner.add(row[5], rec.partition, rec.offset, row)
+            self.aligner.add(rows)
             # a quiet stream sends no newer impressions to move the clock: flush what is held
-            idle = not recs and now - self._last_data > self.aligner.hold_ms / 1000.0
-            self.waiting.extend(self.aligner.release(flush=idle or flush))
+            idle = not n and now - self._last_data > self.aligner.hold_ms / 1000.0
+            released = self.aligner.release(flush=idle or flush)
+        if len(released):
+            self.waiting = np.concatenate([self.waiting, released]) if len(self.waiting) else released
         size = self.cfg.trainer.batch_size
         trained = 0
-        while len(self.waiting) >= size or (self.waiting and (quiet or flush)):
+        while len(self.waiting) >= size or (len(self.waiting) and (quiet or flush)):
             batch, self.waiting = self.waiting[:size], self.waiting[size:]
             trained += self._train(batch)
         return trained
 
-    def _train(self, rows: list[Row]) -> int:
+    def _train(self, rows: np.ndarray) -> int:
         batch = to_batch(rows)
         self.validator.add(self.model.predict(batch), batch.labels)
         if self.frozen is not None:
@@ -148,7 +155,7 @@ class StreamingTrainer:
         if self.model.step % EXPIRE_EVERY_STEPS == 0:
             self.model.expire()
         if self.cfg.trainer.checkpoint.ledger:
-            self.ledger.extend(r[6] for r in rows)
+            self.ledger.extend(rows[:, 6].tolist())
         self.trained += len(batch)
         SAMPLES.labels("trained").inc(len(batch))
         after = self.cfg.trainer.frozen_baseline_after
@@ -174,14 +181,10 @@ class StreamingTrainer:
         return None
 
     def _stream_state(self, incremental: bool) -> dict[str, np.ndarray]:
-        held: list[Held] = self.aligner.snapshot() if self.aligner is not None else []
-        held_parts = [h.partition.partition if hasattr(h.partition, "partition") else int(h.partition)
-                      for h in held]
-        return {"held_rows": rows_array([h.row for h in held]),
-                "held_meta": np.array([[h.seq, p, h.offset] for h, p in zip(held, held_parts)],
-                                      np.int64).reshape(-1, 3),
+        return {"held_rows": self.aligner.snapshot() if self.aligner is not None
+                else np.zeros((0, ROW_WIDTH), np.int64),
                 "aligner_clock_ms": np.array(self.aligner.clock_ms if self.aligner else 0, np.int64),
-                "waiting_rows": rows_array(self.waiting),
+                "waiting_rows": self.waiting,
                 # an increment stores the ids added since the previous checkpoint only
                 "dedup": self.dedup.state(self._ckpt_dedup_mark if incremental else None),
                 "dedup_added": np.array(self.dedup.added, np.int64),
@@ -230,11 +233,8 @@ class StreamingTrainer:
         s = groups["stream"]
         self.positions = {int(p): int(o) for p, o in info.meta["positions"].items()}
         if self.aligner is not None:
-            held = [Held(int(r[5]), int(m[0]), TopicPartition(self.topic, int(m[1])), int(m[2]),
-                         tuple(int(x) for x in r))
-                    for r, m in zip(s["held_rows"], s["held_meta"])]
-            self.aligner.restore(held, int(s["aligner_clock_ms"]))
-        self.waiting = [tuple(int(x) for x in r) for r in s["waiting_rows"]]
+            self.aligner.restore(s["held_rows"], int(s["aligner_clock_ms"]))
+        self.waiting = s["waiting_rows"]
         self._ckpt_dedup_mark = self.dedup.added
         self.validator.scores.extend(s["val_scores"].tolist())
         self.validator.labels.extend(s["val_labels"].tolist())

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from trainers.prefetch import Prefetcher
+from trainers.samples import Records
 
 
 class FakeSource:
@@ -18,7 +19,7 @@ class FakeSource:
         out, self.values = self.values[:max_records], self.values[max_records:]
         if not out:
             time.sleep(timeout_s)
-        return [("p0", k, v) for k, v in out]
+        return [(0, k, v) for k, v in out]
 
     def close(self):
         self.closed = True
@@ -33,13 +34,16 @@ def test_records_come_in_order_decoded_and_exactly_as_asked():
     src = FakeSource([(k, sample(k)) for k in range(5000)] + [(5000, b"{bad")])
     pf = Prefetcher(lambda: src, max_chunks=2, poll_records=700)
     got = []
-    while len(got) < 5001:
+    while sum(map(len, got)) < 5001:
         batch = pf.take(256, 2.0)
         assert 0 < len(batch) <= 256
-        got.extend(batch)
-    assert [r.offset for r in got] == list(range(5001))
-    assert got[3].row[0] == 3 and got[-1].row is None          # malformed: left to the trainer
-    assert pf.take(10, 0.2) == []                                # nothing more: returns on time
+        got.append(batch)
+    recs = Records.concat(got)
+    assert recs.offsets.tolist() == list(range(5001)) and set(recs.partitions.tolist()) == {0}
+    assert recs.rows[3, 0] == 3 and recs.valid[:5000].all()
+    assert not recs.valid[5000]                                  # malformed: keeps its offset
+    assert recs.next_offsets() == {0: 5001}
+    assert len(pf.take(10, 0.2)) == 0                            # nothing more: returns on time
     assert pf.call(lambda s: threading.current_thread().name) == "odl-prefetch"
     pf.close()
     assert src.closed

@@ -8,7 +8,7 @@ from pipeline.generator import SyntheticWorld
 from trainers.metrics import ProgressiveValidator, auc
 from trainers.model import Batch, CTRModel
 from trainers.align import LabelAligner
-from trainers.samples import DedupWindow, Rec, parse_records, sample_hash, to_batch
+from trainers.samples import DedupWindow, decode_records, sample_hash, to_batch
 
 
 def brute_auc(s, y):
@@ -30,18 +30,20 @@ def test_progressive_window_is_bounded():
     assert pv.summary()["window"] == 100 and pv.seen == 250
 
 
-def test_dedup_and_malformed_samples():
+def test_decoding_dedup_and_malformed_samples():
     d = DedupWindow(capacity=3)
     good = {"sample_id": "a", "user_id": 1, "item_id": 2, "position": 0, "hour": 1, "label": 1,
             "impression_ts_ms": 5}
     vals = [json.dumps(good).encode(), json.dumps(good).encode(), b"{oops", json.dumps({"x": 1}).encode(),
             json.dumps({**good, "sample_id": "z", "label": 7}).encode()]
-    parsed, dup, bad = parse_records([Rec("p", k, v) for k, v in enumerate(vals)], d)
-    assert len(parsed) == 1 and dup == 1 and bad == 3
-    rec, row = parsed[0]
-    assert rec.offset == 0 and row == (1, 2, 0, 1, 1, 5, sample_hash("a"))
-    batch = to_batch([row, row])
-    assert len(batch) == 2 and batch.clock_ms == 5 and to_batch([]) is None
+    recs = decode_records([0] * 5, list(range(10, 15)), vals)
+    assert recs.valid.tolist() == [True, True, False, False, False]
+    assert recs.next_offsets() == {0: 15}                         # malformed records count too
+    fresh = d.first_sightings(recs.rows[recs.valid][:, 6])
+    assert fresh.tolist() == [True, False]                        # the repeat is dropped
+    assert tuple(recs.rows[0].tolist()) == (1, 2, 0, 1, 1, 5, sample_hash("a"))
+    batch = to_batch(recs.rows[:2])
+    assert len(batch) == 2 and batch.clock_ms == 5 and to_batch(recs.rows[:0]) is None
     full, mark = d.state(), d.added
     for sid in "bcd":
         d.seen(sample_hash(sid))
@@ -94,13 +96,20 @@ def test_frozen_copy_scores_like_the_model_then_stops_learning():
     np.testing.assert_array_equal(frozen.predict(b), before)  # the copy did not
 
 
+def row(ts, tag):
+    return [tag, 0, 0, 0, 0, ts, 0]
+
+
 def test_label_aligner_releases_in_impression_order_after_the_hold():
     a = LabelAligner(hold_ms=10_000)
-    a.add(1_000, "p0", 7, ("pos-early",))      # a positive, emitted at click time
-    a.add(3_000, "p1", 2, ("pos-later",))
-    assert a.release() == []                    # clock 3 s: both windows still open
-    a.add(11_500, "p0", 9, ("neg-of-1s",))      # the stream moves on: 1 s + 10 s has passed
-    assert a.release() == [("pos-early",)]
-    assert a.min_held_offsets() == {"p1": 2, "p0": 9}  # the commit may not pass these
-    assert a.release(flush=True) == [("pos-later",), ("neg-of-1s",)]
-    assert len(a) == 0 and a.min_held_offsets() == {}
+    a.add(np.array([row(1_000, 1), row(3_000, 2)]))      # a positive at click time, another
+    assert len(a.release()) == 0                          # clock 3 s: both windows still open
+    a.add(np.array([row(11_500, 3), row(1_000, 4)]))      # the stream moves on; a late equal time
+    assert a.release()[:, 0].tolist() == [1, 4]           # time order, arrival order among equals
+    assert len(a) == 2
+    snap = a.snapshot()
+    b = LabelAligner(hold_ms=10_000)
+    b.restore(snap, a.clock_ms)
+    for x in (a, b):
+        assert x.release(flush=True)[:, 0].tolist() == [2, 3]
+        assert len(x) == 0
