@@ -58,8 +58,12 @@ def _streaming(cfg: Config, n: int, warm, run: int) -> tuple[float, StreamingTra
     first = tr.poll_batch(timeout_s=60)
     t0 = time.perf_counter()
     tr.step(first)
+    total = sum(end.values())
     while tr.trained < n:
-        recs = tr.poll_batch()
+        # the replay's tail is shorter than a batch: take it without waiting out
+        # max_batch_wait_ms for records that will never come (the in-memory loop does not wait)
+        left = total - sum(tr.positions.values())
+        recs = tr.poll_batch(timeout_s=0.05 if left < cfg.trainer.batch_size else None)
         tr.step(recs)
         kind = tr.due_checkpoint()
         if kind:

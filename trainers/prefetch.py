@@ -24,7 +24,7 @@ log = logging.getLogger("odl.trainer.prefetch")
 
 
 class Prefetcher:
-    def __init__(self, make_source: Callable[[], Any], max_chunks: int = 16, poll_records: int = 2000):
+    def __init__(self, make_source: Callable[[], Any], max_chunks: int = 64, poll_records: int = 2000):
         self._make = make_source
         self._chunks: queue.Queue[Records] = queue.Queue(maxsize=max_chunks)
         self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()
@@ -48,7 +48,7 @@ class Prefetcher:
         try:
             while not self._stop.is_set():
                 self._run_calls(source)
-                if self._chunks.full() or source.paused:
+                if source.paused:
                     time.sleep(0.02)
                     continue
                 fetched = source.fetch(self._poll_records, 0.1)
