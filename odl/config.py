@@ -119,7 +119,8 @@ class FeatureJobConfig(_Section):
 class EmbeddingTableConfig(_Section):
     """One dynamic embedding table: its size, who gets a row, and when a row leaves."""
     dim: int = Field(16, ge=1)
-    initial_rows: int = Field(1024, ge=2, description="rows allocated at start; doubles as needed")
+    initial_rows: int = Field(1024, ge=2, description="rows allocated at start (at most "
+                              "capacity + 1); doubles as needed")
     capacity: int = Field(1 << 20, ge=2, description="cap on trainable rows; beyond it the least "
                           "frequently used rows are evicted")
     admit_min_count: int = Field(1, ge=1, description="an id gets its own row once seen this often")
@@ -130,12 +131,6 @@ class EmbeddingTableConfig(_Section):
     ttl_s: float | None = Field(None, gt=0, description="evict rows not seen for this long, in "
                                 "event time; None keeps them")
     init_stddev: float = Field(0.05, ge=0)
-
-    @model_validator(mode="after")
-    def _sizes(self) -> "EmbeddingTableConfig":
-        if self.initial_rows > self.capacity + 1:
-            raise ValueError("initial_rows must not exceed capacity + 1")
-        return self
 
 
 class TrainerCheckpointConfig(_Section):
@@ -180,6 +175,9 @@ class TrainerConfig(_Section):
         dims = {t.dim for t in self.tables.values()}
         if len(dims) != 1:
             raise ValueError("user and item tables need one dim (the model multiplies them)")
+        small = [n for n, t in self.tables.items() if t.capacity < self.batch_size]
+        if small:  # one batch's distinct ids must fit, or eviction cannot make room
+            raise ValueError(f"tables {small}: capacity must be at least batch_size ({self.batch_size})")
         return self
 
     @property

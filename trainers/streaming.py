@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 from prometheus_client import Counter, Gauge
 
 from odl import names
@@ -226,7 +227,13 @@ class StreamingTrainer:
         if not chain:
             return False
         for k, (info, groups) in enumerate(chain):
-            self.model.load({g: a for g, a in groups.items() if g != "stream"}, increment=k > 0)
+            try:
+                self.model.load({g: a for g, a in groups.items() if g != "stream"}, increment=k > 0)
+            except (ValueError, KeyError, tf.errors.InvalidArgumentError) as exc:
+                raise RuntimeError(
+                    f"checkpoint {info.path} does not fit this model (was the network or a table's "
+                    f"dim changed?): {exc}. Move {self.store.root} aside to start afresh, or set "
+                    "trainer.checkpoint.restore: false") from exc
             st = groups["stream"]
             self.dedup.load(st["dedup"], int(st["dedup_added"]), append=k > 0)
         info, groups = chain[-1]

@@ -112,3 +112,16 @@ def test_manifest_is_readable_json(tmp_path):
     info = store.write("full", groups(0), {"positions": {"0": 12}}, None)
     m = json.loads((info.path / "manifest.json").read_text())
     assert m["meta"]["positions"] == {"0": 12} and set(m["files"]) == {"g.npz"}
+
+
+def test_a_checkpoint_of_another_model_is_a_clear_startup_error(tmp_path):
+    from tests.conftest import make_config
+    from trainers.streaming import StreamingTrainer, checkpoint_dir
+    cfg = make_config(tmp_path, trainer={"hidden_units": [8], "tables": {
+        "user": {"dim": 4}, "item": {"dim": 4}}})
+    model = CTRModel(cfg.trainer)
+    CheckpointStore(checkpoint_dir(cfg, "trainer-0")).write(
+        "full", {**model.state(), "stream": {}}, {"positions": {}}, None)
+    bigger = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"hidden_units": (16,)})})
+    with pytest.raises(RuntimeError, match="does not fit this model"):
+        StreamingTrainer(bigger)

@@ -54,3 +54,9 @@ def test_missing_and_invalid_files(tmp_path):
 def test_duplicate_serving_ports_rejected():
     with pytest.raises(ConfigError, match="distinct"):
         load_config(env={"ODL__SERVING__PORTS": "[8501, 8501]"})
+
+
+def test_table_capacity_below_the_batch_size_is_refused():
+    from odl.config import TrainerConfig
+    with pytest.raises(ValueError, match="capacity must be at least batch_size"):
+        TrainerConfig(batch_size=512, tables={"user": {"capacity": 100}, "item": {}})
