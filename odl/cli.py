@@ -102,7 +102,8 @@ KEY_METRICS = {"source": ("impression", "click", "malformed", "events_per_s"),
                "feature-job": ("events_in_per_s", "watermark_lag_s", "positives", "negatives",
                                "dlq", "dlq_reasons"),
                "feature-store": ("updates_per_s", "written", "malformed", "redis_errors"),
-               "trainer": ("samples_trained", "auc", "auc_frozen", "logloss", "samples_per_s", "duplicates"),
+               "trainer": ("samples_trained", "auc", "auc_frozen", "logloss", "samples_per_s", "duplicates",
+                           "rows_user", "rows_item", "checkpoint"),
                "exporter": ("latest_version", "rows_pushed", "generation", "refused"),
                "serving": ("requests", "p50_ms", "p99_ms", "port")}
 
