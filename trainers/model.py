@@ -152,12 +152,10 @@ class CTRModel:
         return tf.sigmoid(ctr_logits(self.dense, tf.gather(self.tables["user"].var, u),
                                      tf.gather(self.tables["item"].var, i), pos, hr))
 
-    @tf.function(input_signature=[_IDX, _IDX, _IDX, _IDX, tf.TensorSpec([None], tf.float32),
-                                  tf.TensorSpec([], tf.int64)])
-    def _train(self, u, i, pos, hr, labels, step):
-        ut, it = self.tables["user"], self.tables["item"]
+    def _dense_step(self, ue, ie, pos, hr, labels):
+        """Forward, backward and the dense update on looked-up vectors; returns (loss, gradients
+        of the user and item vectors).  Traced into both training functions below."""
         with tf.GradientTape() as tape:
-            ue, ie = tf.gather(ut.var, u), tf.gather(it.var, i)
             tape.watch([ue, ie])
             logits, moments = forward(self.dense, ue, ie, pos, hr, training=True)
             loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
@@ -167,6 +165,13 @@ class CTRModel:
             for stat, value in (("moving_mean", mean), ("moving_variance", var)):
                 v = self.dense[f"{bn}/{stat}"]
                 v.assign(BN_MOMENTUM * v + (1.0 - BN_MOMENTUM) * value)
+        return loss, g_ue, g_ie
+
+    @tf.function(input_signature=[_IDX, _IDX, _IDX, _IDX, tf.TensorSpec([None], tf.float32),
+                                  tf.TensorSpec([], tf.int64)])
+    def _train(self, u, i, pos, hr, labels, step):
+        ut, it = self.tables["user"], self.tables["item"]
+        loss, g_ue, g_ie = self._dense_step(tf.gather(ut.var, u), tf.gather(it.var, i), pos, hr, labels)
         for table, rows, grad in ((ut, u, g_ue), (it, i, g_ie)):
             uniq, idx = tf.unique(rows)
             summed = tf.math.unsorted_segment_sum(grad, idx, tf.shape(uniq)[0])
@@ -174,6 +179,24 @@ class CTRModel:
             table.opt.apply(table.var, table.slots, tf.boolean_mask(uniq, keep),
                             tf.boolean_mask(summed, keep), step)
         return loss
+
+    _VEC = tf.TensorSpec([None, None], tf.float32)
+
+    @tf.function(input_signature=[_VEC, _VEC, _IDX, _IDX, tf.TensorSpec([None], tf.float32)])
+    def _train_on_vectors(self, ue, ie, pos, hr, labels):
+        return self._dense_step(ue, ie, pos, hr, labels)
+
+    def train_on_vectors(self, batch: Batch, user_vecs: np.ndarray, item_vecs: np.ndarray
+                         ) -> tuple[float, np.ndarray, np.ndarray]:
+        """One dense step on vectors pulled from elsewhere (parameter-server shards); returns the
+        loss and the per-sample gradients of the vectors, for the shards to apply."""
+        with self.lock:
+            loss, g_u, g_i = self._train_on_vectors(tf.constant(user_vecs), tf.constant(item_vecs),
+                                                    *self._context(batch),
+                                                    tf.constant(batch.labels, tf.float32))
+            self.step += 1
+            self.clock_ms = max(self.clock_ms, batch.clock_ms)
+            return float(loss), g_u.numpy(), g_i.numpy()
 
     # --- public API --------------------------------------------------------------------------
     def predict(self, batch: Batch) -> np.ndarray:
