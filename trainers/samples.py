@@ -117,7 +117,7 @@ def _decode_bulk(values: list[bytes]) -> np.ndarray | None:
         if len(docs) != len(values):   # a value that was not exactly one JSON document
             return None
         cols = np.array([(d["user_id"], d["item_id"], d["position"], d.get("hour") or 0,
-                          d["label"], d["impression_ts_ms"], sample_hash(str(d["sample_id"])))
+                          d["label"], d["impression_ts_ms"], _sid(d))
                          for d in docs], dtype=np.int64).reshape(-1, ROW_WIDTH)
     except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
         return None
@@ -145,14 +145,27 @@ def decode_records(partitions: list[int], offsets: list[int], values: list[bytes
                    rows_array(rows), np.asarray(valid, bool))
 
 
+INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _sid(d: dict) -> int:
+    sid = d["sample_id"]
+    if not isinstance(sid, str) or not sid:
+        raise TypeError(f"sample_id must be a non-empty string, not {sid!r}")
+    return sample_hash(sid)
+
+
 def decode(value: bytes) -> Row:
     """One sample record -> Row; raises ValueError/KeyError/TypeError when malformed."""
     d = orjson.loads(value)
     label = int(d["label"])
     if label not in (0, 1):
         raise ValueError(f"label {label} is not 0 or 1")
-    return (int(d["user_id"]), int(d["item_id"]), int(d["position"]), int(d.get("hour") or 0),
-            label, int(d["impression_ts_ms"]), sample_hash(str(d["sample_id"])))
+    row = (int(d["user_id"]), int(d["item_id"]), int(d["position"]), int(d.get("hour") or 0),
+           label, int(d["impression_ts_ms"]), _sid(d))
+    if not all(INT64[0] <= x <= INT64[1] for x in row):
+        raise ValueError("a field is outside the 64-bit integer range")
+    return row
 
 
 def rows_array(rows) -> np.ndarray:

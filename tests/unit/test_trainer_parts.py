@@ -113,3 +113,14 @@ def test_label_aligner_releases_in_impression_order_after_the_hold():
     for x in (a, b):
         assert x.release(flush=True)[:, 0].tolist() == [2, 3]
         assert len(x) == 0
+
+
+def test_bad_sample_records_never_break_a_chunk():
+    good = {"sample_id": "a", "user_id": 1, "item_id": 2, "position": 0, "hour": 1, "label": 1,
+            "impression_ts_ms": 5}
+    bad = [{**good, "user_id": 2 ** 63}, {**good, "user_id": 2 ** 70}, {**good, "position": "x"},
+           {**good, "label": None}, None, [], {**good, "sample_id": None}, {**good, "sample_id": ""}]
+    vals = [json.dumps(good).encode()] + [json.dumps(b).encode() for b in bad] + [b"\xff\xfe"]
+    recs = decode_records([0] * len(vals), list(range(len(vals))), vals)
+    assert recs.valid.tolist() == [True] + [False] * (len(vals) - 1)
+    assert recs.next_offsets() == {0: len(vals)}
