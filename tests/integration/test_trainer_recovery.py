@@ -28,7 +28,7 @@ from trainers.streaming import checkpoint_dir
 
 pytestmark = pytest.mark.slow
 
-N_SAMPLES = 24_000
+N_SAMPLES = 60_000
 REPEATS = 400        # at-least-once repeats the feature job may emit after its own restart
 KILLS = 5
 
@@ -56,18 +56,33 @@ def start(cfg, cfg_path: Path, log: Path) -> subprocess.Popen:
                             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
+def newest_seq(cfg) -> int:
+    return CheckpointStore(checkpoint_dir(cfg, "trainer-0")).latest_seq()
+
+
 def newest_trained(cfg) -> int:
     cks = CheckpointStore(checkpoint_dir(cfg, "trainer-0")).list()
     return cks[-1].meta["trained"] if cks else 0
 
 
-def run_to_end(cfg, tmp_path: Path, name: str, kills: int) -> None:
+def run_to_end(cfg, tmp_path: Path, name: str, kills: int) -> list[int]:
+    """Run the trainer over the topic, SIGKILLing it ``kills`` times; returns the samples its
+    newest checkpoint held at each kill."""
     log = tmp_path / f"{name}.log"
     proc = start(cfg, tmp_path / f"{name}.yaml", log)
     rng = random.Random(5)
+    at_kill: list[int] = []
     try:
         for k in range(kills):
-            time.sleep(rng.uniform(4.0, 7.0))        # TF import ~3 s: kill during training
+            # once this process has written a checkpoint of its own (it is up and training, however
+            # slow the machine), kill it at a random moment of its work
+            seen = newest_seq(cfg)
+            deadline = time.monotonic() + 120
+            while newest_seq(cfg) == seen and time.monotonic() < deadline:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.1)
+            time.sleep(rng.uniform(0.1, 1.0))
+            at_kill.append(newest_trained(cfg))
             assert proc.poll() is None, log.read_text()[-3000:]
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait(10)
@@ -80,6 +95,7 @@ def run_to_end(cfg, tmp_path: Path, name: str, kills: int) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+    return at_kill
 
 
 def lineage(cfg):
@@ -117,13 +133,14 @@ def test_kill_9_trains_every_sample_exactly_once_and_matches_an_uninterrupted_ru
             prod.send(topic, key=d["sample_id"].encode(), value=json.dumps(d).encode())
         prod.flush()
         prod.close()
-        run_to_end(cfg, tmp_path, name, kills)
+        at_kill = run_to_end(cfg, tmp_path, name, kills)
         runs[name] = cfg
 
     # exactly once: the ledgers along the checkpoint lineage name each sample once
     store, chain = lineage(runs["killed"])
     restored_from = (tmp_path / "killed.log").read_text().count("restored ckpt-")
-    assert restored_from >= KILLS - 1, "the killed trainer should have restored from checkpoints"
+    assert restored_from >= KILLS, "every restart should restore from a checkpoint"
+    assert sum(0 < t < N_SAMPLES for t in at_kill) >= 3, f"kills mostly mid-stream: {at_kill}"
     ledger = np.concatenate([store.read(c)["stream"]["ledger"] for c in chain])
     expected = np.array(sorted(sample_hash(d["sample_id"]) for d in data), np.int64)
     assert len(ledger) == N_SAMPLES, (len(ledger), N_SAMPLES)
