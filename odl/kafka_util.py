@@ -54,15 +54,14 @@ def producer(cfg: Config, **overrides) -> KafkaProducer:
     return KafkaProducer(**opts)
 
 
-def consumer(cfg: Config, topic: str | None, group_id: str | None, **overrides) -> KafkaConsumer:
-    """A consumer subscribed to ``topic``, or, with ``topic=None``, one for manual ``assign``."""
+def consumer(cfg: Config, topic: str, group_id: str | None, **overrides) -> KafkaConsumer:
     opts = dict(bootstrap_servers=cfg.kafka.bootstrap_servers, group_id=group_id,
                 auto_offset_reset="earliest", enable_auto_commit=False,
                 session_timeout_ms=cfg.kafka.session_timeout_ms,
                 heartbeat_interval_ms=max(500, cfg.kafka.session_timeout_ms // 3),
                 max_poll_records=2000, client_id=f"odl-{group_id or 'reader'}")
     opts.update(overrides)
-    return KafkaConsumer(*([topic] if topic else []), **opts)
+    return KafkaConsumer(topic, **opts)
 
 
 class TopicCounter:

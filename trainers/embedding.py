@@ -37,7 +37,7 @@ REMOVAL_LOG_STEPS = 200_000  # evictions are remembered this many steps for delt
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
+def splitmix64(x: np.ndarray) -> np.ndarray:
     """A fast, well-mixed 64-bit hash (vectorised); the basis of every deterministic choice here."""
     with np.errstate(over="ignore"):
         z = (x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)) & _M64
@@ -56,9 +56,9 @@ def initial_vectors(ids: np.ndarray, dim: int, seed: int, stddev: float) -> np.n
     shard initialises an id identically."""
     ids = np.asarray(ids, dtype=np.int64).astype(np.uint64)
     with np.errstate(over="ignore"):
-        base = _splitmix64(ids ^ _splitmix64(np.full(len(ids), seed, np.uint64)))
+        base = splitmix64(ids ^ splitmix64(np.full(len(ids), seed, np.uint64)))
         j = np.arange(2 * ((dim + 1) // 2), dtype=np.uint64)
-        h = _splitmix64((base[:, None] + j[None, :] * np.uint64(0x632BE59BD9B4E019)) & _M64)
+        h = splitmix64((base[:, None] + j[None, :] * np.uint64(0x632BE59BD9B4E019)) & _M64)
     u = _unit(h)
     u1, u2 = u[:, 0::2], u[:, 1::2]
     r = np.sqrt(-2.0 * np.log(u1))
@@ -158,7 +158,7 @@ class DynamicEmbedding:
         if ok and cfg.admit_probability < 1.0:
             first = max(seen + 1, cfg.admit_min_count)
             sightings = np.arange(first, now + 1, dtype=np.uint64)
-            h = _splitmix64(_splitmix64(np.full(len(sightings), i & 0xFFFFFFFFFFFFFFFF, np.uint64)
+            h = splitmix64(splitmix64(np.full(len(sightings), i & 0xFFFFFFFFFFFFFFFF, np.uint64)
                                         ^ np.uint64(self.seed)) + sightings)
             ok = bool((_unit(h) < cfg.admit_probability).any())
         if ok:

@@ -36,8 +36,10 @@ class SampleSource:
         try:
             mine = self._partitions(metadata_timeout_s, partitions)
             start = []
-            committed = {tp.partition: tp.offset for tp in self._c.committed(
-                [CTopicPartition(topic, p) for p in mine if p not in positions], timeout=10)}
+            unknown = [CTopicPartition(topic, p) for p in mine if p not in positions]
+            # the group's offsets matter only where the checkpoint has none (a broker round trip)
+            committed = ({tp.partition: tp.offset for tp in self._c.committed(unknown, timeout=10)}
+                         if unknown else {})
             for p in mine:
                 off = positions.get(p, committed.get(p, -1))
                 start.append(CTopicPartition(topic, p, off if off is not None and off >= 0

@@ -19,13 +19,13 @@ import tensorflow as tf
 
 from odl.config import TrainerConfig
 from trainers import sparse_optim
-from trainers.embedding import DynamicEmbedding, _splitmix64
+from trainers.embedding import DynamicEmbedding, splitmix64
 from trainers.model import SPARSE_TABLES
 
 
 def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
     """The shard of each id: a hash, not ``id % S`` (sequential ids would pile up otherwise)."""
-    return (_splitmix64(np.asarray(ids, np.int64).astype(np.uint64)) % np.uint64(shards)).astype(np.int64)
+    return (splitmix64(np.asarray(ids, np.int64).astype(np.uint64)) % np.uint64(shards)).astype(np.int64)
 
 
 class EmbeddingShard:

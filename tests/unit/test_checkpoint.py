@@ -58,12 +58,10 @@ def test_restore_follows_base_links_and_falls_back_to_an_older_full(tmp_path):
 
 def test_retention_keeps_the_last_k_full_chains(tmp_path):
     store = CheckpointStore(tmp_path, keep_full=2)
-    prev = None
     for k in range(4):
         f = store.write("full", groups(k), {}, None)
         store.write("incr", groups(k), {}, f.seq)
     assert [(c.seq, c.kind) for c in store.list()] == [(5, "full"), (6, "incr"), (7, "full"), (8, "incr")]
-    assert prev is None
 
 
 def test_model_state_round_trip_includes_slots_and_increments(tmp_path):

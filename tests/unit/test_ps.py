@@ -4,8 +4,7 @@ step; and ids spread over the shards by hash."""
 import numpy as np
 import pytest
 
-from tests.unit.helpers import small_cfg
-from trainers.model import Batch, CTRModel
+from tests.unit.helpers import small_cfg, train_local_and_sharded
 from trainers.ps import EmbeddingShard, ShardedTables, shard_of
 
 
@@ -19,21 +18,9 @@ def test_sharded_training_equals_local_tables(optimizer):
     cfg = small_cfg(capacity=2000, sparse_optimizer=optimizer, hidden=(16,))
     cfg = cfg.model_copy(update={"tables": {n: t.model_copy(update={"admit_min_count": 2})
                                             for n, t in cfg.tables.items()}})
-    local, dense_only = CTRModel(cfg), CTRModel(cfg)
     shards = ShardedTables([EmbeddingShard(cfg, k, 3) for k in range(3)])
-    rng = np.random.default_rng(4)
+    local, dense_only = train_local_and_sharded(cfg, shards, steps=15, users=400, items=150, seed=4)
     d = cfg.embedding_dim
-    for step in range(1, 16):
-        n = 128
-        b = Batch(rng.integers(0, 400, n), rng.integers(0, 150, n), rng.integers(0, 5, n),
-                  rng.integers(0, 24, n), (rng.random(n) < 0.3).astype(np.float32),
-                  np.full(n, 1000 * step))
-        local.train(b)
-        ue = shards.pull("user", b.user_ids, d, b.clock_ms, step, train=True)
-        ie = shards.pull("item", b.item_ids, d, b.clock_ms, step, train=True)
-        _, g_u, g_i = dense_only.train_on_vectors(b, ue, ie)
-        shards.push("user", b.user_ids, g_u, step)
-        shards.push("item", b.item_ids, g_i, step)
     for name in ("user", "item"):
         ids = np.array(sorted(local.tables[name]._rows), np.int64)
         t = local.tables[name]
