@@ -141,7 +141,7 @@ def run(cfg: Config) -> int:
                     ex.publish_version()
                 else:
                     ex.push_deltas()
-            except ray.exceptions.RayActorError as exc:
+            except ray.exceptions.RayError as exc:   # the actor, or a group member, is away
                 comp.log.warning("trainer actor unavailable (%s); waiting for it", exc)
                 actor = wait_for_actor(ray, comp)
                 if actor is None:

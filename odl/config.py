@@ -142,6 +142,28 @@ class TrainerCheckpointConfig(_Section):
                          "the previous checkpoint in each one (an audit trail; tests use it)")
 
 
+class TrainerScaleConfig(_Section):
+    """Data-parallel scale-out (docs/training.md, "Scale-out").  ``trainers: 1, ps_shards: 0`` is
+    one trainer with its tables in-process; anything else is a training group."""
+    trainers: int = Field(1, ge=1, description="trainer actors, each on disjoint partitions")
+    ps_shards: int = Field(0, ge=0, description="parameter-server actors holding the embedding "
+                           "tables, split by id hash; 0 = tables inside the (single) trainer")
+    sync_every_steps: int = Field(20, ge=1, description="steps between a trainer's dense-weight "
+                                  "exchanges with the averager")
+    trainer_cpus: float = Field(1.0, gt=0, description="Ray CPUs each trainer actor asks for")
+
+    @property
+    def grouped(self) -> bool:
+        return self.trainers > 1 or self.ps_shards > 0
+
+    @model_validator(mode="after")
+    def _shards(self) -> "TrainerScaleConfig":
+        if self.trainers > 1 and self.ps_shards == 0:
+            raise ValueError("trainers > 1 share their embeddings through parameter servers: "
+                             "set ps_shards >= 1")
+        return self
+
+
 def _default_tables() -> dict[str, EmbeddingTableConfig]:
     return {"user": EmbeddingTableConfig(), "item": EmbeddingTableConfig()}
 
@@ -165,6 +187,7 @@ class TrainerConfig(_Section):
                               "at-least-once repeats")
     num_positions: int = Field(100, ge=1)
     checkpoint: TrainerCheckpointConfig = TrainerCheckpointConfig()
+    scale: TrainerScaleConfig = TrainerScaleConfig()
     seed: int = 7
 
     @model_validator(mode="after")
@@ -229,6 +252,10 @@ class Config(_Section):
     def _ports_distinct(self) -> "Config":
         if len(set(self.serving.ports)) != len(self.serving.ports):
             raise ValueError("serving.ports must be distinct")
+        if self.trainer.scale.trainers > self.kafka.partitions:
+            raise ValueError(f"trainer.scale.trainers ({self.trainer.scale.trainers}) exceeds the "
+                             f"samples topic's kafka.partitions ({self.kafka.partitions}): a "
+                             "trainer would have no partition")
         return self
 
 

@@ -6,31 +6,39 @@ asks for a GPU when the cluster has one; TensorFlow then places the model there.
 """
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from odl.config import Config
 from odl.runtime import METRICS_PORT_OFFSETS, setup_logging
 from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
 
+if TYPE_CHECKING:
+    from trainers.group import GroupMember
+
 
 MAX_RESTARTS = 3
 
 
+def serve_metrics(port: int | None, log) -> None:
+    if port:
+        from prometheus_client import start_http_server
+        try:
+            start_http_server(port, addr="127.0.0.1")
+        except OSError as exc:  # a restarted actor may find the port still taken
+            log.warning("metrics port %d unavailable: %s", port, exc)
+
+
 class TrainerActorImpl:
-    def __init__(self, cfg_json: str, metrics_port: int | None):
+    def __init__(self, cfg_json: str, metrics_port: int | None, member: "GroupMember | None" = None):
         from trainers.loop import TrainerLoop
         self.cfg = Config.model_validate_json(cfg_json)
-        self.log = setup_logging("trainer")
-        if metrics_port:
-            from prometheus_client import start_http_server
-            try:
-                start_http_server(metrics_port, addr="127.0.0.1")
-            except OSError as exc:  # a restarted actor may find the port still taken
-                self.log.warning("metrics port %d unavailable: %s", metrics_port, exc)
-        self.loop = TrainerLoop(self.cfg)   # restores the newest checkpoint
+        self.log = setup_logging(member.name if member else "trainer")
+        serve_metrics(metrics_port, self.log)
+        self.loop = TrainerLoop(self.cfg, member)   # restores its checkpoint
         self.trainer = self.loop.trainer
 
     def run(self) -> dict[str, Any]:
@@ -57,6 +65,27 @@ class TrainerActorImpl:
     def metrics(self) -> dict[str, Any]:
         return self.trainer.metrics()
 
+    # --- training-group protocol (trainers.coordinator) --------------------------------------
+    def hold(self) -> None:
+        self.loop.hold()
+
+    def release(self) -> None:
+        self.loop.release()
+
+    def checkpoint_epoch(self, epoch: int, kind: str) -> dict[str, Any]:
+        """This trainer's part of group epoch ``epoch``; only while held."""
+        if not self.loop._parked.is_set():
+            raise RuntimeError("checkpoint_epoch needs the trainer held at a step boundary")
+        t0 = time.perf_counter()
+        info = self.trainer.checkpoint(kind, epoch=epoch)
+        return {"kind": info.kind, "seconds": time.perf_counter() - t0, "bytes": info.size_bytes}
+
+    def dense_weights(self) -> dict[str, Any]:
+        return self.trainer.model.dense_weights()
+
+    def pid(self) -> int:
+        return os.getpid()
+
 
 def run(cfg: Config) -> int:
     """`odl run trainer`: create the actor on the cluster, keep it running, stop it on SIGTERM."""
@@ -68,11 +97,19 @@ def run(cfg: Config) -> int:
         signal.signal(sig, lambda *_: stop.set())
     gpus = ray.cluster_resources().get("GPU", 0)
     metrics_port = cfg.metrics.base_port + METRICS_PORT_OFFSETS["trainer"] if cfg.metrics.enabled else None
-    Actor = ray.remote(TrainerActorImpl).options(
-        name=TRAINER_ACTOR, namespace=NAMESPACE, max_concurrency=4, max_restarts=MAX_RESTARTS,
-        num_cpus=1, num_gpus=1 if gpus >= 1 else 0, get_if_exists=False)
+    scale = cfg.trainer.scale
+    if scale.grouped:   # the coordinator answers as the trainer; its members ask for the CPUs/GPUs
+        from trainers.coordinator import TrainingGroupImpl
+        Actor = ray.remote(TrainingGroupImpl).options(
+            name=TRAINER_ACTOR, namespace=NAMESPACE, max_concurrency=4, max_restarts=MAX_RESTARTS,
+            num_cpus=0, get_if_exists=False)
+    else:
+        Actor = ray.remote(TrainerActorImpl).options(
+            name=TRAINER_ACTOR, namespace=NAMESPACE, max_concurrency=4, max_restarts=MAX_RESTARTS,
+            num_cpus=1, num_gpus=1 if gpus >= 1 else 0, get_if_exists=False)
     actor = Actor.remote(cfg.model_dump_json(), metrics_port)
-    log.info("trainer actor started (gpu=%s)", gpus >= 1)
+    log.info("trainer actor started (gpu=%s, %d trainers, %d ps shards)", gpus >= 1,
+             scale.trainers, scale.ps_shards)
     run_ref = actor.run.remote()
     rc, deaths = 0, 0
     try:

@@ -8,6 +8,10 @@ the increments that extend it, following each one's ``base`` (a damaged incremen
 branch; a newer increment written after a restore may extend the same base); if the newest
 full one is damaged, the one before it (with its increments) is used.  Retention keeps the last
 ``keep_full`` full checkpoints and the increments after the oldest of them.
+
+In a training group (``trainers.group``) every participant's checkpoint carries the group's
+``epoch`` in its metadata; the group restores the last *committed* epoch: ``discard_after``
+removes what was written after it, ``restore_chain(epoch)`` insists the chain ends there.
 """
 from __future__ import annotations
 
@@ -59,6 +63,15 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves the old or the new file, never half."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+    tmp.write_text(text)
+    _fsync(tmp)
+    os.rename(tmp, path)
+    _fsync(path.parent)
 
 
 class CheckpointStore:
@@ -145,8 +158,27 @@ class CheckpointStore:
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"{info.path.name}: {exc}") from exc
 
-    def restore_chain(self) -> list[tuple[CheckpointInfo, Groups]]:
-        """[(full), (incr), ...] to apply in order; empty if no usable checkpoint exists."""
+    def discard_after(self, epoch: int | None) -> list[Path]:
+        """Delete the checkpoints of group epochs after ``epoch`` (written but never committed);
+        ``None`` deletes every checkpoint (the group has committed none)."""
+        gone = [c.path for c in self.list()
+                if epoch is None or c.meta.get("epoch", 0) > epoch]
+        for p in gone:
+            shutil.rmtree(p, ignore_errors=True)
+        return gone
+
+    def restore_chain(self, epoch: int | None = None) -> list[tuple[CheckpointInfo, Groups]]:
+        """[(full), (incr), ...] to apply in order; empty if no usable checkpoint exists.  With
+        ``epoch``, the chain must end at that group epoch (or CheckpointError)."""
+        chain = self._chain()
+        if epoch is not None:
+            end = chain[-1][0].meta.get("epoch") if chain else None
+            if end != epoch:
+                raise CheckpointError(f"{self.root}: the group committed epoch {epoch} but this "
+                                      f"participant's newest usable checkpoint is epoch {end}")
+        return chain
+
+    def _chain(self) -> list[tuple[CheckpointInfo, Groups]]:
         cks = self.list()
         for full in reversed([c for c in cks if c.kind == "full"]):
             try:

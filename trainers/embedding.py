@@ -34,6 +34,7 @@ from trainers.sparse_optim import SparseOptimizer
 
 EVICT_FRACTION = 64          # a full table frees capacity / 64 rows at once (amortised LFU)
 REMOVAL_LOG_STEPS = 200_000  # evictions are remembered this many steps for delta readers
+EXPIRE_EVERY_STEPS = 200     # training steps between TTL sweeps
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 

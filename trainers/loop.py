@@ -1,6 +1,10 @@
 """The trainer's outer loop, shared by the Ray actor and `odl run trainer --no-ray`: follow the
 control plane (pause/resume keep the position), heartbeat, poll, train, checkpoint on schedule,
 and checkpoint once more on a clean stop.
+
+In a training group (``member``) the loop does not checkpoint by itself: the coordinator holds
+it at a step boundary (``hold``), has it write its part of a group epoch, and releases it; and
+every ``sync_every_steps`` steps it exchanges its dense weights with the group's averager.
 """
 from __future__ import annotations
 
@@ -13,23 +17,64 @@ from typing import Any
 
 from odl.config import Config
 from odl.control import ControlPlane, Heartbeat
+from trainers.group import GroupMember
+from trainers.ps import ShardedCTRModel, ShardedTables
 from trainers.streaming import StreamingTrainer
 
 log = logging.getLogger("odl.trainer")
 
 
 class TrainerLoop:
-    def __init__(self, cfg: Config, partitions: list[int] | None = None, shard: str = "trainer-0"):
+    def __init__(self, cfg: Config, member: GroupMember | None = None):
         self.cfg = cfg
-        self.trainer = StreamingTrainer(cfg, partitions=partitions, shard=shard)
+        self.member = member
+        if member is None:
+            self.trainer = StreamingTrainer(cfg)
+            self.instance = "trainer"
+        else:
+            model = ShardedCTRModel(cfg.trainer, ShardedTables(member.shards, remote=True))
+            self.trainer = StreamingTrainer(cfg, member.partitions, member.name, model=model,
+                                            group=True, group_epoch=member.epoch)
+            self.instance = member.name
         self.cp = ControlPlane(cfg)
         self.stop_event = threading.Event()
         self.paused = False
         self.state = "starting"
+        self._hold = threading.Event()      # the coordinator asks the loop to stop between steps
+        self._parked = threading.Event()    # ... and the loop says it has
+        self._last_sync = self.trainer.model.step
 
     def heartbeat(self) -> None:
-        self.cp.heartbeat(Heartbeat("trainer", "trainer", time.time(), self.state, os.getpid(),
+        self.cp.heartbeat(Heartbeat("trainer", self.instance, time.time(), self.state, os.getpid(),
                                     socket.gethostname(), None, self.trainer.metrics()))
+
+    # --- group protocol (called from other actor threads) ------------------------------------
+    def hold(self, timeout_s: float = 60.0) -> None:
+        """Return once the loop is parked between steps (the model untouched until release)."""
+        self._parked.clear()
+        self._hold.set()
+        if not self._parked.wait(timeout_s):
+            self._hold.clear()
+            raise TimeoutError(f"{self.instance} did not reach a step boundary in {timeout_s}s")
+
+    def release(self) -> None:
+        self._hold.clear()
+
+    def _park(self) -> None:
+        self._parked.set()
+        while self._hold.is_set() and not self.stop_event.is_set():
+            time.sleep(0.002)
+        self._parked.clear()
+
+    def _sync_dense(self) -> None:
+        """Exchange dense weights with the averager and adopt the group's average."""
+        import ray
+        model = self.trainer.model
+        avg = ray.get(self.member.averager.exchange.remote(self.member.index, model.dense_weights()))
+        with model.lock:
+            for k, v in avg.items():
+                model.dense[k].assign(v)
+        self._last_sync = model.step
 
     def _follow_control_plane(self) -> None:
         try:
@@ -56,6 +101,9 @@ class TrainerLoop:
         self.state = "running"
         try:
             while not self.stop_event.is_set():
+                if self._hold.is_set():
+                    self._park()
+                    continue
                 now = time.monotonic()
                 if now >= next_hb:
                     next_hb = now + self.cfg.control.heartbeat_interval_s
@@ -64,10 +112,15 @@ class TrainerLoop:
                     self.stop_event.wait(0.2)
                     continue
                 self.trainer.step(self.trainer.poll_batch())
+                if self.member is not None:
+                    if self.trainer.model.step - self._last_sync >= self.cfg.trainer.scale.sync_every_steps:
+                        self._sync_dense()
+                    continue
                 kind = self.trainer.due_checkpoint()
                 if kind:
                     self.checkpoint(kind)
-            self.checkpoint("incr")  # a clean stop loses no work
+            if self.member is None:
+                self.checkpoint("incr")  # a clean stop loses no work (a group: its coordinator)
             self.state = "stopped"
             try:
                 self.heartbeat()

@@ -127,8 +127,7 @@ class CTRModel:
     def __init__(self, cfg: TrainerConfig):
         self.cfg = cfg
         self.sparse_opt = sparse_optim.make(cfg.sparse_optimizer, cfg.sparse_learning_rate)
-        self.tables = {t: DynamicEmbedding(t, cfg.tables[t], self.sparse_opt, cfg.seed * 1000 + k)
-                       for k, t in enumerate(SPARSE_TABLES)}
+        self.tables = self._make_tables()
         self.dense = {k: tf.Variable(v, name=k.replace("/", "_"), trainable=is_trainable(k))
                       for k, v in init_dense(cfg).items()}
         self._trainable = [v for k, v in self.dense.items() if is_trainable(k)]
@@ -137,6 +136,11 @@ class CTRModel:
         self.step = 0
         self.clock_ms = 0
         self.lock = threading.RLock()
+
+    def _make_tables(self) -> dict[str, DynamicEmbedding]:
+        """The embedding tables this model trains in-process (none when they live in shards)."""
+        return {t: DynamicEmbedding(t, self.cfg.tables[t], self.sparse_opt, self.cfg.seed * 1000 + k)
+                for k, t in enumerate(SPARSE_TABLES)}
 
     # --- compiled steps ----------------------------------------------------------------------
     def _context(self, batch: Batch):
@@ -186,17 +190,9 @@ class CTRModel:
     def _train_on_vectors(self, ue, ie, pos, hr, labels):
         return self._dense_step(ue, ie, pos, hr, labels)
 
-    def train_on_vectors(self, batch: Batch, user_vecs: np.ndarray, item_vecs: np.ndarray
-                         ) -> tuple[float, np.ndarray, np.ndarray]:
-        """One dense step on vectors pulled from elsewhere (parameter-server shards); returns the
-        loss and the per-sample gradients of the vectors, for the shards to apply."""
-        with self.lock:
-            loss, g_u, g_i = self._train_on_vectors(tf.constant(user_vecs), tf.constant(item_vecs),
-                                                    *self._context(batch),
-                                                    tf.constant(batch.labels, tf.float32))
-            self.step += 1
-            self.clock_ms = max(self.clock_ms, batch.clock_ms)
-            return float(loss), g_u.numpy(), g_i.numpy()
+    @tf.function(input_signature=[_VEC, _VEC, _IDX, _IDX])
+    def _predict_vectors(self, ue, ie, pos, hr):
+        return tf.sigmoid(ctr_logits(self.dense, ue, ie, pos, hr))
 
     # --- public API --------------------------------------------------------------------------
     def predict(self, batch: Batch) -> np.ndarray:
@@ -205,6 +201,11 @@ class CTRModel:
             u = self.tables["user"].rows_of(batch.user_ids)
             i = self.tables["item"].rows_of(batch.item_ids)
             return self._predict(u, i, *self._context(batch)).numpy()
+
+    def score_and_train(self, batch: Batch) -> tuple[np.ndarray, float]:
+        """Progressive validation: the batch's scores before the update, then the update."""
+        with self.lock:
+            return self.predict(batch), self.train(batch)
 
     def train(self, batch: Batch) -> float:
         with self.lock:
@@ -232,12 +233,7 @@ class CTRModel:
         with self.lock:
             if since > self.step:  # the reader's mark predates a restore to an older step
                 since = 0
-            out = {}
-            for name, t in self.tables.items():
-                ids, rows, removed, complete = t.changed_since(since)
-                out[name] = {"ids": ids, "vectors": t.vectors(rows), "removed": removed,
-                             "complete": complete}
-            return self.step, out
+            return self.step, table_changes(self.tables, since)
 
     def frozen_copy(self) -> "FrozenModel":
         """An immutable copy of the model as it is now (a baseline that stops learning)."""
@@ -277,6 +273,16 @@ class CTRModel:
             self.clock_ms = int(state["model"]["clock_ms"])
             for t in self.tables.values():
                 t.forget_history(self.step)
+
+
+def table_changes(tables: dict[str, DynamicEmbedding], since: int) -> dict[str, dict]:
+    """{table: {ids, vectors, removed, complete}} of rows changed after mark ``since``."""
+    out = {}
+    for name, t in tables.items():
+        ids, rows, removed, complete = t.changed_since(since)
+        out[name] = {"ids": ids, "vectors": t.vectors(rows), "removed": removed,
+                     "complete": complete}
+    return out
 
 
 class FrozenModel:

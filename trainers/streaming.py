@@ -29,6 +29,7 @@ from prometheus_client import Counter, Gauge
 from odl import names
 from odl.config import Config
 from trainers.align import LabelAligner
+from trainers.embedding import EXPIRE_EVERY_STEPS
 from trainers.checkpoint import CheckpointInfo, CheckpointStore
 from trainers.metrics import ProgressiveValidator
 from trainers.model import CTRModel, FrozenModel
@@ -47,7 +48,6 @@ ADMITTED = Gauge("odl_trainer_embedding_admitted", "ids admitted to a table so f
 EVICTED = Gauge("odl_trainer_embedding_evicted", "rows evicted so far", ["table", "why"])
 CKPT_SECONDS = Gauge("odl_trainer_checkpoint_seconds", "duration of the last checkpoint", ["kind"])
 CKPT_BYTES = Gauge("odl_trainer_checkpoint_bytes", "size of the last checkpoint", ["kind"])
-EXPIRE_EVERY_STEPS = 200
 
 
 def checkpoint_dir(cfg: Config, shard: str) -> Path:
@@ -55,12 +55,19 @@ def checkpoint_dir(cfg: Config, shard: str) -> Path:
 
 
 class StreamingTrainer:
-    def __init__(self, cfg: Config, partitions: list[int] | None = None, shard: str = "trainer-0"):
+    """One trainer.  Alone it owns its tables and checkpoints on its own schedule; in a training
+    group (``model`` a ``ShardedCTRModel``, ``group=True``) the group decides when it checkpoints
+    and which epoch it restores (``group_epoch``; None = the group has committed nothing)."""
+
+    def __init__(self, cfg: Config, partitions: list[int] | None = None, shard: str = "trainer-0",
+                 model: CTRModel | None = None, group: bool = False, group_epoch: int | None = None):
         self.cfg = cfg
         tc = cfg.trainer
         self.topic = names.topic(names.SAMPLES, cfg.kafka.topic_prefix)
         self.partitions = partitions
-        self.model = CTRModel(tc)
+        self.shard = shard
+        self.group = group
+        self.model = model if model is not None else CTRModel(tc)
         self.validator = ProgressiveValidator(tc.auc_window)
         # A copy frozen after `frozen_baseline_after` samples, scored on the same batches: the
         # measured value of continuing to learn on a drifting stream.  Not checkpointed.
@@ -89,7 +96,9 @@ class StreamingTrainer:
         self.restored_from: str | None = None
         self.started = time.time()
         self._prefetch: Prefetcher | None = None
-        if tc.checkpoint.restore:
+        if group:
+            self.restore(group_epoch, group=True)
+        elif tc.checkpoint.restore:
             self.restore()
 
     # --- consuming ---------------------------------------------------------------------------
@@ -149,10 +158,10 @@ class StreamingTrainer:
 
     def _train(self, rows: np.ndarray) -> int:
         batch = to_batch(rows)
-        self.validator.add(self.model.predict(batch), batch.labels)
         if self.frozen is not None:
             self.frozen_validator.add(self.frozen.predict(batch), batch.labels)
-        self.last_loss = self.model.train(batch)
+        scores, self.last_loss = self.model.score_and_train(batch)
+        self.validator.add(scores, batch.labels)
         if self.model.step % EXPIRE_EVERY_STEPS == 0:
             self.model.expire()
         if self.cfg.trainer.checkpoint.ledger:
@@ -160,7 +169,8 @@ class StreamingTrainer:
         self.trained += len(batch)
         SAMPLES.labels("trained").inc(len(batch))
         after = self.cfg.trainer.frozen_baseline_after
-        if self.frozen is None and after is not None and self.trained >= after:
+        # (a baseline needs the tables in-process: not in a training group)
+        if self.frozen is None and after is not None and self.trained >= after and self.model.tables:
             self.frozen = self.model.frozen_copy()
         if time.monotonic() - self._gauges_at >= 1.0:  # the window's AUC is a sort: once a second
             self._gauges_at = time.monotonic()
@@ -195,8 +205,9 @@ class StreamingTrainer:
                 "counters": np.array([self.trained, self.duplicates, self.malformed,
                                       self.validator.seen], np.int64)}
 
-    def checkpoint(self, kind: str | None = None) -> CheckpointInfo:
-        """Write a checkpoint of everything consumed so far (see the module docstring)."""
+    def checkpoint(self, kind: str | None = None, epoch: int | None = None) -> CheckpointInfo:
+        """Write a checkpoint of everything consumed so far (see the module docstring); in a
+        group, as this trainer's part of ``epoch``."""
         kind = kind or ("full" if self.last_ckpt is None else "incr")
         if self.last_ckpt is None:
             kind = "full"   # an increment needs a base
@@ -209,6 +220,8 @@ class StreamingTrainer:
         meta = {"step": step, "since_step": since, "positions": {str(p): o for p, o in self.positions.items()},
                 "topic": self.topic, "trained": self.trained,
                 "previous": self.last_ckpt.seq if self.last_ckpt else None}
+        if epoch is not None:
+            meta["epoch"] = epoch
         info = self.store.write(kind, groups, meta, base=None if kind == "full" else self.last_ckpt.seq)
         self.last_ckpt, self._last_ckpt_step = info, step
         self._ckpt_dedup_mark = self.dedup.added
@@ -222,8 +235,14 @@ class StreamingTrainer:
         self._commit_offsets()
         return info
 
-    def restore(self) -> bool:
-        chain = self.store.restore_chain()
+    def restore(self, epoch: int | None = None, group: bool = False) -> bool:
+        """Restore the newest checkpoint chain; in a group, the group's committed ``epoch``
+        exactly, after deleting what was written later (never committed)."""
+        if group:
+            self.store.discard_after(epoch)
+            if epoch is None:
+                return False
+        chain = self.store.restore_chain(epoch if group else None)
         if not chain:
             return False
         for k, (info, groups) in enumerate(chain):

@@ -30,12 +30,14 @@ def test_shards_as_ray_actors_train_like_local_tables(ray_local):
     cfg = small_cfg(capacity=2000, hidden=(16,))
     Shard = ray_local.remote(EmbeddingShard).options(num_cpus=0)
     shards = ShardedTables([Shard.remote(cfg, k, 2) for k in range(2)], remote=True)
-    local, _ = train_local_and_sharded(cfg, shards, steps=8, users=300, items=100, seed=9)
+    local, _, scores_local, scores_sharded = train_local_and_sharded(
+        cfg, shards, steps=8, users=300, items=100, seed=9)
+    np.testing.assert_allclose(scores_sharded, scores_local, atol=1e-5)
     d = cfg.embedding_dim
     for name in ("user", "item"):
         t = local.tables[name]
         ids = np.array(sorted(t._rows), np.int64)
-        np.testing.assert_allclose(shards.pull(name, ids, d, 0, 0, train=False),
+        np.testing.assert_allclose(shards.lookup({name: ids}, d, 0, train=False)[name][0],
                                    t.vectors(t.rows_of(ids)), atol=1e-5)
     rows = sum(o["user"]["rows"] for o in ray_local.get([s.occupancy.remote() for s in shards.shards]))
     assert rows == len(local.tables["user"])

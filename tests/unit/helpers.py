@@ -12,23 +12,20 @@ def small_cfg(capacity: int = 256, dim: int = 8, hidden: tuple[int, ...] = (16,)
 
 def train_local_and_sharded(cfg: TrainerConfig, shards, steps: int, users: int, items: int,
                             seed: int):
-    """Train the same random batches into a model with local tables and, through ``shards``
-    (a ``ShardedTables``), into a dense-only twin; returns (local model, dense-only model)."""
+    """Score and train the same random batches with local tables and through ``shards`` (a
+    ``ShardedTables``); returns (local model, sharded model, scores local, scores sharded)."""
     import numpy as np
 
     from trainers.model import Batch, CTRModel
-    local, dense_only = CTRModel(cfg), CTRModel(cfg)
+    from trainers.ps import ShardedCTRModel
+    local, sharded = CTRModel(cfg), ShardedCTRModel(cfg, shards)
     rng = np.random.default_rng(seed)
-    d = cfg.embedding_dim
+    got_local, got_sharded = [], []
     for step in range(1, steps + 1):
         n = 128
         b = Batch(rng.integers(0, users, n), rng.integers(0, items, n), rng.integers(0, 5, n),
                   rng.integers(0, 24, n), (rng.random(n) < 0.3).astype(np.float32),
                   np.full(n, 1000 * step))
-        local.train(b)
-        ue = shards.pull("user", b.user_ids, d, b.clock_ms, step, train=True)
-        ie = shards.pull("item", b.item_ids, d, b.clock_ms, step, train=True)
-        _, g_u, g_i = dense_only.train_on_vectors(b, ue, ie)
-        shards.push("user", b.user_ids, g_u, step)
-        shards.push("item", b.item_ids, g_i, step)
-    return local, dense_only
+        got_local.append(local.score_and_train(b)[0])
+        got_sharded.append(sharded.score_and_train(b)[0])
+    return local, sharded, np.concatenate(got_local), np.concatenate(got_sharded)

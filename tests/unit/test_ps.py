@@ -19,15 +19,19 @@ def test_sharded_training_equals_local_tables(optimizer):
     cfg = cfg.model_copy(update={"tables": {n: t.model_copy(update={"admit_min_count": 2})
                                             for n, t in cfg.tables.items()}})
     shards = ShardedTables([EmbeddingShard(cfg, k, 3) for k in range(3)])
-    local, dense_only = train_local_and_sharded(cfg, shards, steps=15, users=400, items=150, seed=4)
+    local, sharded, scores_local, scores_sharded = train_local_and_sharded(
+        cfg, shards, steps=15, users=400, items=150, seed=4)
+    # progressive validation scores the same (new ids score with the default row in both)
+    np.testing.assert_allclose(scores_sharded, scores_local, atol=1e-5)
     d = cfg.embedding_dim
     for name in ("user", "item"):
         ids = np.array(sorted(local.tables[name]._rows), np.int64)
         t = local.tables[name]
-        np.testing.assert_allclose(shards.pull(name, ids, d, 0, 0, train=False),
+        np.testing.assert_allclose(shards.lookup({name: ids}, d, 0, train=False)[name][0],
                                    t.vectors(t.rows_of(ids)), atol=1e-5)
         # not admitted locally (seen once) -> not admitted in the shards either: default zeros
         unknown = np.setdiff1d(np.arange(400 if name == "user" else 150), ids)
-        assert np.allclose(shards.pull(name, unknown, d, 0, 0, train=False), 0)
+        assert np.allclose(shards.lookup({name: unknown}, d, 0, train=False)[name][0], 0)
+        assert sharded.occupancy()[name]["rows"] == len(t)
     for k, v in local.dense.items():
-        np.testing.assert_allclose(dense_only.dense[k].numpy(), v.numpy(), atol=1e-5)
+        np.testing.assert_allclose(sharded.dense[k].numpy(), v.numpy(), atol=1e-5)

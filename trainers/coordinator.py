@@ -1,0 +1,229 @@
+"""A training group on Ray: N trainer actors, S parameter-server shard actors, a dense averager,
+and the coordinator that checkpoints them as one and restarts them as one (``trainers.group``
+states the protocol and the consistency model).
+
+The coordinator is the actor the rest of ODL knows as the trainer (``odl-trainer``): it answers
+``embedding_changes`` (from the shards), ``snapshot`` (the trainers' averaged dense weights) and
+``metrics`` (the group's sums), so the exporter and the driver work unchanged with one trainer or
+a group.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Any
+
+import numpy as np
+from prometheus_client import Gauge
+
+from odl import names
+from odl.config import Config
+from odl.control import ControlPlane, Heartbeater
+from odl.runtime import setup_logging
+from trainers.actor import TrainerActorImpl, serve_metrics
+from trainers.group import DenseAverager, GroupCommit, GroupMember, partitions_for
+from trainers.ps import EmbeddingShard, ShardedTables
+from trainers.streaming import checkpoint_dir
+
+MAX_GROUP_RESTARTS = 10
+MEMBER_METRICS_OFFSET = 30      # trainer i of a group serves Prometheus on base_port + 30 + i
+EPOCH = Gauge("odl_trainer_group_epoch", "newest committed group checkpoint epoch")
+RESTARTS = Gauge("odl_trainer_group_restarts", "times the group restarted from its last epoch")
+
+
+class TrainingGroupImpl:
+    def __init__(self, cfg_json: str, metrics_port: int | None):
+        self.cfg = Config.model_validate_json(cfg_json)
+        self.scale = self.cfg.trainer.scale
+        self.log = setup_logging("trainer-group")
+        serve_metrics(metrics_port, self.log)
+        self.stop_event = threading.Event()
+        self.trainers: list[Any] = []
+        self.shards: list[Any] = []
+        self.averager: Any = None
+        self.tables: ShardedTables | None = None
+        self.runs: list[Any] = []
+        self.epoch = 0
+        self.restarts = 0
+        self.last_checkpoint: dict[str, Any] = {}
+        self.summary: dict[str, Any] = {}
+        self.cp = ControlPlane(self.cfg)
+        self.heartbeat = Heartbeater(self.cp, "trainer", "trainer", self._probe)
+
+    # --- building and tearing down -----------------------------------------------------------
+    def _build(self) -> None:
+        """Start the shards, the averager and the trainers from the committed epoch (or afresh)."""
+        import ray
+        cfg, n, s = self.cfg, self.scale.trainers, self.scale.ps_shards
+        commit = GroupCommit.read(cfg)
+        if commit is not None and not cfg.trainer.checkpoint.restore:
+            GroupCommit.path(cfg).unlink()
+            commit = None
+        if commit is not None:
+            commit.check_shape(n, s, GroupCommit.path(cfg))
+        epoch = commit.epoch if commit else None
+        Shard = ray.remote(EmbeddingShard).options(num_cpus=0, max_restarts=0)
+        self.shards = [Shard.remote(cfg.trainer, k, s, checkpoint_dir(cfg, f"ps-{k}"), epoch)
+                       for k in range(s)]
+        self.averager = ray.remote(DenseAverager).options(num_cpus=0).remote(n)
+        gpu = ray.cluster_resources().get("GPU", 0) >= n
+        Trainer = ray.remote(TrainerActorImpl).options(
+            max_concurrency=4, max_restarts=0, num_cpus=self.scale.trainer_cpus,
+            num_gpus=1 if gpu else 0)
+        base = cfg.metrics.base_port + MEMBER_METRICS_OFFSET if cfg.metrics.enabled else None
+        self.trainers = [
+            Trainer.remote(cfg.model_dump_json(), base + i if base else None,
+                           GroupMember(i, n, partitions_for(i, n, cfg.kafka.partitions),
+                                       self.shards, self.averager, epoch))
+            for i in range(n)]
+        # constructors restore; wait for them so a broken checkpoint fails here, loudly
+        ray.get([a.pid.remote() for a in self.trainers + self.shards], timeout=600)
+        self.tables = ShardedTables(self.shards, remote=True)
+        self.epoch = epoch or 0
+        EPOCH.set(self.epoch)
+        self.runs = [t.run.remote() for t in self.trainers]
+        self.log.info("group of %d trainers and %d shards %s", n, s,
+                      f"restored epoch {epoch}" if epoch else "started afresh")
+
+    def _teardown(self) -> None:
+        import ray
+        for a in self.trainers + self.shards + [self.averager]:
+            if a is not None:
+                ray.kill(a, no_restart=True)
+        self.trainers, self.shards, self.averager, self.runs = [], [], None, []
+
+    def _restart(self, why: str) -> None:
+        self.restarts += 1
+        RESTARTS.set(self.restarts)
+        if self.restarts > MAX_GROUP_RESTARTS:
+            raise RuntimeError(f"training group failed {self.restarts} times; last: {why}")
+        self.log.error("group member failed (%s); restarting the group from epoch %d (%d/%d)",
+                       why, self.epoch, self.restarts, MAX_GROUP_RESTARTS)
+        self._teardown()
+        time.sleep(1.0)
+        self._build()
+
+    # --- group checkpoints -------------------------------------------------------------------
+    def _checkpoint(self, kind: str) -> None:
+        """Hold every trainer at a step boundary, write every part of the next epoch, commit."""
+        import ray
+        e = self.epoch + 1
+        t0 = time.perf_counter()
+        ray.get([t.hold.remote() for t in self.trainers], timeout=120)
+        try:
+            parts = ray.get([t.checkpoint_epoch.remote(e, kind) for t in self.trainers]
+                            + [s.checkpoint.remote(e, kind) for s in self.shards], timeout=600)
+            GroupCommit(e, self.scale.trainers, self.scale.ps_shards).write(self.cfg)
+            self.epoch = e
+        finally:
+            ray.get([t.release.remote() for t in self.trainers], timeout=60)
+        EPOCH.set(e)
+        self.last_checkpoint = {"epoch": e, "kind": kind, "bytes": sum(p["bytes"] for p in parts),
+                                "seconds": round(time.perf_counter() - t0, 3)}
+
+    def _due(self, last_full: float, last_incr: float) -> str | None:
+        ck, now = self.cfg.trainer.checkpoint, time.monotonic()
+        if self.epoch == 0 or now - last_full >= ck.full_interval_s:
+            return "full"
+        return "incr" if now - last_incr >= ck.incremental_interval_s else None
+
+    # --- the actor's API ---------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        """Run the group until ``stop``: watch the members, checkpoint on schedule, restart the
+        whole group from the committed epoch when any member fails."""
+        import ray
+        self._build()
+        self.heartbeat.start()
+        last_full = last_incr = time.monotonic()
+        next_summary = 0.0
+        try:
+            while not self.stop_event.is_set():
+                ready, _ = ray.wait(self.runs, timeout=0.5)
+                if ready:
+                    try:
+                        ray.get(ready)
+                        why = "a trainer's loop returned"
+                    except ray.exceptions.RayError as exc:
+                        why = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                    self._restart(why)
+                    last_full = last_incr = time.monotonic()
+                    continue
+                kind = self._due(last_full, last_incr)
+                try:
+                    if kind:
+                        self._checkpoint(kind)
+                        last_incr = time.monotonic()
+                        if kind == "full":
+                            last_full = last_incr
+                    if time.monotonic() >= next_summary:
+                        next_summary = time.monotonic() + self.cfg.control.heartbeat_interval_s
+                        self.summary = self.metrics()
+                except (ray.exceptions.RayError, TimeoutError) as exc:
+                    self._restart(f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
+                    last_full = last_incr = time.monotonic()
+            self._checkpoint("incr")  # a clean stop loses no work
+            return self.metrics()
+        finally:
+            self.heartbeat.stop()
+            for t in self.trainers:
+                t.stop.remote()
+            try:
+                ray.get(self.runs, timeout=30)
+            except Exception as exc:  # noqa: BLE001
+                self.log.warning("group did not stop cleanly: %s", exc)
+            self._teardown()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def embedding_changes(self, since):
+        """(marks, {table: {ids, vectors, removed, complete}}) from every shard; pass the marks
+        back next time (0 = everything)."""
+        return self.tables.changes(since)
+
+    def snapshot(self) -> dict[str, Any]:
+        """The average of the trainers' dense weights (what the averager converges them to) and
+        what a manifest needs."""
+        import ray
+        copies = ray.get([t.dense_weights.remote() for t in self.trainers])
+        weights = {k: np.mean([c[k] for c in copies], axis=0).astype(copies[0][k].dtype)
+                   for k in copies[0]}
+        m = self.metrics()
+        return {"weights": weights, "step": m["step"], "metrics": m,
+                "offsets": {f"{m['topic']}:{p}": o for p, o in m["positions"].items()},
+                "embedding_dim": self.cfg.trainer.embedding_dim,
+                "config": self.cfg.trainer.model_dump(mode="json")}
+
+    def metrics(self) -> dict[str, Any]:
+        """The group's figures: sums of counts, the mean of the members' window AUC and loss."""
+        import ray
+        members = ray.get([t.metrics.remote() for t in self.trainers])
+        occ = self.tables.occupancy()
+        finite = lambda key: [x[key] for x in members if x[key] is not None and math.isfinite(x[key])]  # noqa: E731
+        total = lambda key: sum(x[key] for x in members)  # noqa: E731
+        positions = {p: o for x in members for p, o in x["positions"].items()}
+        return {"samples_trained": total("samples_trained"), "step": total("step"),
+                "duplicates": total("duplicates"), "malformed": total("malformed"),
+                "auc": float(np.mean(finite("auc"))) if finite("auc") else float("nan"),
+                "logloss": float(np.mean(finite("logloss"))) if finite("logloss") else float("nan"),
+                "loss": float(np.mean(finite("loss"))) if finite("loss") else float("nan"),
+                "samples_per_s": round(total("samples_per_s"), 1),
+                "held_for_labels": total("held_for_labels"),
+                "waiting_for_batch": total("waiting_for_batch"),
+                "checkpoint": f"epoch-{self.epoch}" if self.epoch else None,
+                "last_group_checkpoint": self.last_checkpoint, "restarts": self.restarts,
+                "trainers": len(members), "ps_shards": len(self.shards),
+                "topic": names.topic(names.SAMPLES, self.cfg.kafka.topic_prefix),
+                "positions": dict(sorted(positions.items(), key=lambda kv: int(kv[0]))),
+                **{f"rows_{k}": v["rows"] for k, v in occ.items()}, "tables": occ,
+                "members": [{k: x[k] for k in ("samples_trained", "step", "auc", "positions")}
+                            for x in members]}
+
+    def _probe(self) -> tuple[str, str | None, dict[str, Any]]:
+        return ("paused" if self.heartbeat.paused else "running"), None, self.summary
+
+    def member_pids(self) -> dict[str, list[int]]:
+        import ray
+        return {"trainers": ray.get([t.pid.remote() for t in self.trainers]),
+                "shards": ray.get([s.pid.remote() for s in self.shards])}
