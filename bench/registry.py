@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import pkgutil
 from dataclasses import dataclass, field
@@ -31,10 +32,16 @@ def available() -> dict[str, str]:
     return out
 
 
-def run(name: str, cfg: Config) -> BenchResult:
+def run(name: str, cfg: Config, **options: Any) -> BenchResult:
+    """Run benchmark ``name``; ``options`` (e.g. ``scale``) go to its ``run`` as keywords, and a
+    benchmark that takes none refuses them (TypeError)."""
     if name not in available():
         raise KeyError(name)
-    return importlib.import_module(f"bench.{name.replace('-', '_')}").run(cfg)
+    fn = importlib.import_module(f"bench.{name.replace('-', '_')}").run
+    unknown = set(options) - set(inspect.signature(fn).parameters)
+    if unknown:
+        raise TypeError(f"does not take {', '.join('--' + o for o in sorted(unknown))}")
+    return fn(cfg, **options)
 
 
 def _fmt(v: Any) -> str:

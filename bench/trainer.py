@@ -6,6 +6,12 @@ score each batch before training on it.  Then the cost of a full and an incremen
 The ratio says whether the stream starves the model (goal >= 0.9).  The clock starts at the
 first record, as the in-memory loop's starts at its first batch: the consumer's one-off start
 (metadata, group coordinator) is not part of either rate.
+
+``--scale N`` instead runs, on a private Ray local cluster, broker and Redis: one trainer actor
+with its tables in-process (the default deployment), a group of one trainer and one
+parameter-server shard (the group's overhead), and a group of N trainers and N shards, each over
+the same samples on a 4-partition topic from its own fresh state; samples/s of each counted from
+the first trained sample to the last, and the ratio N-trainer group / single trainer.
 """
 from __future__ import annotations
 
@@ -73,7 +79,9 @@ def _streaming(cfg: Config, n: int, warm, run: int) -> tuple[float, StreamingTra
     return n / (time.perf_counter() - t0), tr
 
 
-def run(cfg: Config) -> BenchResult:
+def run(cfg: Config, scale: int | None = None) -> BenchResult:
+    if scale is not None:
+        return run_scale(cfg, scale)
     data = synthetic_samples(SAMPLES)
     rows = [decode(json.dumps(d).encode()) for d in data]
     warm = to_batch(rows[:cfg.trainer.batch_size])
@@ -85,13 +93,7 @@ def run(cfg: Config) -> BenchResult:
             "trainer": cfg.trainer.model_copy(update={
                 "frozen_baseline_after": None,
                 "checkpoint": cfg.trainer.checkpoint.model_copy(update={"restore": False})})})
-        ensure_topics(bcfg)
-        prod = producer(bcfg, linger_ms=20, batch_size=256 * 1024)
-        topic = names.topic(names.SAMPLES, bcfg.kafka.topic_prefix)
-        for d in data:
-            prod.send(topic, key=d["sample_id"].encode(), value=json.dumps(d).encode())
-        prod.flush()
-        prod.close()
+        _produce(bcfg, data)
 
         # best of RUNS each, alternating: this VM's neighbours make single runs vary by +-30%
         mem, stream = [], []
@@ -133,3 +135,87 @@ def run(cfg: Config) -> BenchResult:
                         "full_ckpt_ms": round(full_s * 1000, 1), "full_ckpt_mb": round(full_mb, 2),
                         "incr_ckpt_ms": round(inc_s * 1000, 1), "incr_ckpt_mb": round(inc_mb, 3),
                         "samples": SAMPLES}, lines)
+
+
+def _produce(cfg: Config, data: list[dict]) -> None:
+    ensure_topics(cfg)
+    prod = producer(cfg, linger_ms=20, batch_size=256 * 1024)
+    topic = names.topic(names.SAMPLES, cfg.kafka.topic_prefix)
+    for d in data:
+        prod.send(topic, key=d["sample_id"].encode(), value=json.dumps(d).encode())
+    prod.flush()
+    prod.close()
+
+
+def _actor_rate(ray, cfg: Config, n: int) -> float:
+    """Start the trainer actor (``odl run trainer``'s, single or group) and time it from its
+    first trained sample to its n-th."""
+    from trainers.actor import TrainerActorImpl
+    from trainers.coordinator import TrainingGroupImpl
+    scale = cfg.trainer.scale
+    impl = TrainingGroupImpl if scale.grouped else TrainerActorImpl
+    actor = ray.remote(impl).options(max_concurrency=4,
+                                     num_cpus=0 if scale.grouped else 1).remote(cfg.model_dump_json(), None)
+    run_ref = actor.run.remote()
+    try:
+        t0 = None
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            trained = ray.get(actor.samples_trained.remote(), timeout=60)
+            if trained and t0 is None:
+                t0, first = time.perf_counter(), trained
+            if trained >= n:
+                return (n - first) / (time.perf_counter() - t0)
+            time.sleep(0.05)
+        raise TimeoutError(f"{n} samples not trained in 600 s")
+    finally:
+        ray.get(actor.stop.remote(), timeout=30)
+        ray.get(run_ref, timeout=120)
+        ray.kill(actor)
+
+
+def run_scale(cfg: Config, scale: int) -> BenchResult:
+    import os
+    from bench.common import private_redis
+    from odl.ray_util import LOOPBACK_ENV
+    data = synthetic_samples(SAMPLES)
+    setups = [("1 trainer, in-process tables", 1, 0), ("1 trainer + 1 ps shard", 1, 1),
+              (f"{scale} trainers + {scale} ps shards", scale, scale)]
+    partitions = max(4, scale)
+    os.environ.update(LOOPBACK_ENV)
+    import ray
+    rates = []
+    with private_broker(cfg) as bootstrap, private_redis() as redis_port, \
+            tempfile.TemporaryDirectory(prefix="odl-bench-scale-") as tmp:
+        ray.init(num_cpus=max(2, scale), include_dashboard=False, log_to_driver=False,
+                 _temp_dir=f"/tmp/odl-ray-bench-{os.getpid()}", _node_ip_address="127.0.0.1",
+                 namespace="odl-bench")
+        try:
+            base = cfg.model_copy(update={
+                "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": bootstrap,
+                                                      "partitions": partitions,
+                                                      "topic_prefix": f"s{uuid.uuid4().hex[:6]}."}),
+                "redis": cfg.redis.model_copy(update={"port": redis_port}),
+                "metrics": cfg.metrics.model_copy(update={"enabled": False})})
+            _produce(base, data)
+            for k, (_, n, s) in enumerate(setups):
+                tc = base.trainer.model_copy(update={
+                    "group_id": f"bench-scale-{k}", "frozen_baseline_after": None,
+                    "align_labels": False, "max_batch_wait_ms": 200,
+                    "scale": base.trainer.scale.model_copy(update={"trainers": n, "ps_shards": s})})
+                rcfg = base.model_copy(update={
+                    "trainer": tc,
+                    "paths": base.paths.model_copy(update={"state_dir": Path(tmp) / f"run{k}"})})
+                rates.append(_actor_rate(ray, rcfg, SAMPLES))
+        finally:
+            ray.shutdown()
+    single, group1, group_n = rates
+    lines = [f"{SAMPLES:,} samples on {partitions} partitions, batch {cfg.trainer.batch_size}, "
+             f"{os.cpu_count()} CPUs; each from its first trained sample to the last"]
+    lines += [f"{name + ':':<32} {r:,.0f} samples/s" for (name, _, _), r in zip(setups, rates)]
+    return BenchResult({"ratio": round(group_n / single, 3),
+                        "ratio_vs_group1": round(group_n / group1, 3),
+                        f"trainers{scale}_samples_per_s": round(group_n),
+                        "group1_samples_per_s": round(group1),
+                        "single_samples_per_s": round(single), "samples": SAMPLES,
+                        "cpus": os.cpu_count()}, lines)

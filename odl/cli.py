@@ -227,8 +227,10 @@ def demo(duration: float, config: str | None) -> None:
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @click.option("--list", "list_", is_flag=True, help="list the benchmarks")
+@click.option("--scale", type=click.IntRange(2, 16), default=None,
+              help="trainer: N trainers (with N parameter-server shards) vs 1 on the same samples")
 @config_option
-def bench(name: str | None, as_json: bool, list_: bool, config: str | None) -> None:
+def bench(name: str | None, as_json: bool, list_: bool, scale: int | None, config: str | None) -> None:
     """Run a benchmark under bench/ (ratios measured side by side in one run)."""
     from bench import registry
     if list_ or not name:
@@ -236,9 +238,12 @@ def bench(name: str | None, as_json: bool, list_: bool, config: str | None) -> N
             click.echo(f"{n:<20} {doc}")
         return
     try:
-        result = registry.run(name, _cfg(config))
+        options = {"scale": scale} if scale is not None else {}
+        result = registry.run(name, _cfg(config), **options)
     except KeyError:
         raise click.ClickException(f"unknown benchmark {name!r}; `odl bench --list`") from None
+    except TypeError as exc:
+        raise click.ClickException(f"{name}: {exc}") from None
     click.echo(registry.render(name, result, as_json))
 
 

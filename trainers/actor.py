@@ -65,6 +65,10 @@ class TrainerActorImpl:
     def metrics(self) -> dict[str, Any]:
         return self.trainer.metrics()
 
+    def samples_trained(self) -> int:
+        """A cheap progress probe (``metrics`` asks the tables for their occupancy)."""
+        return self.trainer.trained
+
     # --- training-group protocol (trainers.coordinator) --------------------------------------
     def hold(self) -> None:
         self.loop.hold()

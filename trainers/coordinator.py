@@ -180,12 +180,13 @@ class TrainingGroupImpl:
     def embedding_changes(self, since):
         """(marks, {table: {ids, vectors, removed, complete}}) from every shard; pass the marks
         back next time (0 = everything)."""
-        return self.tables.changes(since)
+        return self._built().changes(since)
 
     def snapshot(self) -> dict[str, Any]:
         """The average of the trainers' dense weights (what the averager converges them to) and
         what a manifest needs."""
         import ray
+        self._built()
         copies = ray.get([t.dense_weights.remote() for t in self.trainers])
         weights = {k: np.mean([c[k] for c in copies], axis=0).astype(copies[0][k].dtype)
                    for k in copies[0]}
@@ -198,6 +199,8 @@ class TrainingGroupImpl:
     def metrics(self) -> dict[str, Any]:
         """The group's figures: sums of counts, the mean of the members' window AUC and loss."""
         import ray
+        if self.tables is None:
+            return {"samples_trained": 0, "step": 0, "state": "starting"}
         members = ray.get([t.metrics.remote() for t in self.trainers])
         occ = self.tables.occupancy()
         finite = lambda key: [x[key] for x in members if x[key] is not None and math.isfinite(x[key])]  # noqa: E731
@@ -219,6 +222,15 @@ class TrainingGroupImpl:
                 **{f"rows_{k}": v["rows"] for k, v in occ.items()}, "tables": occ,
                 "members": [{k: x[k] for k in ("samples_trained", "step", "auc", "positions")}
                             for x in members]}
+
+    def samples_trained(self) -> int:
+        import ray
+        return sum(ray.get([t.samples_trained.remote() for t in self.trainers])) if self.tables else 0
+
+    def _built(self) -> ShardedTables:
+        if self.tables is None:
+            raise RuntimeError("the training group is still starting")
+        return self.tables
 
     def _probe(self) -> tuple[str, str | None, dict[str, Any]]:
         return ("paused" if self.heartbeat.paused else "running"), None, self.summary

@@ -42,6 +42,7 @@ class TrainerLoop:
         self.state = "starting"
         self._hold = threading.Event()      # the coordinator asks the loop to stop between steps
         self._parked = threading.Event()    # ... and the loop says it has
+        self._ended = threading.Event()     # run() has returned or raised
         self._last_sync = self.trainer.model.step
 
     def heartbeat(self) -> None:
@@ -53,14 +54,18 @@ class TrainerLoop:
         """Return once the loop is parked between steps (the model untouched until release)."""
         self._parked.clear()
         self._hold.set()
-        if not self._parked.wait(timeout_s):
-            self._hold.clear()
-            raise TimeoutError(f"{self.instance} did not reach a step boundary in {timeout_s}s")
+        deadline = time.monotonic() + timeout_s
+        while not self._parked.wait(0.05):
+            if self._ended.is_set() or time.monotonic() > deadline:
+                self._hold.clear()
+                raise TimeoutError(f"{self.instance} did not reach a step boundary "
+                                   f"({'its loop ended' if self._ended.is_set() else f'{timeout_s}s'})")
 
     def release(self) -> None:
         self._hold.clear()
 
     def _park(self) -> None:
+        self.trainer.model.flush()   # gradients in flight reach the shards before they checkpoint
         self._parked.set()
         while self._hold.is_set() and not self.stop_event.is_set():
             time.sleep(0.002)
@@ -128,6 +133,7 @@ class TrainerLoop:
                 pass
             return self.trainer.metrics()
         finally:
+            self._ended.set()
             self.trainer.close()
 
 

@@ -202,6 +202,9 @@ class CTRModel:
             i = self.tables["item"].rows_of(batch.item_ids)
             return self._predict(u, i, *self._context(batch)).numpy()
 
+    def flush(self) -> None:
+        """Make every update so far visible to other readers (a no-op for in-process tables)."""
+
     def score_and_train(self, batch: Batch) -> tuple[np.ndarray, float]:
         """Progressive validation: the batch's scores before the update, then the update."""
         with self.lock:

@@ -165,18 +165,27 @@ class ShardedTables:
 
     def __init__(self, shards: list[Any], remote: bool = False):
         self.shards, self.remote = shards, remote
+        self._unconfirmed: list[Any] = []   # refs of applies not yet known to have succeeded
 
-    def _call_all(self, method: str, per_shard: list[tuple]) -> list:
-        """Call ``method`` on every shard with its arguments (None: skip it); results in order."""
+    def _call_all(self, method: str, per_shard: list[tuple], wait: bool = True) -> list:
+        """Call ``method`` on every shard with its arguments (None: skip it); results in order
+        (``wait=False``: the remote calls' refs)."""
         calls = []
         for s, args in zip(self.shards, per_shard):
             if args is not None:
                 f = getattr(s, method)
                 calls.append(f.remote(*args) if self.remote else f(*args))
-        if self.remote:
+        if self.remote and wait:
             import ray
             return ray.get(calls)
         return calls
+
+    def flush(self) -> None:
+        """Wait until every gradient sent so far is applied (raises if a shard failed)."""
+        if self._unconfirmed:
+            import ray
+            refs, self._unconfirmed = self._unconfirmed, []
+            ray.get(refs)
 
     def _split(self, ids: np.ndarray) -> list[np.ndarray]:
         owner = shard_of(ids, len(self.shards))
@@ -191,6 +200,8 @@ class ShardedTables:
         for k in range(len(self.shards)):
             mine = {t: ids[t][parts[t][k]] for t in ids if len(parts[t][k])}
             args.append((mine, clock_ms, train) if mine else None)
+        if len(self._unconfirmed) > 2 * len(self.shards):   # surface a failed apply soon
+            self.flush()
         results = iter(self._call_all("lookup", args))
         out = {t: (np.zeros((len(v), dim), np.float32), np.zeros(len(v), bool)) for t, v in ids.items()}
         for k, a in enumerate(args):
@@ -202,9 +213,12 @@ class ShardedTables:
         return out
 
     def apply(self, grads: dict[str, tuple[np.ndarray, np.ndarray]], step: int) -> None:
-        """Sum per-sample gradients per id and send each shard its part."""
+        """Sum per-sample gradients per id and send each shard its part.  Remote applies are not
+        waited for: a shard runs one caller's calls in order, so this trainer's next lookup sees
+        them; ``flush`` confirms them (before a checkpoint, and every few steps)."""
         summed = {}
         for t, (ids, g) in grads.items():
+            # in sample order, as TF's segment sum in a local table's step: the same float sums
             uniq, inverse = np.unique(np.asarray(ids, np.int64), return_inverse=True)
             s = np.zeros((len(uniq), g.shape[1]), np.float32)
             np.add.at(s, inverse, g)
@@ -213,7 +227,9 @@ class ShardedTables:
         for k in range(len(self.shards)):
             mine = {t: (u[p[k]], s[p[k]]) for t, (u, s, p) in summed.items() if len(p[k])}
             args.append((mine, step) if mine else None)
-        self._call_all("apply", args)
+        refs = self._call_all("apply", args, wait=False)
+        if self.remote:
+            self._unconfirmed.extend(refs)
 
     def changes(self, since: list[int] | int) -> tuple[list[int], dict[str, dict]]:
         """Every shard's changes after its mark in ``since`` (0 or a list from a previous call:
@@ -283,6 +299,9 @@ class ShardedCTRModel(CTRModel):
                                "item": (batch.item_ids, g_i.numpy())}, step)
             self.step = step
             return scores, float(loss)
+
+    def flush(self) -> None:
+        self.remote.flush()
 
     def embedding_changes(self, since) -> tuple[list[int], dict[str, dict]]:
         return self.remote.changes(since)
