@@ -1,0 +1,149 @@
+"""The optimised serving module: the passes applied to the serving function, split into a cache
+function (weight-only work) and a per-request function (XLA-compiled, padded to batch buckets).
+
+* **Cache (the CallGraphOp idea).**  Every tensor of the cache frontier
+  (``exporters.graph.analysis``) lives in a variable.  ``serving_default`` recomputes them when
+  the weights changed since the last refresh, after ``every_n_calls`` calls, or after
+  ``every_s`` seconds -- a ``tf.cond`` in the graph, so a plain ``tf.saved_model.load`` behaves
+  the same -- and ``apply_weights`` (the in-place dense refresh) recomputes them at once.
+* **Per-request function**: reads the cache variables, the weights it still needs directly and
+  the request; compiled with XLA (``jit_compile``), so on a GPU it could be captured as a CUDA
+  graph, while the cache function stays outside it.  Requests are padded up to the next batch
+  bucket (and beyond the largest, to a multiple of it) so XLA compiles a few shapes once
+  (``warm``), not one per batch size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from exporters.graph.analysis import TracedGraph, cache_frontier, node_of, request_nodes, trace
+from exporters.graph.passes import fold_batchnorm, fold_constants, graph_function, prune_dead
+
+DEFAULT_BUCKETS = (1, 8, 64, 512)
+
+
+@dataclass
+class CachePolicy:
+    every_n_calls: int = 1000
+    every_s: float = 5.0
+
+
+@dataclass
+class PassReport:
+    """What the passes did, for tests, the benchmark and the manifest."""
+    folded_batchnorms: int = 0
+    folded_constants: int = 0
+    pruned_nodes: int = 0
+    cached_tensors: list[str] = field(default_factory=list)
+    request_ops_before: dict[str, int] = field(default_factory=dict)
+    request_ops_after: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def optimise(tg: TracedGraph) -> tuple[TracedGraph, PassReport]:
+    """Run the passes in order and report their effect on the per-request graph."""
+    rep = PassReport(request_ops_before=tg.op_counts(request_nodes(tg)))
+    tg, rep.folded_constants = fold_constants(tg)
+    tg, rep.folded_batchnorms = fold_batchnorm(tg)
+    tg, rep.pruned_nodes = prune_dead(tg)
+    rep.cached_tensors = cache_frontier(tg)
+    rep.request_ops_after = tg.op_counts(request_nodes(tg))
+    return tg, rep
+
+
+class OptimisedModule(tf.Module):
+    def __init__(self, fn: Callable, weights: dict[str, np.ndarray],
+                 request_specs: dict[str, tf.TensorSpec], output: str,
+                 policy: CachePolicy = CachePolicy(), buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+        super().__init__(name="odl_ctr_optimised")
+        tg, self.report = optimise(trace(fn, weights, request_specs))
+        self.keys = tg.weight_keys
+        self.weights = [tf.Variable(weights[k], trainable=False, name=k.replace("/", "_"))
+                        for k in self.keys]
+        placeholder = dict(zip(tg.weights, range(len(tg.weights))))
+        frontier = self.report.cached_tensors
+        # weights the per-request graph reads directly (not through the cache)
+        req = request_nodes(tg)
+        nodes = tg.nodes()
+        direct = sorted({placeholder[node_of(i)] for n in req for i in nodes[n].input
+                         if node_of(i) in placeholder})
+        self._direct = direct
+        self._cache_fn = graph_function(tg.graph_def, [f"{w}:0" for w in tg.weights], frontier)
+        self._request_fn = graph_function(
+            tg.graph_def, [f"{tg.weights[i]}:0" for i in direct] + frontier
+            + [f"{r}:0" for r in tg.requests], tg.outputs)
+        # the cache starts computed from the exported weights (its shapes come from them too)
+        first = self._cache_fn(*[w.read_value() for w in self.weights])
+        self.cache = [tf.Variable(v, trainable=False, name=f"cache_{k}") for k, v in enumerate(first)]
+        self.weights_version = tf.Variable(1, dtype=tf.int64, trainable=False)
+        self.cache_version = tf.Variable(1, dtype=tf.int64, trainable=False)
+        self.calls_since = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.cache_time = tf.Variable(0.0, dtype=tf.float64, trainable=False)
+        self.refreshes = tf.Variable(0, dtype=tf.int64, trainable=False)
+        self.every_n = tf.constant(policy.every_n_calls, tf.int64)
+        self.every_s = tf.constant(policy.every_s, tf.float64)
+        self.buckets = tf.constant(sorted(buckets), tf.int32)
+        self._max_bucket = max(buckets)
+        self._output = output
+        self._specs = request_specs
+        self.request = tf.function(self._request, jit_compile=True)
+        self.serve = tf.function(self._serve, input_signature=list(request_specs.values()))
+        self.apply_weights = tf.function(self._apply_weights, input_signature=[
+            tf.TensorSpec(v.shape, v.dtype, name=k.replace("/", "_"))
+            for k, v in zip(self.keys, self.weights)])
+        self.refresh_cache = tf.function(self._refresh, input_signature=[])
+
+    # --- the cache -----------------------------------------------------------------------------
+    def _refresh(self):
+        values = self._cache_fn(*[w.read_value() for w in self.weights])
+        for var, value in zip(self.cache, values):
+            var.assign(value)
+        self.cache_version.assign(self.weights_version)
+        self.calls_since.assign(0)
+        self.cache_time.assign(tf.timestamp())
+        self.refreshes.assign_add(1)
+        return self.refreshes.read_value()
+
+    def _maybe_refresh(self):
+        stale = tf.logical_or(
+            tf.not_equal(self.cache_version, self.weights_version),
+            tf.logical_or(self.calls_since >= self.every_n,
+                          tf.timestamp() - self.cache_time >= self.every_s))
+        tf.cond(stale, self._refresh, lambda: self.refreshes.read_value())
+
+    def _apply_weights(self, *values):
+        """Replace the weights in place (a dense refresh) and recompute the cache at once."""
+        for var, value in zip(self.weights, values):
+            var.assign(value)
+        self.weights_version.assign_add(1)
+        return self._refresh()
+
+    # --- per request ---------------------------------------------------------------------------
+    def _request(self, *args):
+        return self._request_fn(*args)[0]
+
+    def _pad_to(self, n):
+        i = tf.searchsorted(self.buckets, tf.reshape(n, [1]))[0]
+        beyond = (n + self._max_bucket - 1) // self._max_bucket * self._max_bucket
+        return tf.where(i < tf.size(self.buckets), tf.gather(self.buckets, tf.minimum(i, tf.size(self.buckets) - 1)), beyond)
+
+    def _serve(self, *inputs):
+        self._maybe_refresh()
+        self.calls_since.assign_add(1)
+        n = tf.shape(inputs[0])[0]
+        size = self._pad_to(n)
+        padded = [tf.pad(x, [[0, size - n]] + [[0, 0]] * (len(x.shape) - 1)) for x in inputs]
+        out = self.request(*[self.weights[i].read_value() for i in self._direct],
+                           *[c.read_value() for c in self.cache], *padded)
+        return {self._output: out[:n]}
+
+    def warm(self) -> None:
+        """Compile every bucket now (load time), not on the first request of each size."""
+        for b in self.buckets.numpy().tolist():
+            self.serve(*[tf.zeros([b] + list(s.shape[1:]), s.dtype) for s in self._specs.values()])

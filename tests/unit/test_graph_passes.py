@@ -1,0 +1,129 @@
+"""The serving-graph passes, each on its own: what it promises (ops gone, tensors cached, cache
+refreshed) and that predictions equal the plain model's within 1e-5."""
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from exporters import savedmodel
+from exporters.graph.analysis import cache_frontier, request_nodes, trace, weight_only
+from exporters.graph.module import CachePolicy, OptimisedModule
+from exporters.graph.passes import fold_batchnorm, fold_constants, graph_function, prune_dead
+from odl.config import TrainerConfig
+from trainers.model import init_dense
+
+D = 8
+
+
+@pytest.fixture(scope="module")
+def weights():
+    """Trained-looking weights: BatchNorm statistics away from their initial 0 / 1."""
+    w = init_dense(TrainerConfig(tables={t: {"dim": D, "capacity": 1000} for t in ("user", "item")},
+                                 batch_size=64))
+    rng = np.random.default_rng(0)
+    for k in w:
+        if k.startswith("bn_"):
+            w[k] = (w[k] + rng.random(w[k].shape)).astype(np.float32)
+    return w
+
+
+def requests(n: int, seed: int = 1) -> list[tf.Tensor]:
+    rng = np.random.default_rng(seed)
+    return [tf.constant(rng.normal(size=(n, D)).astype(np.float32)),
+            tf.constant(rng.normal(size=(n, D)).astype(np.float32)),
+            tf.constant(rng.integers(-3, 120, n)), tf.constant(rng.integers(0, 50, n))]
+
+
+def run(tg, weights, req):
+    f = graph_function(tg.graph_def, [f"{p}:0" for p in tg.weights + tg.requests], tg.outputs)
+    return f(*[tf.constant(weights[k]) for k in tg.weight_keys], *req)[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def traced(weights):
+    return trace(savedmodel.serving_fn, weights, savedmodel.request_specs(D))
+
+
+def test_analysis_finds_the_weight_only_subgraphs(traced):
+    wo = weight_only(traced)
+    nodes = traced.nodes()
+    # the BatchNorm scale/offset arithmetic and the position table's size, not the matmuls
+    assert {nodes[n].op for n in wo} >= {"Rsqrt", "Sub", "StridedSlice"}
+    assert not any(nodes[n].op == "MatMul" for n in wo)
+    assert all(n not in wo for n in traced.requests)
+    frontier = cache_frontier(traced)
+    assert len(frontier) >= 4 and all(t.endswith(":0") for t in frontier)
+
+
+def test_fold_constants_turns_constant_subgraphs_into_constants(traced, weights):
+    folded, n = fold_constants(traced)
+    assert n >= 1          # the position table's size (a static shape, sliced and decremented)
+    req = requests(50)
+    np.testing.assert_allclose(run(folded, weights, req), run(traced, weights, req), atol=1e-6)
+
+
+def test_fold_batchnorm_removes_two_request_ops_per_layer(traced, weights):
+    folded, n = fold_batchnorm(traced)
+    assert n == 2          # two dense layers with BatchNorm
+    before, after = (g.op_counts(request_nodes(g)) for g in (traced, folded))
+    assert after["Mul"] == before["Mul"] - 2 and after["AddV2"] == before["AddV2"] - 2
+    assert after["MatMul"] == before["MatMul"]
+    req = requests(300)
+    np.testing.assert_allclose(run(folded, weights, req), run(traced, weights, req), atol=1e-5)
+    # the folded kernels and biases are weight-only: the cache computes them
+    assert sum("folded_kernel" in t for t in cache_frontier(folded)) == 2
+
+
+def test_prune_dead_keeps_the_signature(traced):
+    pruned, _ = prune_dead(traced)
+    assert set(pruned.weights + pruned.requests) <= {n.name for n in pruned.graph_def.node}
+
+
+def test_module_predicts_like_the_plain_model_at_every_bucket(weights):
+    plain = savedmodel.ServingModule(weights, D)
+    opt = OptimisedModule(savedmodel.serving_fn, weights, savedmodel.request_specs(D), "probability")
+    for n in (1, 3, 64, 100, 512, 700):       # 700: beyond the largest bucket
+        req = requests(n, seed=n)
+        got = opt.serve(*req)["probability"].numpy()
+        assert got.shape == (n,)
+        np.testing.assert_allclose(got, plain.serve(*req)["probability"].numpy(), atol=1e-5)
+
+
+def test_cache_refreshes_on_new_weights_by_count_and_by_time(weights):
+    opt = OptimisedModule(savedmodel.serving_fn, weights, savedmodel.request_specs(D), "probability",
+                          CachePolicy(every_n_calls=5, every_s=3600))
+    req = requests(16)
+    opt.serve(*req)
+    start = int(opt.refreshes.numpy())
+    for _ in range(4):
+        opt.serve(*req)
+    assert int(opt.refreshes.numpy()) == start      # 5 calls since the last refresh
+    opt.serve(*req)
+    assert int(opt.refreshes.numpy()) == start + 1  # the 6th call saw the count reached
+
+    # new weights: applied in place, the cache recomputed at once, predictions follow
+    w2 = {k: (v * 1.1 if k.startswith("bn_") or k.startswith("dense_") else v).astype(np.float32)
+          for k, v in weights.items()}
+    opt.apply_weights(*[tf.constant(w2[k]) for k in opt.keys])
+    assert int(opt.refreshes.numpy()) == start + 2
+    want = savedmodel.ServingModule(w2, D).serve(*req)["probability"].numpy()
+    np.testing.assert_allclose(opt.serve(*req)["probability"].numpy(), want, atol=1e-5)
+
+    timed = OptimisedModule(savedmodel.serving_fn, weights, savedmodel.request_specs(D),
+                            "probability", CachePolicy(every_n_calls=10**9, every_s=0.0))
+    before = int(timed.refreshes.numpy())
+    timed.serve(*req)
+    timed.serve(*req)
+    assert int(timed.refreshes.numpy()) == before + 2   # every call is "T seconds" later
+
+
+def test_optimised_savedmodel_loads_in_plain_tensorflow(tmp_path, weights):
+    report = savedmodel.save_optimised(weights, D, tmp_path / "opt")
+    assert report["folded_batchnorms"] == 2
+    loaded = tf.saved_model.load(str(tmp_path / "opt"))
+    sig = loaded.signatures["serving_default"]
+    req = requests(64)
+    names = ["user_emb", "item_emb", "position", "hour"]
+    got = sig(**dict(zip(names, req)))["probability"].numpy()
+    want = savedmodel.ServingModule(weights, D).serve(*req)["probability"].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert {"apply_weights", "refresh_cache"} <= set(loaded.signatures)
