@@ -29,6 +29,7 @@ class Prefetcher:
         self._chunks: queue.Queue[Records] = queue.Queue(maxsize=max_chunks)
         self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()
         self._carry = Records.empty()
+        self.waited_s = 0.0   # time take() spent waiting for records: the trainer starved
         self._poll_records = poll_records
         self._stop = threading.Event()
         self._error: BaseException | None = None
@@ -97,9 +98,17 @@ class Prefetcher:
         while have < want:
             left = deadline - time.monotonic()
             try:
-                chunk = self._chunks.get(timeout=left) if left > 0 else self._chunks.get_nowait()
-            except queue.Empty:
-                break
+                chunk = self._chunks.get_nowait()
+            except queue.Empty:   # the trainer waits for the stream: count it ("starved")
+                if left <= 0:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    chunk = self._chunks.get(timeout=left)
+                except queue.Empty:
+                    break
+                finally:
+                    self.waited_s += time.perf_counter() - t0
             need = want - have
             out.append(chunk[:need])
             self._carry = chunk[need:]
