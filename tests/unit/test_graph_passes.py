@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from exporters import savedmodel
 from exporters.graph.analysis import cache_frontier, request_nodes, trace, weight_only
-from exporters.graph.module import CachePolicy, OptimisedModule
+from exporters.graph.module import CachePolicy, CacheRefresher, OptimisedModule
 from exporters.graph.passes import fold_batchnorm, fold_constants, graph_function, prune_dead
 from odl.config import TrainerConfig
 from trainers.model import init_dense
@@ -88,32 +88,34 @@ def test_module_predicts_like_the_plain_model_at_every_bucket(weights):
         np.testing.assert_allclose(got, plain.serve(*req)["probability"].numpy(), atol=1e-5)
 
 
-def test_cache_refreshes_on_new_weights_by_count_and_by_time(weights):
-    opt = OptimisedModule(savedmodel.serving_fn, weights, savedmodel.request_specs(D), "probability",
-                          CachePolicy(every_n_calls=5, every_s=3600))
+def test_apply_weights_recomputes_the_cache_at_once(weights):
+    opt = OptimisedModule(savedmodel.serving_fn, weights, savedmodel.request_specs(D), "probability")
     req = requests(16)
-    opt.serve(*req)
     start = int(opt.refreshes.numpy())
-    for _ in range(4):
-        opt.serve(*req)
-    assert int(opt.refreshes.numpy()) == start      # 5 calls since the last refresh
-    opt.serve(*req)
-    assert int(opt.refreshes.numpy()) == start + 1  # the 6th call saw the count reached
-
-    # new weights: applied in place, the cache recomputed at once, predictions follow
-    w2 = {k: (v * 1.1 if k.startswith("bn_") or k.startswith("dense_") else v).astype(np.float32)
+    old_cache = [c.numpy() for c in opt.cache]
+    w2 = {k: (v * 1.1 if k.startswith(("bn_", "dense_")) else v).astype(np.float32)
           for k, v in weights.items()}
     opt.apply_weights(*[tf.constant(w2[k]) for k in opt.keys])
-    assert int(opt.refreshes.numpy()) == start + 2
+    assert int(opt.refreshes.numpy()) == start + 1
     want = savedmodel.ServingModule(w2, D).serve(*req)["probability"].numpy()
     np.testing.assert_allclose(opt.serve(*req)["probability"].numpy(), want, atol=1e-5)
+    # the request path reads the cache: a stale cache serves stale folded weights ...
+    for c, v in zip(opt.cache, old_cache):
+        c.assign(v)
+    assert np.abs(opt.serve(*req)["probability"].numpy() - want).max() > 1e-4
+    opt.refresh_cache()                       # ... until it is recomputed
+    np.testing.assert_allclose(opt.serve(*req)["probability"].numpy(), want, atol=1e-5)
 
-    timed = OptimisedModule(savedmodel.serving_fn, weights, savedmodel.request_specs(D),
-                            "probability", CachePolicy(every_n_calls=10**9, every_s=0.0))
-    before = int(timed.refreshes.numpy())
-    timed.serve(*req)
-    timed.serve(*req)
-    assert int(timed.refreshes.numpy()) == before + 2   # every call is "T seconds" later
+
+def test_cache_refresher_by_count_and_by_time():
+    now = [0.0]
+    calls = []
+    r = CacheRefresher(lambda: calls.append(now[0]), CachePolicy(every_n_calls=5, every_s=10.0),
+                       clock=lambda: now[0])
+    assert [r.on_call() for _ in range(5)] == [False] * 4 + [True]   # the 5th call
+    now[0] = 10.0
+    assert r.on_call() and calls == [0.0, 10.0]                       # 10 s later
+    assert not r.on_call()
 
 
 def test_optimised_savedmodel_loads_in_plain_tensorflow(tmp_path, weights):
