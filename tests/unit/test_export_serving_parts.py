@@ -5,6 +5,8 @@ import pytest
 import tensorflow as tf
 
 from bench.registry import BenchResult, available, render
+from bench.registry import run as registry_run
+from odl.config import Config
 from exporters import savedmodel
 from exporters.exporter import quality_gate
 from exporters.registry import Manifest, ModelStore
@@ -86,6 +88,9 @@ def test_bench_registry_and_result_line():
     text = render("x", BenchResult({"ratio": 1.5, "n": 3}, ["figures"]), as_json=False)
     assert text.splitlines()[-1] == "RESULT x ratio=1.5 n=3"
     assert '"ratio": 1.5' in render("x", BenchResult({"ratio": 1.5}), as_json=True)
+    assert {"trainer", "serving-graph"} <= set(available())
+    with pytest.raises(TypeError, match="--scale"):   # a benchmark without options refuses them
+        registry_run("redis-embeddings", Config(), scale=2)
 
 
 def test_svg_chart():

@@ -129,3 +129,13 @@ def test_optimised_savedmodel_loads_in_plain_tensorflow(tmp_path, weights):
     want = savedmodel.ServingModule(weights, D).serve(*req)["probability"].numpy()
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert {"apply_weights", "refresh_cache"} <= set(loaded.signatures)
+
+
+def test_keras_reference_is_the_same_model(weights):
+    """The benchmark's baseline must compute what the trainer's forward pass computes."""
+    from exporters import keras_reference
+    model = keras_reference.build(weights, D)
+    req = requests(40)
+    got = np.asarray(model(req)).reshape(-1)
+    want = savedmodel.ServingModule(weights, D).serve(*req)["probability"].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-5)

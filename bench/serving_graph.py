@@ -1,0 +1,140 @@
+"""`odl bench serving-graph`: the optimised SavedModel (``exporters.graph``: folded constants and
+BatchNorms, the weight-only cache, the XLA per-request function on batch buckets) vs the plain
+Keras SavedModel of the same weights (``exporters.keras_reference``), both written to disk and
+loaded with ``tf.saved_model.load(...).signatures["serving_default"]``, at batch 1, 64 and 512.
+
+Rounds alternate between the two models (this VM's neighbours move single figures by +-30%);
+each figure is the median round.  A last pass repeats the optimised model while a thread applies
+new weights every second through its ``apply_weights`` signature (the cache must keep the gain).
+"""
+from __future__ import annotations
+
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from bench.registry import BenchResult
+from exporters import keras_reference, savedmodel
+from odl.config import Config
+from trainers.model import init_dense
+
+DESCRIPTION = "optimised serving graph vs plain Keras SavedModel: throughput, p50/p99 at 1/64/512"
+BATCHES = (1, 64, 512)
+ROUNDS = 7
+CALLS = 150
+NAMES = ("user_emb", "item_emb", "position", "hour")
+
+
+def _weights(cfg: Config) -> dict[str, np.ndarray]:
+    """The configured network with trained-looking BatchNorm statistics."""
+    w = init_dense(cfg.trainer)
+    rng = np.random.default_rng(0)
+    for k in w:
+        if k.startswith("bn_"):
+            w[k] = (w[k] + rng.random(w[k].shape)).astype(np.float32)
+    return w
+
+
+def _request(batch: int, dim: int, seed: int) -> dict[str, tf.Tensor]:
+    rng = np.random.default_rng(seed)
+    return dict(zip(NAMES, [tf.constant(rng.normal(size=(batch, dim)).astype(np.float32)),
+                            tf.constant(rng.normal(size=(batch, dim)).astype(np.float32)),
+                            tf.constant(rng.integers(0, 100, batch)),
+                            tf.constant(rng.integers(0, 24, batch))]))
+
+
+def _round(fn, req) -> list[float]:
+    out = []
+    for _ in range(CALLS):
+        t = time.perf_counter()
+        fn(**req)
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def _measure(models: dict, req, rounds: int = ROUNDS, min_s: float = 0.0) -> dict[str, dict[str, float]]:
+    """Alternating rounds of every model; at least ``rounds`` and at least ``min_s`` seconds."""
+    for fn in models.values():
+        for _ in range(30):
+            fn(**req)
+    lat: dict[str, list[float]] = {name: [] for name in models}
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    start, done = time.monotonic(), 0
+    while done < rounds or time.monotonic() - start < min_s:
+        done += 1
+        for name, fn in models.items():
+            r = _round(fn, req)
+            lat[name].extend(r)
+            rates[name].append(len(r) / sum(r))
+    batch = int(req["user_emb"].shape[0])
+    return {name: {"rows_per_s": float(np.median(rates[name])) * batch,
+                   "p50_ms": float(np.percentile(lat[name], 50)) * 1000,
+                   "p99_ms": float(np.percentile(lat[name], 99)) * 1000} for name in models}
+
+
+def run(cfg: Config) -> BenchResult:
+    weights = _weights(cfg)
+    dim = cfg.trainer.embedding_dim
+    with tempfile.TemporaryDirectory(prefix="odl-bench-graph-") as tmp:
+        keras_reference.export(weights, dim, Path(tmp) / "keras")
+        report = savedmodel.save_optimised(weights, dim, Path(tmp) / "optimised")
+        keras_sig = tf.saved_model.load(str(Path(tmp) / "keras")).signatures["serving_default"]
+        opt_model = tf.saved_model.load(str(Path(tmp) / "optimised"))
+        opt_sig = opt_model.signatures["serving_default"]
+        models = {"keras": keras_sig, "optimised": opt_sig}
+        lines, result = [], {}
+        check = _request(64, dim, 99)
+        diff = float(np.abs(list(keras_sig(**check).values())[0].numpy().reshape(-1)
+                            - opt_sig(**check)["probability"].numpy()).max())
+        figures = {}
+        for b in BATCHES:
+            figures[b] = m = _measure(models, _request(b, dim, b))
+            ratio = m["optimised"]["rows_per_s"] / m["keras"]["rows_per_s"]
+            result[f"ratio{b}"] = round(ratio, 3)
+            for name in models:
+                lines.append(f"batch {b:>3} {name:<10} {m[name]['rows_per_s']:>12,.0f} rows/s  "
+                             f"p50 {m[name]['p50_ms']:.3f} ms  p99 {m[name]['p99_ms']:.3f} ms")
+            lines.append(f"batch {b:>3} ratio {ratio:.2f}")
+
+        # the optimised model while weights are applied every second
+        apply = opt_model.signatures["apply_weights"]
+        keys = sorted(weights)
+        stop = threading.Event()
+        applied = [0]
+
+        def refresher():
+            rng = np.random.default_rng(1)
+            while not stop.wait(1.0):
+                new = {k.replace("/", "_"): tf.constant(
+                    (weights[k] * (1 + 0.01 * rng.standard_normal(weights[k].shape))).astype(np.float32))
+                    for k in keys}
+                apply(**new)
+                applied[0] += 1
+        t = threading.Thread(target=refresher, daemon=True)
+        t.start()
+        try:
+            refreshed = {b: _measure({"optimised": opt_sig, "keras": keras_sig},
+                                     _request(b, dim, b), rounds=3, min_s=4.0) for b in (64, 512)}
+        finally:
+            stop.set()
+            t.join()
+        for b, m in refreshed.items():
+            ratio = m["optimised"]["rows_per_s"] / m["keras"]["rows_per_s"]
+            result[f"ratio{b}_refreshing"] = round(ratio, 3)
+            lines.append(f"batch {b:>3} with weights applied every second: optimised "
+                         f"{m['optimised']['rows_per_s']:,.0f} rows/s, ratio {ratio:.2f}")
+    lines.insert(0, f"network: hidden {list(cfg.trainer.hidden_units)}, {cfg.trainer.cross_layers} "
+                    f"cross layers, dim {dim}; passes: {report['folded_batchnorms']} BatchNorms and "
+                    f"{report['folded_constants']} constants folded, {len(report['cached_tensors'])} "
+                    f"cached tensors; max |optimised - keras| = {diff:.2e}")
+    lines.append(f"weight refreshes applied during the last pass: {applied[0]}")
+    for b in BATCHES:
+        for name in ("optimised", "keras"):
+            result[f"{name}{b}_rows_per_s"] = round(figures[b][name]["rows_per_s"])
+            result[f"{name}{b}_p99_ms"] = round(figures[b][name]["p99_ms"], 3)
+    result["max_abs_diff"] = diff
+    return BenchResult(result, lines)
