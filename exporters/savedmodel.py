@@ -60,15 +60,15 @@ def save(weights: dict[str, np.ndarray], embedding_dim: int, path: Path) -> None
 
 
 def save_optimised(weights: dict[str, np.ndarray], embedding_dim: int, path: Path,
-                   policy: "CachePolicy | None" = None) -> dict:
+                   policy: "CachePolicy | None" = None, jit: bool | None = None) -> dict:
     """The optimised SavedModel (``exporters.graph``): ``serving_default`` as the plain one's,
     plus ``apply_weights`` (in-place dense refresh) and ``refresh_cache``.  Returns the passes'
     report."""
     from exporters.graph.module import CachePolicy, OptimisedModule
     module = OptimisedModule(serving_fn, weights, request_specs(embedding_dim), "probability",
-                             policy or CachePolicy())
+                             policy or CachePolicy(), jit=jit)
     module.warm()
     tf.saved_model.save(module, str(path), signatures={
         "serving_default": module.serve, "apply_weights": module.apply_weights,
         "refresh_cache": module.refresh_cache})
-    return module.report.to_dict()
+    return {**module.report.to_dict(), "xla": module.jit}

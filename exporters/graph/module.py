@@ -9,10 +9,11 @@ function (weight-only work) and a per-request function (XLA-compiled, padded to 
   behind the module's back) is ``CacheRefresher``, on the host: a ``tf.cond`` in
   ``serving_default`` measured ~100 us a call here, a quarter of the whole request.
 * **Per-request function**: reads the cache variables, the weights it still needs directly and
-  the request; compiled with XLA (``jit_compile``), so on a GPU it could be captured as a CUDA
-  graph, while the cache function stays outside it.  Requests are padded up to the next batch
-  bucket (and beyond the largest, to a multiple of it) so XLA compiles a few shapes once
-  (``warm``), not one per batch size.
+  the request.  With ``jit`` it is compiled with XLA (so on a GPU it could be captured as a CUDA
+  graph) while the cache function stays outside it, and requests are padded up to the next batch
+  bucket (beyond the largest, to a multiple of it) so XLA compiles a few shapes once (``warm``),
+  not one per batch size.  ``jit=None`` (the default) uses XLA when a GPU is visible: on these
+  CPUs XLA measured slower than TensorFlow's own kernels (docs/serving-graph.md).
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def optimise(tg: TracedGraph) -> tuple[TracedGraph, PassReport]:
 class OptimisedModule(tf.Module):
     def __init__(self, fn: Callable, weights: dict[str, np.ndarray],
                  request_specs: dict[str, tf.TensorSpec], output: str,
-                 policy: CachePolicy = CachePolicy(), buckets: tuple[int, ...] = DEFAULT_BUCKETS):
+                 policy: CachePolicy = CachePolicy(), buckets: tuple[int, ...] = DEFAULT_BUCKETS,
+                 jit: bool | None = None):
         super().__init__(name="odl_ctr_optimised")
         tg, self.report = optimise(trace(fn, weights, request_specs))
         self.keys = tg.weight_keys
@@ -91,7 +93,8 @@ class OptimisedModule(tf.Module):
         self._max_bucket = max(buckets)
         self._output = output
         self._specs = request_specs
-        self.request = tf.function(self._request, jit_compile=True)
+        self.jit = bool(tf.config.list_physical_devices("GPU")) if jit is None else jit
+        self.request = tf.function(self._request, jit_compile=True) if self.jit else self._request
         self.serve = tf.function(self._serve, input_signature=list(request_specs.values()))
         self.apply_weights = tf.function(self._apply_weights, input_signature=[
             tf.TensorSpec(v.shape, v.dtype, name=k.replace("/", "_"))
@@ -122,11 +125,13 @@ class OptimisedModule(tf.Module):
         return tf.where(i < tf.size(self.buckets), tf.gather(self.buckets, tf.minimum(i, tf.size(self.buckets) - 1)), beyond)
 
     def _serve(self, *inputs):
+        args = [self.weights[i].read_value() for i in self._direct] + [c.read_value() for c in self.cache]
+        if not self.jit:   # TensorFlow's kernels take any batch size: no padding
+            return {self._output: self.request(*args, *inputs)}
         n = tf.shape(inputs[0])[0]
         size = self._pad_to(n)
         padded = [tf.pad(x, [[0, size - n]] + [[0, 0]] * (len(x.shape) - 1)) for x in inputs]
-        out = self.request(*[self.weights[i].read_value() for i in self._direct],
-                           *[c.read_value() for c in self.cache], *padded)
+        out = self.request(*args, *padded)
         return {self._output: out[:n]}
 
     def warm(self) -> None:

@@ -78,9 +78,11 @@ def test_prune_dead_keeps_the_signature(traced):
     assert set(pruned.weights + pruned.requests) <= {n.name for n in pruned.graph_def.node}
 
 
-def test_module_predicts_like_the_plain_model_at_every_bucket(weights):
+@pytest.mark.parametrize("jit", [True, False])
+def test_module_predicts_like_the_plain_model_at_every_bucket(weights, jit):
     plain = savedmodel.ServingModule(weights, D)
-    opt = OptimisedModule(savedmodel.serving_fn, weights, savedmodel.request_specs(D), "probability")
+    opt = OptimisedModule(savedmodel.serving_fn, weights, savedmodel.request_specs(D), "probability",
+                          jit=jit)
     for n in (1, 3, 64, 100, 512, 700):       # 700: beyond the largest bucket
         req = requests(n, seed=n)
         got = opt.serve(*req)["probability"].numpy()
