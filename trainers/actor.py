@@ -78,7 +78,7 @@ class TrainerActorImpl:
 
     def checkpoint_epoch(self, epoch: int, kind: str) -> dict[str, Any]:
         """This trainer's part of group epoch ``epoch``; only while held."""
-        if not self.loop._parked.is_set():
+        if not self.loop.parked:
             raise RuntimeError("checkpoint_epoch needs the trainer held at a step boundary")
         t0 = time.perf_counter()
         info = self.trainer.checkpoint(kind, epoch=epoch)

@@ -64,6 +64,11 @@ class TrainerLoop:
     def release(self) -> None:
         self._hold.clear()
 
+    @property
+    def parked(self) -> bool:
+        """Held at a step boundary: the model and positions will not change until release."""
+        return self._parked.is_set()
+
     def _park(self) -> None:
         self.trainer.model.flush()   # gradients in flight reach the shards before they checkpoint
         self._parked.set()
