@@ -8,7 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from trainers.model import BN_EPSILON, NUM_HOURS, _cross_layers, _deep_layers
+from trainers.model import BN_EPSILON, NUM_HOURS, cross_layers, deep_layers
 
 
 @keras.saving.register_keras_serializable("odl")
@@ -39,12 +39,12 @@ def build(weights: dict[str, np.ndarray], embedding_dim: int) -> keras.Model:
                                      pos_emb(ops.clip(position, 0, n_pos - 1)),
                                      hour_emb(ops.mod(hour, NUM_HOURS))])
     x, crosses = x0, []
-    for n in range(_cross_layers(weights)):
+    for n in range(cross_layers(weights)):
         layer = Cross(name=f"cross_{n}")
         x = layer([x0, x])
         crosses.append(layer)
     h, deep = x0, []
-    for n in range(_deep_layers(weights)):
+    for n in range(deep_layers(weights)):
         dense = keras.layers.Dense(weights[f"dense_{n}/kernel"].shape[1], name=f"dense_{n}")
         h = dense(h)
         bn = None

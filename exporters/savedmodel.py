@@ -7,15 +7,11 @@ position and hour indices, and returns the click probability.  Its forward pass 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
 from trainers.model import ctr_logits
-
-if TYPE_CHECKING:
-    from exporters.graph.module import CachePolicy
 
 
 class ServingModule(tf.Module):
@@ -60,13 +56,13 @@ def save(weights: dict[str, np.ndarray], embedding_dim: int, path: Path) -> None
 
 
 def save_optimised(weights: dict[str, np.ndarray], embedding_dim: int, path: Path,
-                   policy: "CachePolicy | None" = None, jit: bool | None = None) -> dict:
+                   jit: bool | None = None) -> dict:
     """The optimised SavedModel (``exporters.graph``): ``serving_default`` as the plain one's,
-    plus ``apply_weights`` (in-place dense refresh) and ``refresh_cache``.  Returns the passes'
-    report."""
-    from exporters.graph.module import CachePolicy, OptimisedModule
+    plus ``apply_weights`` (in-place dense refresh) and ``refresh_cache`` (which a loader's
+    ``CacheRefresher`` calls on its policy).  Returns the passes' report."""
+    from exporters.graph.module import OptimisedModule
     module = OptimisedModule(serving_fn, weights, request_specs(embedding_dim), "probability",
-                             policy or CachePolicy(), jit=jit)
+                             jit=jit)
     module.warm()
     tf.saved_model.save(module, str(path), signatures={
         "serving_default": module.serve, "apply_weights": module.apply_weights,

@@ -65,6 +65,15 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def due_kind(full_interval_s: float, incremental_interval_s: float, have_any: bool,
+             last_full: float, last_incr: float, now: float) -> str | None:
+    """Which checkpoint is due: "full" first and every ``full_interval_s``, "incr" every
+    ``incremental_interval_s`` in between, else None (monotonic seconds)."""
+    if not have_any or now - last_full >= full_interval_s:
+        return "full"
+    return "incr" if now - last_incr >= incremental_interval_s else None
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` so that a crash leaves the old or the new file, never half."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")

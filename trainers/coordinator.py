@@ -22,9 +22,10 @@ from odl.config import Config
 from odl.control import ControlPlane, Heartbeater
 from odl.runtime import setup_logging
 from trainers.actor import TrainerActorImpl, serve_metrics
-from trainers.group import DenseAverager, GroupCommit, GroupMember, partitions_for
+from trainers.checkpoint import due_kind
+from trainers.group import DenseAverager, GroupCommit, GroupMember, average_weights, partitions_for
 from trainers.ps import EmbeddingShard, ShardedTables
-from trainers.streaming import checkpoint_dir
+from trainers.streaming import checkpoint_dir, publish_occupancy
 
 MAX_GROUP_RESTARTS = 10
 MEMBER_METRICS_OFFSET = 30      # trainer i of a group serves Prometheus on base_port + 30 + i
@@ -123,10 +124,9 @@ class TrainingGroupImpl:
                                 "seconds": round(time.perf_counter() - t0, 3)}
 
     def _due(self, last_full: float, last_incr: float) -> str | None:
-        ck, now = self.cfg.trainer.checkpoint, time.monotonic()
-        if self.epoch == 0 or now - last_full >= ck.full_interval_s:
-            return "full"
-        return "incr" if now - last_incr >= ck.incremental_interval_s else None
+        ck = self.cfg.trainer.checkpoint
+        return due_kind(ck.full_interval_s, ck.incremental_interval_s, self.epoch > 0,
+                        last_full, last_incr, time.monotonic())
 
     # --- the actor's API ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -187,9 +187,7 @@ class TrainingGroupImpl:
         what a manifest needs."""
         import ray
         self._built()
-        copies = ray.get([t.dense_weights.remote() for t in self.trainers])
-        weights = {k: np.mean([c[k] for c in copies], axis=0).astype(copies[0][k].dtype)
-                   for k in copies[0]}
+        weights = average_weights(ray.get([t.dense_weights.remote() for t in self.trainers]))
         m = self.metrics()
         return {"weights": weights, "step": m["step"], "metrics": m,
                 "offsets": {f"{m['topic']}:{p}": o for p, o in m["positions"].items()},
@@ -202,7 +200,7 @@ class TrainingGroupImpl:
         if self.tables is None:
             return {"samples_trained": 0, "step": 0, "state": "starting"}
         members = ray.get([t.metrics.remote() for t in self.trainers])
-        occ = self.tables.occupancy()
+        occ = publish_occupancy(self.tables.occupancy())
         finite = lambda key: [x[key] for x in members if x[key] is not None and math.isfinite(x[key])]  # noqa: E731
         total = lambda key: sum(x[key] for x in members)  # noqa: E731
         positions = {p: o for x in members for p, o in x["positions"].items()}

@@ -119,17 +119,20 @@ class DynamicEmbedding:
             get = self._rows.get
             return np.fromiter((get(i, 0) for i in np.asarray(ids).tolist()), np.int64, len(ids))
 
-    def lookup_train(self, ids: np.ndarray, clock_ms: int, step: int) -> np.ndarray:
+    def lookup_train(self, ids: np.ndarray, clock_ms: int, step: int, with_known: bool = False):
         """Rows for a training batch at event time ``clock_ms``; admits, counts, marks the rows
-        as changed at ``step`` (the caller updates them in that step)."""
+        as changed at ``step`` (the caller updates them in that step).  ``with_known`` also
+        returns, per id, whether it had a row before this call (scoring as before the update)."""
         with self.lock:
             uniq, inverse, counts = np.unique(np.asarray(ids, np.int64), return_inverse=True,
                                               return_counts=True)
             urows = np.zeros(len(uniq), np.int64)
+            known = np.zeros(len(uniq), bool)
             fresh: list[tuple[int, int]] = []
             protect: set[int] = set()
             for k, i in enumerate(uniq.tolist()):
                 r = self._rows.get(i)
+                known[k] = r is not None
                 if r is None and self._admit(i, int(counts[k]), clock_ms):
                     r = self._allocate(i, protect, step)
                     fresh.append((r, i))
@@ -145,7 +148,7 @@ class DynamicEmbedding:
             self.freq[rows] += counts[hit]
             self.last_seen[rows] = np.maximum(self.last_seen[rows], clock_ms)
             self.version[rows] = step
-            return urows[inverse]
+            return (urows[inverse], known[inverse]) if with_known else urows[inverse]
 
     # --- admission --------------------------------------------------------------------------
     def _admit(self, i: int, n: int, clock_ms: int) -> bool:

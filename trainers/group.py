@@ -52,6 +52,13 @@ class GroupMember:
         return f"trainer-{self.index}"
 
 
+def average_weights(copies: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The element-wise mean of several copies of the same weights (dtype kept)."""
+    if not copies:
+        return {}
+    return {k: np.mean([c[k] for c in copies], axis=0).astype(copies[0][k].dtype) for k in copies[0]}
+
+
 class DenseAverager:
     """Keeps each trainer's latest dense weights; ``exchange`` returns the average of all that
     have reported.  Trainable weights and BatchNorm moving statistics are averaged alike; each
@@ -70,11 +77,7 @@ class DenseAverager:
         return self.average()
 
     def average(self) -> dict[str, np.ndarray]:
-        copies = list(self.latest.values())
-        if not copies:
-            return {}
-        return {k: np.mean([c[k] for c in copies], axis=0).astype(copies[0][k].dtype)
-                for k in copies[0]}
+        return average_weights(list(self.latest.values()))
 
 
 @dataclass

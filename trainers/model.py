@@ -28,14 +28,14 @@ BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
 
 
-def _deep_layers(w: dict) -> int:
+def deep_layers(w: dict) -> int:
     n = 0
     while f"dense_{n}/kernel" in w:
         n += 1
     return n
 
 
-def _cross_layers(w: dict) -> int:
+def cross_layers(w: dict) -> int:
     n = 0
     while f"cross_{n}/kernel" in w:
         n += 1
@@ -49,10 +49,10 @@ def forward(w: dict[str, tf.Tensor], user: tf.Tensor, item: tf.Tensor, position:
     x0 = tf.concat([user, item, user * item, tf.gather(w["position_emb"], position),
                     tf.gather(w["hour_emb"], hour)], axis=1)
     x = x0
-    for n in range(_cross_layers(w)):        # DCN-v2: x <- x0 * (W x + b) + x
+    for n in range(cross_layers(w)):        # DCN-v2: x <- x0 * (W x + b) + x
         x = x0 * (tf.matmul(x, w[f"cross_{n}/kernel"]) + w[f"cross_{n}/bias"]) + x
     h, moments = x0, {}
-    for n in range(_deep_layers(w)):
+    for n in range(deep_layers(w)):
         h = tf.matmul(h, w[f"dense_{n}/kernel"]) + w[f"dense_{n}/bias"]
         bn = f"bn_{n}"
         if f"{bn}/gamma" in w:

@@ -79,8 +79,11 @@ class EmbeddingShard:
         out = {}
         for name, table_ids in ids.items():
             t = self.tables[name]
-            known = t.rows_of(table_ids) > 0
-            rows = t.lookup_train(table_ids, clock_ms, self.version) if train else t.rows_of(table_ids)
+            if train:
+                rows, known = t.lookup_train(table_ids, clock_ms, self.version, with_known=True)
+            else:
+                rows = t.rows_of(table_ids)
+                known = rows > 0
             out[name] = (t.vectors(rows), known)
         if train:
             self._lookups += 1

@@ -30,7 +30,7 @@ from odl import names
 from odl.config import Config
 from trainers.align import LabelAligner
 from trainers.embedding import EXPIRE_EVERY_STEPS
-from trainers.checkpoint import CheckpointInfo, CheckpointStore
+from trainers.checkpoint import CheckpointInfo, CheckpointStore, due_kind
 from trainers.metrics import ProgressiveValidator
 from trainers.model import CTRModel, FrozenModel
 from trainers.kafka_source import SampleSource
@@ -48,6 +48,16 @@ ADMITTED = Gauge("odl_trainer_embedding_admitted", "ids admitted to a table so f
 EVICTED = Gauge("odl_trainer_embedding_evicted", "rows evicted so far", ["table", "why"])
 CKPT_SECONDS = Gauge("odl_trainer_checkpoint_seconds", "duration of the last checkpoint", ["kind"])
 CKPT_BYTES = Gauge("odl_trainer_checkpoint_bytes", "size of the last checkpoint", ["kind"])
+
+
+def publish_occupancy(occ: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
+    """Set the table gauges from an occupancy report; returns it."""
+    for t, o in occ.items():
+        ROWS.labels(t).set(o["rows"])
+        ADMITTED.labels(t).set(o["admitted"])
+        EVICTED.labels(t, "ttl").set(o["evicted_ttl"])
+        EVICTED.labels(t, "lfu").set(o["evicted_lfu"])
+    return occ
 
 
 def checkpoint_dir(cfg: Config, shard: str) -> Path:
@@ -184,12 +194,8 @@ class StreamingTrainer:
     # --- checkpoints -------------------------------------------------------------------------
     def due_checkpoint(self) -> str | None:
         ck = self.cfg.trainer.checkpoint
-        now = time.monotonic()
-        if self.last_ckpt is None or now - self._last_full >= ck.full_interval_s:
-            return "full"
-        if now - self._last_incr >= ck.incremental_interval_s:
-            return "incr"
-        return None
+        return due_kind(ck.full_interval_s, ck.incremental_interval_s, self.last_ckpt is not None,
+                        self._last_full, self._last_incr, time.monotonic())
 
     def _stream_state(self, incremental: bool) -> dict[str, np.ndarray]:
         return {"held_rows": self.aligner.snapshot() if self.aligner is not None
@@ -289,12 +295,8 @@ class StreamingTrainer:
     def metrics(self) -> dict[str, Any]:
         s = self.validator.summary()
         frozen = self.frozen_validator.summary() if self.frozen is not None else None
-        occ = self.model.occupancy()
-        for t, o in occ.items():
-            ROWS.labels(t).set(o["rows"])
-            ADMITTED.labels(t).set(o["admitted"])
-            EVICTED.labels(t, "ttl").set(o["evicted_ttl"])
-            EVICTED.labels(t, "lfu").set(o["evicted_lfu"])
+        # in a group the tables are the shards': the coordinator asks them once for all members
+        occ = {} if self.group else publish_occupancy(self.model.occupancy())
         return {"samples_trained": self.trained, "step": self.model.step,
                 "duplicates": self.duplicates, "malformed": self.malformed,
                 "auc": s["auc"], "logloss": s["logloss"], "ctr": s["ctr"], "loss": self.last_loss,

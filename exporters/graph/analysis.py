@@ -17,7 +17,7 @@ import tensorflow as tf
 from tensorflow.core.framework import graph_pb2
 
 # ops that read or write state, or are random: never weight-only, never folded
-_STATEFUL = {"ReadVariableOp", "VarHandleOp", "AssignVariableOp", "RandomUniform",
+STATEFUL_OPS = {"ReadVariableOp", "VarHandleOp", "AssignVariableOp", "RandomUniform",
              "RandomStandardNormal", "StatefulPartitionedCall", "Timestamp", "Print", "PrintV2"}
 
 
@@ -63,19 +63,19 @@ def trace(fn: Callable, weights: dict[str, np.ndarray], request_specs: dict[str,
                        [t.name for t in cf.outputs], shapes)
 
 
-def weight_only(tg: TracedGraph) -> set[str]:
-    """Names of the nodes whose value depends on weights and constants only."""
+def derived_only_from(tg: TracedGraph, sources: set[str]) -> set[str]:
+    """Names of the nodes whose value depends on the ``sources`` nodes and constants only:
+    stateless all the way down, every input (control inputs too) such a node."""
     nodes = tg.nodes()
     memo: dict[str, bool] = {}
-    weights, requests = set(tg.weights), set(tg.requests)
 
     def visit(name: str) -> bool:
         if name in memo:
             return memo[name]
         n = nodes[name]
-        if name in weights or n.op == "Const":
+        if name in sources or n.op == "Const":
             ok = True
-        elif name in requests or n.op in _STATEFUL or n.op == "Placeholder":
+        elif n.op == "Placeholder" or n.op in STATEFUL_OPS or not n.input:
             ok = False
         else:
             memo[name] = False   # cycles cannot occur in a GraphDef of a function, but be safe
@@ -86,6 +86,11 @@ def weight_only(tg: TracedGraph) -> set[str]:
     for name in nodes:
         visit(name)
     return {k for k, v in memo.items() if v}
+
+
+def weight_only(tg: TracedGraph) -> set[str]:
+    """Names of the nodes whose value depends on weights and constants only."""
+    return derived_only_from(tg, set(tg.weights))
 
 
 def consumers(tg: TracedGraph) -> dict[str, list[graph_pb2.NodeDef]]:

@@ -65,8 +65,7 @@ def optimise(tg: TracedGraph) -> tuple[TracedGraph, PassReport]:
 class OptimisedModule(tf.Module):
     def __init__(self, fn: Callable, weights: dict[str, np.ndarray],
                  request_specs: dict[str, tf.TensorSpec], output: str,
-                 policy: CachePolicy = CachePolicy(), buckets: tuple[int, ...] = DEFAULT_BUCKETS,
-                 jit: bool | None = None):
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, jit: bool | None = None):
         super().__init__(name="odl_ctr_optimised")
         tg, self.report = optimise(trace(fn, weights, request_specs))
         self.keys = tg.weight_keys
@@ -88,7 +87,6 @@ class OptimisedModule(tf.Module):
         first = self._cache_fn(*[w.read_value() for w in self.weights])
         self.cache = [tf.Variable(v, trainable=False, name=f"cache_{k}") for k, v in enumerate(first)]
         self.refreshes = tf.Variable(0, dtype=tf.int64, trainable=False)
-        self.policy = policy
         self.buckets = tf.constant(sorted(buckets), tf.int32)
         self._max_bucket = max(buckets)
         self._output = output
@@ -136,6 +134,8 @@ class OptimisedModule(tf.Module):
 
     def warm(self) -> None:
         """Compile every bucket now (load time), not on the first request of each size."""
+        if not self.jit:
+            return
         for b in self.buckets.numpy().tolist():
             self.serve(*[tf.zeros([b] + list(s.shape[1:]), s.dtype) for s in self._specs.values()])
 

@@ -15,7 +15,8 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import attr_value_pb2, graph_pb2, node_def_pb2
 
-from exporters.graph.analysis import (_STATEFUL, TracedGraph, consumers, node_of, weight_only)
+from exporters.graph.analysis import (TracedGraph, consumers, derived_only_from, node_of,
+                                      weight_only)
 
 
 def graph_function(gd: graph_pb2.GraphDef, feeds: list[str], fetches: list[str]):
@@ -58,21 +59,8 @@ def _const_node(name: str, value: np.ndarray) -> node_def_pb2.NodeDef:
 
 def fold_constants(tg: TracedGraph) -> tuple[TracedGraph, int]:
     """Evaluate every single-output node computed from constants only; returns nodes folded."""
-    nodes = tg.nodes()
-    const_only: dict[str, bool] = {}
-
-    def visit(name: str) -> bool:
-        if name not in const_only:
-            n = nodes[name]
-            if n.op == "Const":
-                const_only[name] = True
-            elif n.op == "Placeholder" or n.op in _STATEFUL or not n.input:
-                const_only[name] = False
-            else:
-                const_only[name] = all(visit(node_of(i)) for i in n.input if not i.startswith("^"))
-        return const_only[name]
-
-    targets = [n for n in tg.graph_def.node if n.op != "Const" and visit(n.name)
+    const_only = derived_only_from(tg, set())
+    targets = [n for n in tg.graph_def.node if n.op != "Const" and n.name in const_only
                and f"{n.name}:1" not in tg.shapes]   # single-output nodes only
     if not targets:
         return tg, 0
