@@ -71,14 +71,14 @@ class TrainerActorImpl:
 
     # --- training-group protocol (trainers.coordinator) --------------------------------------
     def hold(self) -> None:
-        self.loop.hold()
+        self.loop.gate.hold()
 
     def release(self) -> None:
-        self.loop.release()
+        self.loop.gate.release()
 
     def checkpoint_epoch(self, epoch: int, kind: str) -> dict[str, Any]:
         """This trainer's part of group epoch ``epoch``; only while held."""
-        if not self.loop.parked:
+        if not self.loop.gate.parked:
             raise RuntimeError("checkpoint_epoch needs the trainer held at a step boundary")
         t0 = time.perf_counter()
         info = self.trainer.checkpoint(kind, epoch=epoch)

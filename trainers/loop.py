@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from odl.config import Config
 from odl.control import ControlPlane, Heartbeat
@@ -22,6 +22,61 @@ from trainers.ps import ShardedCTRModel, ShardedTables
 from trainers.streaming import StreamingTrainer
 
 log = logging.getLogger("odl.trainer")
+
+
+class StepGate:
+    """The hold protocol between a group coordinator and a trainer loop.  The coordinator's n-th
+    ``hold`` returns once the loop, between steps, has parked for request n; ``release`` lets it
+    go on.  One condition guards it all, so a release followed at once by the next hold cannot be
+    missed by a loop still parked from the previous one (it answers the new request in place)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._cv = threading.Condition()
+        self._held = False
+        self._holds = 0          # hold requests so far
+        self._parked_for = 0     # the request the loop is parked for
+        self._ended = False      # the loop has returned or raised
+
+    @property
+    def requested(self) -> bool:
+        return self._held
+
+    @property
+    def parked(self) -> bool:
+        """Held at a step boundary: the model and positions will not change until release."""
+        with self._cv:
+            return self._held and self._parked_for == self._holds
+
+    def hold(self, timeout_s: float = 60.0) -> None:
+        with self._cv:
+            self._holds += 1
+            self._held = True
+            want = self._holds
+            self._cv.notify_all()
+            ok = self._cv.wait_for(lambda: self._parked_for == want or self._ended, timeout_s)
+            if not ok or self._ended:
+                self._held = False
+                raise TimeoutError(f"{self.name} did not reach a step boundary "
+                                   f"({'its loop ended' if self._ended else f'{timeout_s}s'})")
+
+    def release(self) -> None:
+        with self._cv:
+            self._held = False
+            self._cv.notify_all()
+
+    def park(self, stopping: Callable[[], bool]) -> None:
+        """Called by the loop between steps: stay parked while held (answering each request)."""
+        with self._cv:
+            while self._held and not stopping():
+                self._parked_for = self._holds
+                self._cv.notify_all()
+                self._cv.wait(0.2)
+
+    def end(self) -> None:
+        with self._cv:
+            self._ended = True
+            self._cv.notify_all()
 
 
 class TrainerLoop:
@@ -40,42 +95,14 @@ class TrainerLoop:
         self.stop_event = threading.Event()
         self.paused = False
         self.state = "starting"
-        self._hold = threading.Event()      # the coordinator asks the loop to stop between steps
-        self._parked = threading.Event()    # ... and the loop says it has
-        self._ended = threading.Event()     # run() has returned or raised
+        self.gate = StepGate(self.instance)   # the group coordinator's hold at a step boundary
         self._last_sync = self.trainer.model.step
 
     def heartbeat(self) -> None:
         self.cp.heartbeat(Heartbeat("trainer", self.instance, time.time(), self.state, os.getpid(),
                                     socket.gethostname(), None, self.trainer.metrics()))
 
-    # --- group protocol (called from other actor threads) ------------------------------------
-    def hold(self, timeout_s: float = 60.0) -> None:
-        """Return once the loop is parked between steps (the model untouched until release)."""
-        self._parked.clear()
-        self._hold.set()
-        deadline = time.monotonic() + timeout_s
-        while not self._parked.wait(0.05):
-            if self._ended.is_set() or time.monotonic() > deadline:
-                self._hold.clear()
-                raise TimeoutError(f"{self.instance} did not reach a step boundary "
-                                   f"({'its loop ended' if self._ended.is_set() else f'{timeout_s}s'})")
-
-    def release(self) -> None:
-        self._hold.clear()
-
-    @property
-    def parked(self) -> bool:
-        """Held at a step boundary: the model and positions will not change until release."""
-        return self._parked.is_set()
-
-    def _park(self) -> None:
-        self.trainer.model.flush()   # gradients in flight reach the shards before they checkpoint
-        self._parked.set()
-        while self._hold.is_set() and not self.stop_event.is_set():
-            time.sleep(0.002)
-        self._parked.clear()
-
+    # --- group: dense averaging ----------------------------------------------------------------
     def _sync_dense(self) -> None:
         """Exchange dense weights with the averager and adopt the group's average."""
         import ray
@@ -111,8 +138,9 @@ class TrainerLoop:
         self.state = "running"
         try:
             while not self.stop_event.is_set():
-                if self._hold.is_set():
-                    self._park()
+                if self.gate.requested:
+                    self.trainer.model.flush()   # gradients in flight reach the shards first
+                    self.gate.park(self.stop_event.is_set)
                     continue
                 now = time.monotonic()
                 if now >= next_hb:
@@ -138,7 +166,7 @@ class TrainerLoop:
                 pass
             return self.trainer.metrics()
         finally:
-            self._ended.set()
+            self.gate.end()
             self.trainer.close()
 
 

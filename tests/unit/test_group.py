@@ -90,3 +90,39 @@ def test_shard_checkpoints_restore_the_saved_state(tmp_path):
             for key in ("vectors", "slot_m", "slot_v", "freq", "last_seen"):
                 np.testing.assert_allclose(got[table][key][order_g], want[table][key][order_w])
         assert [c.meta["epoch"] for c in back.store.list()] == [1, 2]
+
+
+def test_step_gate_answers_back_to_back_holds_of_a_loop_still_parked():
+    """A release followed at once by the next hold (a scheduled group checkpoint, then the one at
+    stop) must not wait for a loop that never left its park: it answers the new request."""
+    import threading
+    import time
+
+    from trainers.loop import StepGate
+    gate, stop, steps = StepGate("t"), threading.Event(), [0]
+
+    def loop():
+        while not stop.is_set():
+            if gate.requested:
+                gate.park(stop.is_set)
+                continue
+            steps[0] += 1
+            time.sleep(0.001)
+        gate.end()
+
+    t = threading.Thread(target=loop)
+    t.start()
+    try:
+        for _ in range(50):
+            gate.hold(timeout_s=5)
+            assert gate.parked
+            frozen = steps[0]
+            time.sleep(0.002)
+            assert steps[0] == frozen                 # no step while held
+            gate.release()                            # ... and the next hold at once
+        assert not gate.parked
+    finally:
+        stop.set()
+        t.join(5)
+    with pytest.raises(TimeoutError, match="its loop ended"):
+        gate.hold(timeout_s=5)
