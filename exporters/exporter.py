@@ -1,108 +1,266 @@
-"""`odl run exporter`: pull embedding deltas and dense snapshots from the trainer actor, push
-rows to Redis every ``delta_interval_s`` and publish a full version every
-``version_interval_s``.
+"""`odl run exporter`: turn the trainer's ever-changing model into what serving can use safely.
 
-Order matters for consistency: before a version is published, the rows trained up to its
-snapshot are pushed, so Redis always holds at least the embeddings the version was trained with.
+Three cadences, each configurable (``exporter.*``):
+- sparse deltas every ``delta_interval_s``: rows changed since the last push go to the active
+  Redis generation, evicted ids leave it, the hot set stays bounded (``hot_embeddings``);
+- dense refreshes every ``dense_interval_s``: the trainer's dense weights, gated, through
+  ``dense_channel`` to replicas serving the newest version, applied there in place;
+- full versions every ``version_interval_s`` or on request (``odl publish``): the optimised
+  SavedModel, the embedding snapshot and a manifest into the model store, through the quality
+  gate (``gate``), registered in the control plane, the last ``keep_versions`` retained.
+
+Rollback: while the control plane pins a version, the exporter restores that version's
+embedding snapshot into a new generation and leaves Redis alone (no deltas, no refreshes):
+serving then sees the pinned version's dense weights *and* embeddings.  It keeps exporting
+gated versions to the store.  When the pin is lifted it resyncs Redis from the trainer.  A
+paused exporter does nothing but follow pins.
 """
 from __future__ import annotations
 
-import math
 import time
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import Counter, Gauge
 
-from exporters import embeddings, savedmodel
+from exporters import dense_channel, gate, savedmodel
+from exporters.hot_embeddings import HotEmbeddings
 from exporters.registry import Manifest, ModelStore
 from odl.config import Config
-from odl.control import redis_client
+from odl.control import ControlPlane, redis_client
 from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
 from odl.runtime import Component
 
 ROWS_PUSHED = Counter("odl_exporter_rows_pushed_total", "embedding rows written to Redis", ["table"])
-ROWS_DELETED = Counter("odl_exporter_rows_deleted_total", "evicted ids deleted from Redis", ["table"])
+ROWS_DELETED = Counter("odl_exporter_rows_deleted_total", "rows deleted from Redis", ["reason"])
 VERSIONS = Counter("odl_exporter_versions_total", "versions", ["outcome"])
+REFRESHES = Counter("odl_exporter_dense_refreshes_total", "dense refreshes", ["outcome"])
 LATEST = Gauge("odl_exporter_latest_version", "newest published version")
+GENERATION = Gauge("odl_exporter_embedding_generation", "active Redis embedding generation")
+HOT_ROWS = Gauge("odl_exporter_hot_rows", "rows in the active generation", ["table"])
+REDIS_MEMORY = Gauge("odl_exporter_redis_used_memory_bytes", "Redis used_memory")
 
 
-def quality_gate(snap: dict) -> str | None:
-    """Why a snapshot must not become a version, or None.  Weights must be finite, and so must the
-    last training loss once the model has trained (NaN AUC is legitimate: one class seen so far)."""
-    reason = savedmodel.check_weights(snap["weights"])
-    if reason:
-        return reason
-    loss = snap["metrics"].get("loss")
-    if snap["step"] > 0 and loss is not None and not math.isfinite(loss):
-        return f"non-finite training loss ({loss})"
-    return None
+class TrainerClient:
+    """The trainer actor (single trainer or group coordinator: the same two calls)."""
+
+    def __init__(self, actor, ray, timeout_s: float = 60):
+        self.actor, self.ray, self.timeout_s = actor, ray, timeout_s
+
+    def changes(self, since):
+        return self.ray.get(self.actor.embedding_changes.remote(since), timeout=self.timeout_s)
+
+    def snapshot(self, embeddings: bool = False) -> dict[str, Any]:
+        return self.ray.get(self.actor.snapshot.remote(embeddings), timeout=self.timeout_s)
+
+
+@dataclass
+class Schedule:
+    """When each cadence is next due (monotonic seconds)."""
+    delta_s: float
+    dense_s: float
+    version_s: float
+    next_dense: float = 0.0
+    next_version: float = 0.0
+
+    def __post_init__(self):
+        now = time.monotonic()
+        self.next_dense, self.next_version = now + self.dense_s, now + self.version_s
+
+    def due(self, now: float) -> str:
+        if now >= self.next_version:
+            self.next_version = now + self.version_s
+            return "version"
+        if now >= self.next_dense:
+            self.next_dense = now + self.dense_s
+            return "dense"
+        return "delta"
 
 
 class Exporter:
-    def __init__(self, cfg: Config, comp: Component, actor, ray):
-        self.cfg, self.comp, self.actor, self.ray = cfg, comp, actor, ray
-        self.r = redis_client(cfg, decode=False)
+    def __init__(self, cfg: Config, trainer: TrainerClient, cp: ControlPlane, log, r=None):
+        ec = cfg.exporter
+        self.cfg, self.trainer, self.cp, self.log = cfg, trainer, cp, log
+        self.r = r if r is not None else redis_client(cfg, decode=False)
         self.store = ModelStore(cfg.paths.model_store, cfg.serving.model_name)
-        self.generation = 0
-        self.mark = 0   # trainer step up to which embedding changes were pushed
+        self.hot = HotEmbeddings(self.r, cfg.trainer.embedding_dim, ec.embedding_dtype,
+                                 ec.hot_rows_per_table, ec.retire_generation_after_s)
+        self.mark: Any = 0          # the trainer's change mark up to which rows were pushed
         self.rows_pushed = 0
         self.last_version: int | None = self.store.latest()
-        self.last_step = 0
+        self.last_step = -1
         self.refused = 0
+        self.refresh_seq = 0
+        self.refresh_step = -1
+        self.restored_for: str | None = None   # the pinned version whose embeddings Redis holds
+
+    # --- sparse deltas -------------------------------------------------------------------------
+    def resync(self, source: str = "resync") -> int:
+        """Every row into a new generation, made visible when complete; returns rows."""
+        self.hot.begin()
+        mark, changes = self.trainer.changes(0)
+        n = self._write(changes)
+        self.hot.enforce_bound()
+        GENERATION.set(self.hot.activate(source))
+        self.mark = mark
+        return n
 
     def push_deltas(self) -> int:
-        """Push rows changed since the last push and delete evicted ids; returns rows written."""
-        mark, changes = self.ray.get(self.actor.embedding_changes.remote(self.mark), timeout=60)
+        """Rows changed since the last push, and evictions; returns rows written."""
+        if self.hot.active is None:
+            return self.resync("start")
+        mark, changes = self.trainer.changes(self.mark)
         if not all(c["complete"] for c in changes.values()):
-            # evictions older than the mark are forgotten (or the trainer restarted): resync all
-            mark, changes = self.ray.get(self.actor.embedding_changes.remote(0), timeout=60)
+            # evictions older than the mark are forgotten, or the trainer restarted: start over
+            return self.resync()
+        n = self._write(changes)
+        self.mark = mark
+        ROWS_DELETED.labels("hot-set bound").inc(self.hot.enforce_bound())
+        self.hot.collect()
+        return n
+
+    def _write(self, changes: dict[str, dict]) -> int:
         n = 0
         for table, c in changes.items():
             if len(c["removed"]):
-                embeddings.delete_rows(self.r, table, c["removed"])
-                ROWS_DELETED.labels(table).inc(len(c["removed"]))
+                ROWS_DELETED.labels("evicted by trainer").inc(self.hot.delete(table, c["removed"]))
             if len(c["ids"]):
-                self.generation = embeddings.push_rows(self.r, table, c["ids"], c["vectors"])
+                n += self.hot.push(table, c["ids"], c["vectors"])
                 ROWS_PUSHED.labels(table).inc(len(c["ids"]))
-                n += len(c["ids"])
-        self.mark = mark
         self.rows_pushed += n
         return n
 
-    def publish_version(self, force: bool = False) -> int | None:
-        self.push_deltas()
-        snap = self.ray.get(self.actor.snapshot.remote(), timeout=60)
-        trained = snap["metrics"]["samples_trained"]
-        if not force and snap["step"] == self.last_step:
-            return None  # nothing new was trained
-        if not force and trained < self.cfg.exporter.min_samples_per_version:
+    # --- dense refreshes -----------------------------------------------------------------------
+    def publish_dense(self) -> int | None:
+        """The trainer's dense weights as a refresh of the newest version; returns its seq."""
+        if self.last_version is None:
             return None
-        reason = quality_gate(snap)
+        snap = self.trainer.snapshot()
+        if snap["step"] == self.refresh_step:
+            return None
+        verdict = gate.check(snap, self._served_metrics(), self.cfg.exporter.gate_auc_margin)
+        if not verdict.ok:
+            REFRESHES.labels("refused").inc()
+            self.log.warning("dense refresh refused: %s", verdict.reason)
+            return None
+        self.refresh_seq = dense_channel.publish(self.r, self.cfg.serving.model_name,
+                                                 str(self.last_version), snap["step"], snap["weights"])
+        self.refresh_step = snap["step"]
+        REFRESHES.labels("published").inc()
+        return self.refresh_seq
+
+    # --- versions ------------------------------------------------------------------------------
+    def _served_metrics(self) -> dict[str, Any] | None:
+        served = self.cp.served_version()
+        try:
+            return self.store.manifest(served)["metrics"] if served else None
+        except (FileNotFoundError, ValueError, KeyError):
+            return None   # retired from the store or unreadable: nothing to compare against
+
+    def publish_version(self, force: bool = False, skip_gate: bool = False) -> int | None:
+        pinned = self.cp.pinned_version()
+        if not pinned:
+            self.push_deltas()
+        snap = self.trainer.snapshot(embeddings=True)
+        if not force and (snap["step"] == self.last_step
+                          or snap["metrics"]["samples_trained"] < self.cfg.exporter.min_samples_per_version):
+            return None   # nothing new, or too little, was trained
         version = self.store.next_version()
-        if reason:
+        rows = [(t, v) for t, (_, v) in (snap["embeddings"] or {}).items()]
+        verdict = gate.check(snap, self._served_metrics(), self.cfg.exporter.gate_auc_margin, rows)
+        if not verdict.ok and not skip_gate:
             self.refused += 1
             VERSIONS.labels("refused").inc()
-            self.comp.cp.record_refused({"version": version, "reason": reason, "ts": time.time(),
-                                         "step": snap["step"]})
-            self.comp.log.warning("refused version %d: %s", version, reason)
+            rec = {"version": version, "reason": verdict.reason, "ts": time.time(),
+                   "step": snap["step"], "auc": snap["metrics"].get("auc")}
+            self.cp.record_refused(rec)
+            self.store.record("refused", **rec)
+            self.log.warning("refused version %d: %s", version, verdict.reason)
             return None
+        ec = self.cfg.exporter
         manifest = Manifest(version=str(version),
                             parent=str(self.last_version) if self.last_version else None,
                             trainer_step=snap["step"], kafka_offsets=snap.get("offsets", {}),
-                            metrics=snap["metrics"], embedding_generation=self.generation,
+                            metrics=snap["metrics"],
+                            embedding_generation=None if pinned else self.hot.active,
                             model_name=self.cfg.serving.model_name,
-                            embedding_dim=snap["embedding_dim"])
+                            embedding_dim=snap["embedding_dim"],
+                            cache_policy={"every_n_calls": ec.cache_every_n_calls,
+                                          "every_s": ec.cache_every_s})
         dim = snap["embedding_dim"]
-        self.store.publish(version, lambda p: savedmodel.save(snap["weights"], dim, p), manifest)
-        self.comp.cp.register_version(manifest.to_dict())
+
+        def write(path):
+            if ec.optimised_graph:
+                manifest.graph = savedmodel.save_optimised(snap["weights"], dim, path)
+            else:
+                savedmodel.save(snap["weights"], dim, path)
+
+        self.store.publish(version, write, manifest, embeddings=snap["embeddings"])
+        self.cp.register_version(manifest.to_dict())
+        self.store.record("published", version=version, step=snap["step"],
+                          auc=snap["metrics"].get("auc"), generation=manifest.embedding_generation,
+                          gate="skipped" if not verdict.ok else "passed")
         self.last_version, self.last_step = version, snap["step"]
         VERSIONS.labels("published").inc()
         LATEST.set(version)
-        protect = {int(v) for v in [self.comp.cp.pinned_version()] if v and v.isdigit()}
-        for v in self.store.retain(self.cfg.exporter.keep_versions, protect):
-            self.comp.cp.forget_version(str(v))
-        self.comp.log.info("published version %d (step %d, auc %.4f)", version, snap["step"],
-                           snap["metrics"].get("auc", float("nan")))
+        protect = {int(v) for v in [pinned] if v and v.isdigit()}
+        for v in self.store.retain(ec.keep_versions, protect):
+            self.cp.forget_version(str(v))
+            self.store.record("retired", version=v)
+        self.log.info("published version %d (step %d, auc %.4f)", version, snap["step"],
+                      snap["metrics"].get("auc", float("nan")))
         return version
+
+    # --- rollback ------------------------------------------------------------------------------
+    def follow_pin(self) -> None:
+        """Make Redis hold the pinned version's embeddings, or the trainer's once unpinned."""
+        pinned = self.cp.pinned_version()
+        if pinned and pinned != self.restored_for:
+            try:
+                tables = self.store.snapshot(pinned)
+            except (KeyError, FileNotFoundError) as exc:
+                self.log.error("cannot restore embeddings of pinned version %s: %s", pinned, exc)
+                self.restored_for = pinned   # do not retry every tick; dense rollback still holds
+                return
+            gen = self.hot.restore(tables, source=f"rollback:{pinned}")
+            GENERATION.set(gen)
+            self.store.record("restored", version=pinned, generation=gen,
+                              rows={t: int(len(i)) for t, (i, _) in tables.items()})
+            self.restored_for = pinned
+        elif not pinned and self.restored_for is not None:
+            self.restored_for = None
+            self.resync("unpinned")
+
+    def tick(self, schedule: Schedule, paused: bool) -> str:
+        """One round of the loop; returns what it did."""
+        self.follow_pin()
+        self.hot.collect()
+        if paused:
+            return "paused"
+        request = self.cp.take_publish_request()
+        what = "version" if request else schedule.due(time.monotonic())
+        if what == "version":
+            self.publish_version(force=bool(request), skip_gate=bool(request and request.get("skip_gate")))
+        elif self.cp.pinned_version():
+            return "pinned"
+        elif what == "dense":
+            self.publish_dense()
+        else:
+            self.push_deltas()
+        return what
+
+    def probe(self) -> dict[str, Any]:
+        mem = self.hot.memory()
+        REDIS_MEMORY.set(mem["redis_used_memory_bytes"])
+        for table, t in mem["tables"].items():
+            HOT_ROWS.labels(table).set(t["rows"])
+        return {"latest_version": self.last_version, "rows_pushed": self.rows_pushed,
+                "generation": self.hot.active, "refused": self.refused,
+                "refresh_seq": self.refresh_seq, "evicted": self.hot.evicted,
+                "restored_for": self.restored_for,
+                "redis_used_memory_bytes": mem["redis_used_memory_bytes"],
+                **{f"hot_rows_{t}": v["rows"] for t, v in mem["tables"].items()},
+                **{f"hot_bytes_{t}": v["bytes_estimate"] for t, v in mem["tables"].items()}}
 
 
 def wait_for_actor(ray, comp: Component, timeout_s: float = 300):
@@ -124,31 +282,27 @@ def run(cfg: Config) -> int:
     actor = wait_for_actor(ray, comp)
     if actor is None:
         return 0
-    ex = Exporter(cfg, comp, actor, ray)
+    ex = Exporter(cfg, TrainerClient(actor, ray), comp.cp, comp.log)
+    orphans = ex.hot.drop_orphans()
+    if orphans:
+        comp.log.info("retiring embedding generations left behind: %s", orphans)
     comp.start_heartbeat(lambda: ("paused" if comp.paused else "running",
-                                  str(ex.last_version) if ex.last_version else None,
-                                  {"rows_pushed": ex.rows_pushed, "generation": ex.generation,
-                                   "refused": ex.refused, "latest_version": ex.last_version}))
-    next_version = time.monotonic() + cfg.exporter.version_interval_s
+                                  str(ex.last_version) if ex.last_version else None, ex.probe()))
+    ec = cfg.exporter
+    schedule = Schedule(ec.delta_interval_s, ec.dense_interval_s, ec.version_interval_s)
     try:
         while not comp.stop.is_set():
-            if comp.paused:
-                comp.stop.wait(0.5)
-                continue
             try:
-                if time.monotonic() >= next_version:
-                    next_version = time.monotonic() + cfg.exporter.version_interval_s
-                    ex.publish_version()
-                else:
-                    ex.push_deltas()
+                ex.tick(schedule, comp.paused)
             except ray.exceptions.RayError as exc:   # the actor, or a group member, is away
                 comp.log.warning("trainer actor unavailable (%s); waiting for it", exc)
                 actor = wait_for_actor(ray, comp)
                 if actor is None:
                     break
-                ex.actor = actor
-            comp.stop.wait(cfg.exporter.delta_interval_s)
+                ex.trainer = TrainerClient(actor, ray)
+            comp.stop.wait(ec.delta_interval_s)
     finally:
+        ex.hot.collect(force=False)
         comp.close()
         ray.shutdown()
     return 0

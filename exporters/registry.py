@@ -1,7 +1,10 @@
-"""The model store: numbered version directories (TF-Serving layout) with a manifest each.
+"""The model store and version registry: numbered version directories (TF-Serving layout).
 
-``<store>/<model>/<version>/`` holds the SavedModel and ``odl_manifest.json``.  A version is
-written into a temporary directory and renamed into place, so a reader never sees half of one.
+``<store>/<model>/<version>/`` holds the SavedModel, ``odl_manifest.json`` and the embedding
+snapshot the version was exported with (``embeddings/<table>.npz``: ids and float32 vectors),
+which a rollback restores into Redis as a new generation.  A version is written into a
+temporary directory and renamed into place, so a reader never sees half of one.
+``<store>/<model>/history.jsonl`` is the registry's log: published, refused, restored, retired.
 """
 from __future__ import annotations
 
@@ -12,7 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 MANIFEST = "odl_manifest.json"
+SNAPSHOT_DIR = "embeddings"
+HISTORY = "history.jsonl"
 
 
 @dataclass
@@ -22,10 +29,14 @@ class Manifest:
     trainer_step: int
     kafka_offsets: dict[str, int]
     metrics: dict[str, Any]
-    embedding_generation: int
+    embedding_generation: int | None
     created_at: float = field(default_factory=time.time)
     model_name: str = "ctr"
     embedding_dim: int = 16
+    embedding_snapshot: str | None = None      # directory inside the version, if written
+    embedding_rows: dict[str, int] = field(default_factory=dict)
+    graph: dict[str, Any] = field(default_factory=dict)         # optimisation passes' report
+    cache_policy: dict[str, Any] = field(default_factory=dict)  # how serving refreshes the cache
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -55,12 +66,22 @@ class ModelStore:
     def next_version(self) -> int:
         return (self.latest() or 0) + 1
 
-    def publish(self, version: int, write_model, manifest: Manifest) -> Path:
-        """``write_model(tmp_path)`` writes the SavedModel; then manifest, then atomic rename."""
+    def publish(self, version: int, write_model, manifest: Manifest,
+                embeddings: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Path:
+        """``write_model(tmp_path)`` writes the SavedModel; then the embedding snapshot and the
+        manifest, then one atomic rename."""
         self.dir.mkdir(parents=True, exist_ok=True)
         tmp = self.dir / f".tmp-{version}-{time.time_ns()}"
         try:
             write_model(tmp)
+            if embeddings is not None:
+                snap = tmp / SNAPSHOT_DIR
+                snap.mkdir()
+                for table, (ids, vectors) in embeddings.items():
+                    np.savez(snap / f"{table}.npz", ids=np.asarray(ids, np.int64),
+                             vectors=np.asarray(vectors, np.float32))
+                manifest.embedding_snapshot = SNAPSHOT_DIR
+                manifest.embedding_rows = {t: int(len(ids)) for t, (ids, _) in embeddings.items()}
             (tmp / MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1, allow_nan=True))
             final = self.path(version)
             tmp.rename(final)
@@ -76,3 +97,35 @@ class ModelStore:
         for v in doomed:
             shutil.rmtree(self.path(v), ignore_errors=True)
         return doomed
+
+    def snapshot(self, version: int | str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The embedding rows a version was exported with; KeyError if it has none."""
+        rel = self.manifest(version).get("embedding_snapshot")
+        if not rel:
+            raise KeyError(f"version {version} has no embedding snapshot")
+        out = {}
+        for f in sorted((self.path(version) / rel).glob("*.npz")):
+            with np.load(f) as z:
+                out[f.stem] = (z["ids"], z["vectors"])
+        return out
+
+    # --- the registry's log -------------------------------------------------------------------
+    def record(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Append one event (published, refused, restored, retired ...) to the history."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        rec = {"event": event, "ts": time.time(), **fields}
+        with open(self.dir / HISTORY, "a") as f:
+            f.write(json.dumps(rec, allow_nan=True) + "\n")
+        return rec
+
+    def history(self, last: int = 50) -> list[dict[str, Any]]:
+        path = self.dir / HISTORY
+        if not path.is_file():
+            return []
+        out = []
+        for line in path.read_text().splitlines()[-last:]:
+            try:
+                out.append(json.loads(line))
+            except ValueError:   # a line cut by a crash mid-write: skip it, keep the rest
+                continue
+        return out

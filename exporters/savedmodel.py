@@ -41,14 +41,6 @@ def serving_fn(w, user_emb, item_emb, position, hour):
     return tf.sigmoid(ctr_logits(w, user_emb, item_emb, position, hour))
 
 
-def check_weights(weights: dict[str, np.ndarray]) -> str | None:
-    """Reason to refuse an export, or None: every weight must be finite."""
-    for k, v in weights.items():
-        if not np.all(np.isfinite(v)):
-            return f"non-finite values in {k}"
-    return None
-
-
 def save(weights: dict[str, np.ndarray], embedding_dim: int, path: Path) -> None:
     """The plain serving SavedModel (the reference the optimised one is checked against)."""
     module = ServingModule(weights, embedding_dim)

@@ -104,7 +104,9 @@ KEY_METRICS = {"source": ("impression", "click", "malformed", "events_per_s"),
                "feature-store": ("updates_per_s", "written", "malformed", "redis_errors"),
                "trainer": ("samples_trained", "auc", "auc_frozen", "logloss", "samples_per_s", "duplicates",
                            "rows_user", "rows_item", "checkpoint"),
-               "exporter": ("latest_version", "rows_pushed", "generation", "refused"),
+               "exporter": ("latest_version", "generation", "refresh_seq", "rows_pushed",
+                            "hot_rows_user", "hot_rows_item", "redis_used_memory_bytes", "refused",
+                            "restored_for"),
                "serving": ("requests", "p50_ms", "p99_ms", "port")}
 
 
@@ -190,7 +192,21 @@ def versions(config: str | None) -> None:
         mark = "*" if m["version"] == served else " "
         created = time.strftime("%H:%M:%S", time.localtime(m["created_at"]))
         click.echo(f"{mark} {m['version']:>5}  {created}  step={m['trainer_step']:<7} "
-                   f"auc={_fmt(m['metrics'].get('auc'))}  parent={m['parent']}")
+                   f"auc={_fmt(m['metrics'].get('auc'))}  parent={m['parent']}  "
+                   f"generation={m.get('embedding_generation')}  "
+                   f"rows={sum((m.get('embedding_rows') or {}).values())}")
+    for rec in cp.refused()[:5]:
+        click.echo(f"  refused {rec.get('version')} (step {rec.get('step')}): {rec.get('reason')}")
+
+
+@main.command()
+@click.option("--skip-gate", is_flag=True, help="publish even if the quality gate refuses")
+@config_option
+def publish(skip_gate: bool, config: str | None) -> None:
+    """Ask the exporter for a full version now (it answers within a second)."""
+    from odl.control import ControlPlane
+    ControlPlane(_cfg(config)).request_publish(skip_gate)
+    click.echo("publish requested" + (" (quality gate skipped)" if skip_gate else ""))
 
 
 @main.command()
@@ -211,7 +227,8 @@ def rollback(version: str | None, latest: bool, config: str | None) -> None:
     if version not in known:
         raise click.ClickException(f"unknown version {version}; known: {sorted(known, key=int)}")
     cp.pin_version(version)
-    click.echo(f"serving pinned to version {version}")
+    click.echo(f"serving pinned to version {version}; the exporter restores its embeddings into "
+               f"Redis and stops pushing deltas until `odl rollback --latest`")
 
 
 @main.command()

@@ -209,10 +209,18 @@ class TrainerConfig(_Section):
 
 
 class ExporterConfig(_Section):
-    delta_interval_s: float = Field(1.0, gt=0)
-    version_interval_s: float = Field(30.0, gt=0)
+    delta_interval_s: float = Field(1.0, gt=0, description="sparse deltas to Redis this often")
+    dense_interval_s: float = Field(5.0, gt=0, description="dense-weight refreshes this often")
+    version_interval_s: float = Field(30.0, gt=0, description="full versions this often")
     min_samples_per_version: int = Field(500, ge=0)
-    keep_versions: int = Field(5, ge=1)
+    keep_versions: int = Field(5, ge=1, description="versions kept in the store (retention)")
+    optimised_graph: bool = Field(True, description="publish the optimised serving graph")
+    cache_every_n_calls: int = Field(1000, ge=1, description="CallGraphOp cache refresh: calls")
+    cache_every_s: float = Field(5.0, gt=0, description="CallGraphOp cache refresh: seconds")
+    embedding_dtype: Literal["float32", "float16"] = "float32"
+    hot_rows_per_table: int = Field(1_000_000, ge=100, description="hot-set bound in Redis")
+    retire_generation_after_s: float = Field(10.0, gt=0)
+    gate_auc_margin: float = Field(0.02, ge=0, le=1, description="allowed AUC drop vs served")
 
 
 class ServingConfig(_Section):

@@ -70,6 +70,15 @@ class ControlPlane:
     def pinned_version(self) -> str | None:
         return self.r.get(names.CP_PINNED_VERSION)
 
+    def request_publish(self, skip_gate: bool = False) -> None:
+        """Ask the exporter for a version now (``odl publish``)."""
+        self.r.set(names.CP_PUBLISH_REQUEST, json.dumps({"ts": time.time(), "skip_gate": skip_gate}))
+
+    def take_publish_request(self) -> dict[str, Any] | None:
+        """The pending publish request, removed as it is read (the exporter's side)."""
+        raw = self.r.getdel(names.CP_PUBLISH_REQUEST)
+        return json.loads(raw) if raw else None
+
     # --- versions -------------------------------------------------------------------------
     def register_version(self, manifest: dict[str, Any]) -> None:
         pipe = self.r.pipeline(transaction=True)
@@ -95,7 +104,7 @@ class ControlPlane:
 
     def versions(self) -> list[dict[str, Any]]:
         out = [json.loads(v) for v in self.r.hvals(names.CP_VERSIONS)]
-        return sorted(out, key=lambda m: m["version"])
+        return sorted(out, key=lambda m: (len(m["version"]), m["version"]))  # numeric order
 
     def forget_version(self, version: str) -> None:
         self.r.hdel(names.CP_VERSIONS, version)

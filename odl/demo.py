@@ -16,7 +16,7 @@ import numpy as np
 import redis
 import requests
 
-from exporters.embeddings import count_rows
+from exporters.hot_embeddings import EmbeddingReader
 from odl.config import Config
 from odl.control import ControlPlane
 from odl.launcher import LocalStack, StackError
@@ -147,7 +147,8 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
                     print(f"!! {name} exited with code {code}:\n{log_tail}", flush=True)
         final = observe(cp, t0)
         r = redis.Redis(host=cfg.redis.host, port=cfg.redis.port, password=cfg.redis.password)
-        emb_rows = {t: count_rows(r, t) for t in ("user", "item")}
+        reader = EmbeddingReader(r)
+        emb_rows = {t: reader.count(t) for t in ("user", "item")}
         versions = cp.versions()
         if load is None:
             load = LoadClient(cfg)  # no model was ever published: report zero requests

@@ -26,6 +26,7 @@ CP_PINNED_VERSION = f"{CP}:pinned_version"  # string: version serving must use (
 CP_LATEST_VERSION = f"{CP}:latest_version"  # string: newest published version
 CP_VERSIONS = f"{CP}:versions"              # hash version -> manifest JSON
 CP_REFUSED = f"{CP}:refused"                # list of refused export JSON records
+CP_PUBLISH_REQUEST = f"{CP}:publish_request"  # set by `odl publish`: export a version now
 
 
 def cp_heartbeat(instance: str) -> str:
@@ -33,13 +34,33 @@ def cp_heartbeat(instance: str) -> str:
 
 
 # --- embeddings -------------------------------------------------------------------------------
-def emb_key(table: str, entity_id: int | str) -> str:
-    return f"{{odl:emb:{table}}}:{entity_id}"
+# Rows live in generations (``exporters.hot_embeddings``): readers follow EMB_CURRENT, a JSON
+# pointer {generation, dim, dtype}; a generation's rows of one table share one hash tag.
+EMB_CURRENT = "{odl:emb}:current"
+EMB_NEXT_GENERATION = "{odl:emb}:next_generation"   # INCR counter
 
 
-def emb_meta(table: str) -> str:
-    """Hash with dim, dtype, generation and row count of one embedding table."""
-    return f"{{odl:emb:{table}}}:meta"
+def emb_prefix(table: str, generation: int) -> str:
+    """Every row key of ``table`` in ``generation`` is this prefix plus the decimal id."""
+    return f"{{odl:emb:g{generation}:{table}}}:"
+
+
+def emb_key(table: str, generation: int, entity_id: int | str) -> str:
+    return f"{emb_prefix(table, generation)}{entity_id}"
+
+
+def emb_meta(table: str, generation: int) -> str:
+    """Hash with dim, dtype and row count of one table in one generation."""
+    return f"{{odl:emb:g{generation}:{table}}}:meta"
+
+
+EMB_META_PATTERN = "{odl:emb:g*:meta"   # SCAN pattern of every generation's table metas
+
+
+# --- dense-weight refreshes --------------------------------------------------------------------
+def dense_refresh(model: str) -> str:
+    """Hash: seq, base_version, trainer_step, created_at, weights (npz bytes)."""
+    return f"{CP}:dense:{model}"
 
 
 # --- online feature store ------------------------------------------------------------------

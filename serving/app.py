@@ -17,7 +17,7 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 
-from exporters.embeddings import fetch_rows
+from exporters.hot_embeddings import EmbeddingReader
 from odl.config import Config
 from serving.model import ModelHolder
 
@@ -78,6 +78,7 @@ class ServingApp:
     def __init__(self, cfg: Config, holder: ModelHolder, redis_bytes, instance: str):
         # a sync client with binary replies, used from worker threads
         self.cfg, self.holder, self.r, self.instance = cfg, holder, redis_bytes, instance
+        self.embeddings = EmbeddingReader(redis_bytes)
         self.served = 0
         self.latency_ms: list[float] = []
 
@@ -156,8 +157,8 @@ class ServingApp:
         except BadRequest as exc:
             return error(400, str(exc))
         dim = model.embedding_dim
-        users, _ = await asyncio.to_thread(fetch_rows, self.r, "user", inst.user_ids, dim)
-        items, _ = await asyncio.to_thread(fetch_rows, self.r, "item", inst.item_ids, dim)
+        users, _ = await asyncio.to_thread(self.embeddings.fetch, "user", inst.user_ids, dim)
+        items, _ = await asyncio.to_thread(self.embeddings.fetch, "item", inst.item_ids, dim)
         probs = await asyncio.to_thread(model.predict, users, items, inst.positions, inst.hours)
         dt = time.perf_counter() - t0
         LATENCY.observe(dt)

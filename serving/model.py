@@ -6,15 +6,19 @@ with one reference assignment; requests in flight finish on the model they start
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+from exporters import dense_channel
+from exporters.dense_channel import DenseRefresh
+from exporters.graph.module import CachePolicy, CacheRefresher
 from exporters.registry import ModelStore
 from odl.control import ControlPlane
 
@@ -22,13 +26,60 @@ log = logging.getLogger("odl.serving.model")
 RETRY_FAILED_S = 30.0  # a version that failed to load is retried this often, not every poll
 
 
-@dataclass(frozen=True)
+class ReadWriteLock:
+    """Many predictions at once, or one in-place weight refresh: a request never sees half of
+    a refresh's weights."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    @contextlib.contextmanager
+    def read(self):
+        with self._cond:
+            while self._writing:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self):
+        with self._cond:
+            while self._writing or self._readers:
+                self._cond.wait()
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
+
+
+@dataclass
 class LoadedModel:
     version: str
     manifest: dict[str, Any]
     fn: Any  # the serving_default concrete function
     loaded_at: float
     saved: Any = None  # the loaded SavedModel object: keeps fn's variables alive
+    refresh_seq: int = 0           # the dense refresh applied last (0: the version's own weights)
+    refreshed_at: float = 0.0
+    lock: ReadWriteLock = field(default_factory=ReadWriteLock)
+    cache: CacheRefresher | None = None   # the CallGraphOp cache policy of an optimised model
+
+    def __post_init__(self):
+        sigs = getattr(self.saved, "signatures", {}) if self.saved is not None else {}
+        if "refresh_cache" in sigs:
+            policy = self.manifest.get("cache_policy") or {}
+            self.cache = CacheRefresher(sigs["refresh_cache"], CachePolicy(**policy))
 
     @property
     def embedding_dim(self) -> int:
@@ -36,9 +87,29 @@ class LoadedModel:
 
     def predict(self, user: np.ndarray, item: np.ndarray, position: np.ndarray,
                 hour: np.ndarray) -> np.ndarray:
-        out = self.fn(user_emb=tf.constant(user), item_emb=tf.constant(item),
-                      position=tf.constant(position, tf.int64), hour=tf.constant(hour, tf.int64))
+        with self.lock.read():
+            out = self.fn(user_emb=tf.constant(user), item_emb=tf.constant(item),
+                          position=tf.constant(position, tf.int64), hour=tf.constant(hour, tf.int64))
+        if self.cache is not None:
+            self.cache.on_call()
         return out["probability"].numpy()
+
+    def apply_dense(self, refresh: DenseRefresh) -> bool:
+        """Apply a dense refresh in place (optimised models only); False if it does not fit."""
+        sigs = self.saved.signatures if self.saved is not None else {}
+        if "apply_weights" not in sigs:
+            return False
+        fn = sigs["apply_weights"]
+        specs = fn.structured_input_signature[1]
+        given = {k.replace("/", "_"): v for k, v in refresh.weights.items()}
+        if set(given) != set(specs) or any(tuple(given[k].shape) != tuple(specs[k].shape) for k in specs):
+            log.warning("dense refresh %d does not fit version %s's weights", refresh.seq, self.version)
+            return False
+        args = {k: tf.constant(given[k], specs[k].dtype) for k in specs}
+        with self.lock.write():
+            fn(**args)
+        self.refresh_seq, self.refreshed_at = refresh.seq, time.time()
+        return True
 
 
 class ModelHolder:
@@ -77,3 +148,21 @@ class ModelHolder:
             self.current = model
         log.info("now serving version %s", wanted)
         return True
+
+    def refresh_dense(self, r) -> bool:
+        """Apply the newest dense refresh if it refines the version served now; True if applied."""
+        m = self.current
+        if m is None:
+            return False
+        seq, base = dense_channel.head(r, self.store.model_name)
+        if seq <= m.refresh_seq or base != m.version:
+            return False   # nothing new, or a refresh of another version (pinned to an older one)
+        refresh = dense_channel.read(r, self.store.model_name)
+        if refresh is None or refresh.base_version != m.version:
+            return False
+        if m.apply_dense(refresh):
+            log.info("applied dense refresh %d (step %d) to version %s", refresh.seq,
+                     refresh.trainer_step, m.version)
+            return True
+        m.refresh_seq = refresh.seq   # does not fit: do not try it again
+        return False

@@ -30,6 +30,8 @@ def run(cfg: Config, replica: int = 0) -> int:
         return ("serving" if m else "waiting-for-model", m.version if m else None,
                 {"requests": app.served, "p50_ms": round(float(np.percentile(lat, 50)), 2),
                  "p99_ms": round(float(np.percentile(lat, 99)), 2), "load_errors": holder.load_errors,
+                 "dense_refresh": m.refresh_seq if m else 0,
+                 "cache_refreshes": m.cache.refreshes if m and m.cache else 0,
                  "port": cfg.serving.ports[replica]})
 
     comp.start_heartbeat(probe)
@@ -51,6 +53,7 @@ async def _serve(cfg: Config, comp: Component, holder: ModelHolder, app: Serving
         while not comp.stop.is_set():
             try:
                 await asyncio.to_thread(holder.refresh)
+                await asyncio.to_thread(holder.refresh_dense, app.r)
             except Exception as exc:  # noqa: BLE001 - control plane away: keep the current model
                 comp.log.warning("refresh failed: %s", exc)
             await asyncio.sleep(cfg.serving.poll_interval_s)

@@ -52,11 +52,12 @@ class TrainerActorImpl:
         """(mark, {table: {ids, vectors, removed, complete}}) of rows changed after ``since``."""
         return self.trainer.model.embedding_changes(since)
 
-    def snapshot(self) -> dict[str, Any]:
-        """Dense weights plus what a manifest needs, taken under the model lock."""
+    def snapshot(self, embeddings: bool = False) -> dict[str, Any]:
+        """Dense weights plus what a manifest needs, taken under the model lock; with
+        ``embeddings`` also every table's rows ({table: (ids, vectors)}) from the same step."""
         m = self.trainer.model
         with m.lock:
-            return {"weights": m.dense_weights(), "step": m.step, "metrics": self.trainer.metrics(),
+            return {**m.export_snapshot(embeddings), "metrics": self.trainer.metrics(),
                     "offsets": {f"{self.trainer.topic}:{p}": o
                                 for p, o in self.trainer.positions.items()},
                     "embedding_dim": self.cfg.trainer.embedding_dim,

@@ -182,14 +182,17 @@ class TrainingGroupImpl:
         back next time (0 = everything)."""
         return self._built().changes(since)
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, embeddings: bool = False) -> dict[str, Any]:
         """The average of the trainers' dense weights (what the averager converges them to) and
-        what a manifest needs."""
+        what a manifest needs; with ``embeddings`` every shard's rows, read right after (the
+        group trains asynchronously, so there is no single step to read them at)."""
         import ray
-        self._built()
+        tables = self._built()
         weights = average_weights(ray.get([t.dense_weights.remote() for t in self.trainers]))
+        rows = ({t: (c["ids"], c["vectors"]) for t, c in tables.changes(0)[1].items()}
+                if embeddings else None)
         m = self.metrics()
-        return {"weights": weights, "step": m["step"], "metrics": m,
+        return {"weights": weights, "step": m["step"], "metrics": m, "embeddings": rows,
                 "offsets": {f"{m['topic']}:{p}": o for p, o in m["positions"].items()},
                 "embedding_dim": self.cfg.trainer.embedding_dim,
                 "config": self.cfg.trainer.model_dump(mode="json")}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -237,6 +238,14 @@ class CTRModel:
             if since > self.step:  # the reader's mark predates a restore to an older step
                 since = 0
             return self.step, table_changes(self.tables, since)
+
+    def export_snapshot(self, embeddings: bool = False) -> dict[str, Any]:
+        """What the exporter publishes, from one step: dense weights and, with ``embeddings``,
+        every table's rows ({table: (ids, vectors)})."""
+        with self.lock:
+            rows = ({t: (c["ids"], c["vectors"]) for t, c in self.embedding_changes(0)[1].items()}
+                    if embeddings else None)
+            return {"weights": self.dense_weights(), "step": self.step, "embeddings": rows}
 
     def frozen_copy(self) -> "FrozenModel":
         """An immutable copy of the model as it is now (a baseline that stops learning)."""

@@ -9,7 +9,7 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from exporters import savedmodel
-from exporters.embeddings import count_rows, fetch_rows, push_rows
+from exporters.hot_embeddings import EmbeddingReader, HotEmbeddings
 from exporters.registry import Manifest, ModelStore
 from odl.control import ControlPlane, Heartbeat
 from serving.app import ServingApp
@@ -21,14 +21,23 @@ from odl.config import TrainerConfig
 
 def test_embeddings_round_trip_in_chunks(redis_cfg):
     r = redis.Redis(port=redis_cfg.redis.port)
+    hot = HotEmbeddings(r, 16)
     ids = np.arange(12_000, dtype=np.int64) * 7
     vecs = np.random.default_rng(0).normal(size=(len(ids), 16)).astype(np.float32)
-    assert push_rows(r, "user", ids, vecs) == 1
-    assert push_rows(r, "user", ids[:10], vecs[:10]) == 2
-    got, found = fetch_rows(r, "user", ids.tolist() + [5], 16)
-    np.testing.assert_array_equal(got[:-1], vecs)
+    hot.begin()
+    hot.push("user", ids, vecs)
+    reader = EmbeddingReader(r, pointer_ttl_s=0)
+    assert not reader.fetch("user", [7], 16)[1].any()      # invisible until activated
+    gen = hot.activate()
+    hot.push("user", ids[:10], vecs[:10] + 1)               # a delta, in place
+    got, found = reader.fetch("user", ids.tolist() + [5], 16)
+    np.testing.assert_array_equal(got[:10], vecs[:10] + 1)
+    np.testing.assert_array_equal(got[10:-1], vecs[10:])
     assert found[:-1].all() and not found[-1] and not got[-1].any()  # a miss is the zero default
-    assert count_rows(r, "user") == len(ids)
+    assert reader.count("user") == len(ids) and reader.pointer().generation == gen
+    assert not reader.fetch("user", [7], 32)[1].any()       # another dim: misses, not garbage
+    hot.delete("user", [0, 7])
+    assert reader.fetch("user", [0, 7, 14], 16)[1].tolist() == [False, False, True]
 
 
 def test_control_plane_heartbeats_pause_and_pin(redis_cfg):
@@ -61,7 +70,10 @@ def served_model(redis_cfg):
     holder = ModelHolder(store, cp)
     assert holder.refresh() and holder.current.version == "1"
     r = redis.Redis(port=redis_cfg.redis.port)
-    push_rows(r, "user", np.array([1]), np.ones((1, 16), np.float32))
+    hot = HotEmbeddings(r, 16)
+    hot.begin()
+    hot.push("user", np.array([1]), np.ones((1, 16), np.float32))
+    hot.activate()
     return ServingApp(redis_cfg, holder, r, "serving-test")
 
 

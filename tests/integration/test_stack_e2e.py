@@ -14,7 +14,7 @@ import requests
 import yaml
 from click.testing import CliRunner
 
-from exporters.embeddings import count_rows
+from exporters.hot_embeddings import EmbeddingReader
 from odl.cli import main as cli
 from odl.config import load_config
 from odl.control import ControlPlane
@@ -123,7 +123,8 @@ def test_stack_end_to_end(stack_config):
         m = versions[max(versions, key=int)]
         assert m["trainer_step"] > 0 and m["kafka_offsets"] and m["parent"] in (None, *versions)
         assert (cfg.paths.model_store / "ctr" / m["version"] / "saved_model.pb").is_file()
-        assert count_rows(r, "user") > 0 and count_rows(r, "item") > 0
+        reader = EmbeddingReader(r)
+        assert reader.count("user") > 0 and reader.count("item") > 0
         assert beats["feature-job"].metrics["dlq"] > 0          # the malformed events were routed
         assert beats["feature-job"].metrics["samples"] > 0
         # the online feature store follows the job: users' last clicks are in Redis

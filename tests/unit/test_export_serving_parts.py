@@ -8,7 +8,7 @@ from bench.registry import BenchResult, available, render
 from bench.registry import run as registry_run
 from odl.config import Config
 from exporters import savedmodel
-from exporters.exporter import quality_gate
+from exporters import gate
 from exporters.registry import Manifest, ModelStore
 from tests.unit.helpers import small_cfg
 from odl.config import TrainerConfig
@@ -53,14 +53,33 @@ def test_store_versions_are_atomic_and_retained(tmp_path):
     assert store.versions() == [1, 4, 5]
 
 
-def test_export_refuses_non_finite_weights_and_loss():
-    assert savedmodel.check_weights({"a": np.ones(3)}) is None
-    assert "a" in savedmodel.check_weights({"a": np.array([1.0, math.nan])})
+def test_gate_refuses_non_finite_models_with_reasons():
     ok = {"weights": {"a": np.ones(3)}, "step": 5, "metrics": {"loss": 0.4, "auc": math.nan}}
-    assert quality_gate(ok) is None
-    assert quality_gate({**ok, "step": 0, "metrics": {"loss": math.nan}}) is None  # not trained yet
-    assert "loss" in quality_gate({**ok, "metrics": {"loss": math.inf}})
-    assert "a" in quality_gate({**ok, "weights": {"a": np.array([math.nan])}})
+    assert gate.check(ok, None, 0.02).ok
+    assert gate.check({**ok, "step": 0, "metrics": {"loss": math.nan}}, None, 0.02).ok  # untrained
+    v = gate.check({**ok, "metrics": {"loss": math.inf}}, None, 0.02)
+    assert not v.ok and "loss" in v.reason
+    v = gate.check({**ok, "weights": {"a": np.array([math.nan])}}, None, 0.02)
+    assert not v.ok and "dense weight a" in v.reason
+    rows = [("item", np.array([[1.0, 2.0], [math.inf, 0.0]], np.float32))]
+    v = gate.check(ok, None, 0.02, rows)
+    assert not v.ok and "1 non-finite embedding rows in table item" == v.reason
+
+
+@pytest.mark.parametrize("new,served,ok", [
+    (0.70, 0.71, True),          # within the margin
+    (0.70, 0.75, False),         # regressed by more than the margin
+    (0.80, 0.75, True),          # better
+    (math.nan, 0.75, False),     # lost a measurable AUC
+    (math.nan, math.nan, True),  # nothing measured on either side yet
+    (0.60, None, True),          # the first version
+])
+def test_gate_compares_recent_auc_with_the_served_version(new, served, ok):
+    snap = {"weights": {"a": np.ones(2)}, "step": 9, "metrics": {"loss": 0.3, "auc": new}}
+    verdict = gate.check(snap, None if served is None else {"auc": served}, auc_margin=0.02)
+    assert verdict.ok is ok
+    if not ok:
+        assert "AUC" in verdict.reason
 
 
 @pytest.mark.parametrize("body,msg", [
@@ -84,13 +103,13 @@ def test_good_predict_body_defaults_position_and_hour():
 
 
 def test_bench_registry_and_result_line():
-    assert "redis-embeddings" in available()
+    assert "embedding-push" in available()
     text = render("x", BenchResult({"ratio": 1.5, "n": 3}, ["figures"]), as_json=False)
     assert text.splitlines()[-1] == "RESULT x ratio=1.5 n=3"
     assert '"ratio": 1.5' in render("x", BenchResult({"ratio": 1.5}), as_json=True)
     assert {"trainer", "serving-graph"} <= set(available())
     with pytest.raises(TypeError, match="--scale"):   # a benchmark without options refuses them
-        registry_run("redis-embeddings", Config(), scale=2)
+        registry_run("embedding-push", Config(), scale=2)
 
 
 def test_svg_chart():
