@@ -1,7 +1,9 @@
 """`odl bench serving-graph`: the optimised SavedModel (``exporters.graph``: folded constants and
 BatchNorms, the weight-only cache, the XLA per-request function on batch buckets) vs the plain
 Keras SavedModel of the same weights (``exporters.keras_reference``), both written to disk and
-loaded with ``tf.saved_model.load(...).signatures["serving_default"]``, at batch 1, 64 and 512.
+loaded with ``tf.saved_model.load(...).signatures["serving_default"]``, at batch 1, 64 and 512,
+and candidate scoring (4 users x 100 candidates, rank-3 input: the dense-simplification pass)
+against the plain TensorFlow SavedModel's ``score_candidates``.
 
 Rounds alternate between the two models (this VM's neighbours move single figures by +-30%);
 each figure is the median round.  A last pass repeats the optimised model while a thread applies
@@ -27,6 +29,7 @@ BATCHES = (1, 64, 512)
 ROUNDS = 7
 CALLS = 150
 NAMES = ("user_emb", "item_emb", "position", "hour")
+CAND_USERS, CANDIDATES = 4, 100
 
 
 def _weights(cfg: Config) -> dict[str, np.ndarray]:
@@ -47,6 +50,14 @@ def _request(batch: int, dim: int, seed: int) -> dict[str, tf.Tensor]:
                             tf.constant(rng.integers(0, 24, batch))]))
 
 
+def _candidates(users: int, candidates: int, dim: int) -> dict[str, tf.Tensor]:
+    rng = np.random.default_rng(7)
+    return dict(zip(NAMES, [tf.constant(rng.normal(size=(users, dim)).astype(np.float32)),
+                            tf.constant(rng.normal(size=(users, candidates, dim)).astype(np.float32)),
+                            tf.constant(rng.integers(0, 100, (users, candidates))),
+                            tf.constant(rng.integers(0, 24, users))]))
+
+
 def _round(fn, req) -> list[float]:
     out = []
     for _ in range(CALLS):
@@ -56,7 +67,8 @@ def _round(fn, req) -> list[float]:
     return out
 
 
-def _measure(models: dict, req, rounds: int = ROUNDS, min_s: float = 0.0) -> dict[str, dict[str, float]]:
+def _measure(models: dict, req, rounds: int = ROUNDS, min_s: float = 0.0,
+             rows: int | None = None) -> dict[str, dict[str, float]]:
     """Alternating rounds of every model; at least ``rounds`` and at least ``min_s`` seconds."""
     for fn in models.values():
         for _ in range(30):
@@ -70,7 +82,7 @@ def _measure(models: dict, req, rounds: int = ROUNDS, min_s: float = 0.0) -> dic
             r = _round(fn, req)
             lat[name].extend(r)
             rates[name].append(len(r) / sum(r))
-    batch = int(req["user_emb"].shape[0])
+    batch = rows or int(req["user_emb"].shape[0])
     return {name: {"rows_per_s": float(np.median(rates[name])) * batch,
                    "p50_ms": float(np.percentile(lat[name], 50)) * 1000,
                    "p99_ms": float(np.percentile(lat[name], 99)) * 1000} for name in models}
@@ -81,7 +93,9 @@ def run(cfg: Config) -> BenchResult:
     dim = cfg.trainer.embedding_dim
     with tempfile.TemporaryDirectory(prefix="odl-bench-graph-") as tmp:
         keras_reference.export(weights, dim, Path(tmp) / "keras")
-        report = savedmodel.save_optimised(weights, dim, Path(tmp) / "optimised")
+        full_report = savedmodel.save_optimised(weights, dim, Path(tmp) / "optimised")
+        report = {**full_report["signatures"]["serve"], "xla": full_report["xla"]}
+        savedmodel.save(weights, dim, Path(tmp) / "plain")
         # the other choice of XLA, for the record (the default is XLA only with a GPU)
         savedmodel.save_optimised(weights, dim, Path(tmp) / "other", jit=not report["xla"])
         keras_sig = tf.saved_model.load(str(Path(tmp) / "keras")).signatures["serving_default"]
@@ -132,6 +146,21 @@ def run(cfg: Config) -> BenchResult:
             result[f"ratio{b}_refreshing"] = round(ratio, 3)
             lines.append(f"batch {b:>3} with weights applied every second: optimised "
                          f"{m['optimised']['rows_per_s']:,.0f} rows/s, ratio {ratio:.2f}")
+
+        # candidate scoring (rank-3 input: the tensordot dense layers the dense pass rewrites)
+        plain_cand = tf.saved_model.load(str(Path(tmp) / "plain")).signatures["score_candidates"]
+        opt_cand = opt_model.signatures["score_candidates"]
+        creq = _candidates(CAND_USERS, CANDIDATES, dim)
+        cand = _measure({"optimised": opt_cand, "plain": plain_cand}, creq, rows=CAND_USERS * CANDIDATES)
+        ratio = cand["optimised"]["rows_per_s"] / cand["plain"]["rows_per_s"]
+        result["ratio_candidates"] = round(ratio, 3)
+        cand_report = full_report["signatures"]["score_candidates"]
+        for name in ("optimised", "plain"):
+            lines.append(f"{CAND_USERS} users x {CANDIDATES} candidates {name:<10} "
+                         f"{cand[name]['rows_per_s']:>12,.0f} rows/s  p50 {cand[name]['p50_ms']:.3f} ms  "
+                         f"p99 {cand[name]['p99_ms']:.3f} ms")
+        lines.append(f"candidates ratio optimised/plain {ratio:.2f} ({cand_report['simplified_dense']} "
+                     f"tensordot layers simplified, {cand_report['folded_batchnorms']} BatchNorms folded)")
     lines.insert(0, f"network: hidden {list(cfg.trainer.hidden_units)}, {cfg.trainer.cross_layers} "
                     f"cross layers, dim {dim}; passes: {report['folded_batchnorms']} BatchNorms and "
                     f"{report['folded_constants']} constants folded, {len(report['cached_tensors'])} "

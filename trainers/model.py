@@ -44,17 +44,22 @@ def cross_layers(w: dict) -> int:
 
 
 def forward(w: dict[str, tf.Tensor], user: tf.Tensor, item: tf.Tensor, position: tf.Tensor,
-            hour: tf.Tensor, training: bool = False) -> tuple[tf.Tensor, dict[str, tuple]]:
+            hour: tf.Tensor, training: bool = False,
+            dense=tf.matmul) -> tuple[tf.Tensor, dict[str, tuple]]:
     """Logits [B] from looked-up user/item vectors and position/hour indices, and, when training,
-    the batch moments of every BatchNorm (to update its moving averages)."""
+    the batch moments of every BatchNorm (to update its moving averages).
+
+    Inputs may carry extra leading axes (candidate scoring: [B, C, d] vectors, [B, C] indices,
+    logits [B, C]) when ``dense`` multiplies on the last axis, as Keras's Dense does on rank-3
+    input (``dense_last_axis``: tensordot, which ``exporters.graph.passes`` simplifies)."""
     x0 = tf.concat([user, item, user * item, tf.gather(w["position_emb"], position),
-                    tf.gather(w["hour_emb"], hour)], axis=1)
+                    tf.gather(w["hour_emb"], hour)], axis=-1)
     x = x0
     for n in range(cross_layers(w)):        # DCN-v2: x <- x0 * (W x + b) + x
-        x = x0 * (tf.matmul(x, w[f"cross_{n}/kernel"]) + w[f"cross_{n}/bias"]) + x
+        x = x0 * (dense(x, w[f"cross_{n}/kernel"]) + w[f"cross_{n}/bias"]) + x
     h, moments = x0, {}
     for n in range(deep_layers(w)):
-        h = tf.matmul(h, w[f"dense_{n}/kernel"]) + w[f"dense_{n}/bias"]
+        h = dense(h, w[f"dense_{n}/kernel"]) + w[f"dense_{n}/bias"]
         bn = f"bn_{n}"
         if f"{bn}/gamma" in w:
             if training:
@@ -64,9 +69,14 @@ def forward(w: dict[str, tf.Tensor], user: tf.Tensor, item: tf.Tensor, position:
                 mean, var = w[f"{bn}/moving_mean"], w[f"{bn}/moving_variance"]
             h = tf.nn.batch_normalization(h, mean, var, w[f"{bn}/beta"], w[f"{bn}/gamma"], BN_EPSILON)
         h = tf.nn.relu(h)
-    logit = tf.matmul(tf.concat([x, h], axis=1), w["out/kernel"]) + w["out/bias"]
-    fm = tf.reduce_sum(user * item, axis=1)  # the FM pairwise term of the two large tables
-    return tf.squeeze(logit, axis=1) + fm, moments
+    logit = dense(tf.concat([x, h], axis=-1), w["out/kernel"]) + w["out/bias"]
+    fm = tf.reduce_sum(user * item, axis=-1)  # the FM pairwise term of the two large tables
+    return tf.squeeze(logit, axis=-1) + fm, moments
+
+
+def dense_last_axis(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
+    """``x @ kernel`` on the last axis of an input of any rank (what Keras Dense does)."""
+    return tf.tensordot(x, kernel, axes=1)
 
 
 def ctr_logits(w: dict[str, tf.Tensor], user: tf.Tensor, item: tf.Tensor,

@@ -102,7 +102,7 @@ class StreamingTrainer:
         self.trained = 0
         self.duplicates = 0
         self.malformed = 0
-        self.last_loss = float("nan")
+        self.last_loss: float | None = None   # none yet in this process (e.g. just restored)
         self.restored_from: str | None = None
         self.started = time.time()
         self._prefetch: Prefetcher | None = None

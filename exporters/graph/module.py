@@ -26,7 +26,8 @@ import numpy as np
 import tensorflow as tf
 
 from exporters.graph.analysis import TracedGraph, cache_frontier, node_of, request_nodes, trace
-from exporters.graph.passes import fold_batchnorm, fold_constants, graph_function, prune_dead
+from exporters.graph.passes import (fold_batchnorm, fold_constants, graph_function, prune_dead,
+                                    simplify_tensordot)
 
 DEFAULT_BUCKETS = (1, 8, 64, 512)
 
@@ -41,6 +42,7 @@ class CachePolicy:
 class PassReport:
     """What the passes did, for tests, the benchmark and the manifest."""
     folded_batchnorms: int = 0
+    simplified_dense: int = 0
     folded_constants: int = 0
     pruned_nodes: int = 0
     cached_tensors: list[str] = field(default_factory=list)
@@ -55,6 +57,7 @@ def optimise(tg: TracedGraph) -> tuple[TracedGraph, PassReport]:
     """Run the passes in order and report their effect on the per-request graph."""
     rep = PassReport(request_ops_before=tg.op_counts(request_nodes(tg)))
     tg, rep.folded_constants = fold_constants(tg)
+    tg, rep.simplified_dense = simplify_tensordot(tg)
     tg, rep.folded_batchnorms = fold_batchnorm(tg)
     tg, rep.pruned_nodes = prune_dead(tg)
     rep.cached_tensors = cache_frontier(tg)
@@ -62,38 +65,57 @@ def optimise(tg: TracedGraph) -> tuple[TracedGraph, PassReport]:
     return tg, rep
 
 
-class OptimisedModule(tf.Module):
-    def __init__(self, fn: Callable, weights: dict[str, np.ndarray],
-                 request_specs: dict[str, tf.TensorSpec], output: str,
-                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, jit: bool | None = None):
-        super().__init__(name="odl_ctr_optimised")
-        tg, self.report = optimise(trace(fn, weights, request_specs))
-        self.keys = tg.weight_keys
-        self.weights = [tf.Variable(weights[k], trainable=False, name=k.replace("/", "_"))
-                        for k in self.keys]
+@dataclass(frozen=True)
+class Signature:
+    """One request function of the module: ``fn(weights, *request)`` -> a tensor."""
+    fn: Callable
+    specs: dict[str, tf.TensorSpec]
+    output: str
+
+
+class _Compiled:
+    """One signature after the passes: its cache function, its per-request function, which
+    weights the request reads directly, and the report."""
+
+    def __init__(self, sig: Signature, weights: dict[str, np.ndarray]):
+        tg, self.report = optimise(trace(sig.fn, weights, sig.specs))
+        self.sig = sig
         placeholder = dict(zip(tg.weights, range(len(tg.weights))))
         frontier = self.report.cached_tensors
-        # weights the per-request graph reads directly (not through the cache)
-        req = request_nodes(tg)
         nodes = tg.nodes()
-        direct = sorted({placeholder[node_of(i)] for n in req for i in nodes[n].input
-                         if node_of(i) in placeholder})
-        self._direct = direct
-        self._cache_fn = graph_function(tg.graph_def, [f"{w}:0" for w in tg.weights], frontier)
-        self._request_fn = graph_function(
-            tg.graph_def, [f"{tg.weights[i]}:0" for i in direct] + frontier
+        self.direct = sorted({placeholder[node_of(i)] for n in request_nodes(tg)
+                              for i in nodes[n].input if node_of(i) in placeholder})
+        self.cache_fn = graph_function(tg.graph_def, [f"{w}:0" for w in tg.weights], frontier)
+        self.request_fn = graph_function(
+            tg.graph_def, [f"{tg.weights[i]}:0" for i in self.direct] + frontier
             + [f"{r}:0" for r in tg.requests], tg.outputs)
-        # the cache starts computed from the exported weights (its shapes come from them too)
-        first = self._cache_fn(*[w.read_value() for w in self.weights])
-        self.cache = [tf.Variable(v, trainable=False, name=f"cache_{k}") for k, v in enumerate(first)]
+
+
+class OptimisedModule(tf.Module):
+    """Several request signatures (e.g. ``serve`` on [B, d] rows and ``score_candidates`` on
+    [B, C, d]) over one set of weight variables; each has its own cache variables, all
+    recomputed by ``refresh_cache`` and by ``apply_weights``."""
+
+    def __init__(self, signatures: dict[str, Signature], weights: dict[str, np.ndarray],
+                 buckets: tuple[int, ...] = DEFAULT_BUCKETS, jit: bool | None = None):
+        super().__init__(name="odl_ctr_optimised")
+        self.keys = sorted(weights)
+        self.weights = [tf.Variable(weights[k], trainable=False, name=k.replace("/", "_"))
+                        for k in self.keys]
+        self._compiled = {name: _Compiled(sig, weights) for name, sig in signatures.items()}
+        self.reports = {name: c.report for name, c in self._compiled.items()}
+        # caches start computed from the exported weights (their shapes come from them too)
+        self.caches = {name: [tf.Variable(v, trainable=False, name=f"cache_{name}_{k}")
+                              for k, v in enumerate(c.cache_fn(*[w.read_value() for w in self.weights]))]
+                       for name, c in self._compiled.items()}
         self.refreshes = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.buckets = tf.constant(sorted(buckets), tf.int32)
         self._max_bucket = max(buckets)
-        self._output = output
-        self._specs = request_specs
         self.jit = bool(tf.config.list_physical_devices("GPU")) if jit is None else jit
-        self.request = tf.function(self._request, jit_compile=True) if self.jit else self._request
-        self.serve = tf.function(self._serve, input_signature=list(request_specs.values()))
+        for name, c in self._compiled.items():
+            request = tf.function(c.request_fn, jit_compile=True) if self.jit else c.request_fn
+            setattr(self, name, tf.function(self._bind(name, request),
+                                            input_signature=list(c.sig.specs.values())))
         self.apply_weights = tf.function(self._apply_weights, input_signature=[
             tf.TensorSpec(v.shape, v.dtype, name=k.replace("/", "_"))
             for k, v in zip(self.keys, self.weights)])
@@ -101,43 +123,49 @@ class OptimisedModule(tf.Module):
 
     # --- the cache -----------------------------------------------------------------------------
     def _refresh(self):
-        values = self._cache_fn(*[w.read_value() for w in self.weights])
-        for var, value in zip(self.cache, values):
-            var.assign(value)
+        current = [w.read_value() for w in self.weights]
+        for name, c in self._compiled.items():
+            for var, value in zip(self.caches[name], c.cache_fn(*current)):
+                var.assign(value)
         self.refreshes.assign_add(1)
         return {"refreshes": self.refreshes.read_value()}
 
     def _apply_weights(self, *values):
-        """Replace the weights in place (a dense refresh) and recompute the cache at once."""
+        """Replace the weights in place (a dense refresh) and recompute the caches at once."""
         for var, value in zip(self.weights, values):
             var.assign(value)
         return self._refresh()
 
     # --- per request ---------------------------------------------------------------------------
-    def _request(self, *args):
-        return self._request_fn(*args)[0]
-
     def _pad_to(self, n):
         i = tf.searchsorted(self.buckets, tf.reshape(n, [1]))[0]
         beyond = (n + self._max_bucket - 1) // self._max_bucket * self._max_bucket
         return tf.where(i < tf.size(self.buckets), tf.gather(self.buckets, tf.minimum(i, tf.size(self.buckets) - 1)), beyond)
 
-    def _serve(self, *inputs):
-        args = [self.weights[i].read_value() for i in self._direct] + [c.read_value() for c in self.cache]
+    def _bind(self, name: str, request):
+        def serve(*inputs):
+            return self._serve(name, request, *inputs)
+        return serve
+
+    def _serve(self, name: str, request, *inputs):
+        c = self._compiled[name]
+        args = ([self.weights[i].read_value() for i in c.direct]
+                + [v.read_value() for v in self.caches[name]])
         if not self.jit:   # TensorFlow's kernels take any batch size: no padding
-            return {self._output: self.request(*args, *inputs)}
+            return {c.sig.output: request(*args, *inputs)[0]}
         n = tf.shape(inputs[0])[0]
         size = self._pad_to(n)
         padded = [tf.pad(x, [[0, size - n]] + [[0, 0]] * (len(x.shape) - 1)) for x in inputs]
-        out = self.request(*args, *padded)
-        return {self._output: out[:n]}
+        return {c.sig.output: request(*args, *padded)[0][:n]}
 
     def warm(self) -> None:
         """Compile every bucket now (load time), not on the first request of each size."""
         if not self.jit:
             return
-        for b in self.buckets.numpy().tolist():
-            self.serve(*[tf.zeros([b] + list(s.shape[1:]), s.dtype) for s in self._specs.values()])
+        for name, c in self._compiled.items():
+            for b in self.buckets.numpy().tolist():
+                getattr(self, name)(*[tf.zeros([b] + [1 if d is None else d for d in s.shape[1:]],
+                                               s.dtype) for s in c.sig.specs.values()])
 
 
 class CacheRefresher:

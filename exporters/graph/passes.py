@@ -5,6 +5,13 @@
   BatchNorm after a dense layer, as ``tf.nn.batch_normalization`` emits it) becomes
   ``h @ (K * S) + (b * S + O)``: two per-request ops fewer per layer, and the folded kernel and
   bias are weight-only, so the cache (``exporters.graph.cache``) computes them once per refresh.
+* ``simplify_tensordot`` -- a dense layer on rank-3 input, as ``tf.tensordot`` (Keras Dense)
+  emits it: ``Reshape(Transpose(x, perm), Pack(Prod(Gather(Shape x)), Prod(...)))`` feeding a
+  MatMul, becomes ``Reshape(x, [-1, d])`` when the permutation is the identity (contraction
+  over the last axis) and ``d`` is static: Transpose, two Prods, a Pack, a Gather and a Concat
+  fewer per layer; the output Reshape stays.  Runs after ``fold_constants`` (which turns the
+  permutation into a constant) and before ``fold_batchnorm`` (which looks through the output
+  Reshape).
 * ``prune_dead`` -- drop nodes nothing reads.
 """
 from __future__ import annotations
@@ -100,10 +107,13 @@ def _match_dense_bn(add, nodes, wo, users) -> tuple | None:
             for mm_t in lin.input[:2]:
                 mm = nodes[node_of(mm_t)]
                 b = _other(lin, mm.name)
+                reshape = None
+                if mm.op == "Reshape" and len(users[mm.name]) == 1:   # a dense on rank-3 input
+                    reshape, mm = mm, nodes[node_of(mm.input[0])]
                 if (mm.op == "MatMul" and node_of(b) in wo and len(users[mm.name]) == 1
                         and not mm.attr["transpose_a"].b and not mm.attr["transpose_b"].b
                         and node_of(mm.input[1]) in wo):
-                    return mm.input[0], mm.input[1], b, s, o, mm
+                    return mm.input[0], mm.input[1], b, s, o, mm, reshape
     return None
 
 
@@ -117,7 +127,7 @@ def fold_batchnorm(tg: TracedGraph) -> tuple[TracedGraph, int]:
         m = _match_dense_bn(add, nodes, wo, users)
         if m is None:
             continue
-        h, k, b, s, o, mm = m
+        h, k, b, s, o, mm, reshape = m
         p = add.name
         kernel = _node(f"{p}/folded_kernel", "Mul", [k, s], add)
         scaled = _node(f"{p}/folded_bias_scaled", "Mul", [b, s], add)
@@ -125,9 +135,54 @@ def fold_batchnorm(tg: TracedGraph) -> tuple[TracedGraph, int]:
         matmul = copy.deepcopy(mm)
         matmul.name = f"{p}/folded_matmul"
         matmul.input[:] = [h, kernel.name]
-        replaced[p] = [kernel, scaled, bias, matmul, _node(p, "AddV2", [matmul.name, bias.name], add)]
+        new = [kernel, scaled, bias, matmul]
+        if reshape is not None:
+            out = copy.deepcopy(reshape)
+            out.name = f"{p}/folded_reshape"
+            out.input[0] = matmul.name
+            new.append(out)
+        replaced[p] = new + [_node(p, "AddV2", [new[-1].name, bias.name], add)]
     if not replaced:
         return tg, 0
     out = [x for n in tg.graph_def.node for x in replaced.get(n.name, [n])]
     pruned, _ = prune_dead(_with_nodes(tg, out))
     return pruned, len(replaced)
+
+
+def _const_value(node) -> np.ndarray | None:
+    return tf.make_ndarray(node.attr["value"].tensor) if node.op == "Const" else None
+
+
+def simplify_tensordot(tg: TracedGraph) -> tuple[TracedGraph, int]:
+    """Rewrite tensordot's input side of every MatMul as one Reshape; returns layers rewritten."""
+    nodes = tg.nodes()
+    out, rewritten = [], 0
+    for mm in tg.graph_def.node:
+        out.append(mm)
+        if mm.op != "MatMul" or mm.attr["transpose_a"].b:
+            continue
+        flat = nodes[node_of(mm.input[0])]
+        if flat.op != "Reshape":
+            continue
+        tr = nodes[node_of(flat.input[0])]
+        if tr.op != "Transpose":
+            continue
+        perm = _const_value(nodes[node_of(tr.input[1])])
+        x = tr.input[0] if ":" in tr.input[0] else f"{tr.input[0]}:0"
+        shape = tg.shapes.get(x)
+        if (perm is None or shape is None or shape[-1] is None
+                or perm.tolist() != list(range(len(shape)))):
+            continue    # not a contraction over the last axis, or d unknown: leave it
+        shape_node = _const_node(f"{mm.name}/flat_shape", np.array([-1, shape[-1]], np.int32))
+        reshape = node_def_pb2.NodeDef(name=f"{mm.name}/flat", op="Reshape",
+                                       input=[tr.input[0], shape_node.name])
+        reshape.attr["T"].CopyFrom(tr.attr["T"])
+        reshape.attr["Tshape"].CopyFrom(attr_value_pb2.AttrValue(type=tf.int32.as_datatype_enum))
+        new_mm = copy.deepcopy(mm)
+        new_mm.input[0] = reshape.name
+        out[-1:] = [shape_node, reshape, new_mm]
+        rewritten += 1
+    if not rewritten:
+        return tg, 0
+    pruned, _ = prune_dead(_with_nodes(tg, out))
+    return pruned, rewritten

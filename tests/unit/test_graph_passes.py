@@ -6,8 +6,9 @@ import tensorflow as tf
 
 from exporters import savedmodel
 from exporters.graph.analysis import cache_frontier, request_nodes, trace, weight_only
-from exporters.graph.module import CachePolicy, CacheRefresher, OptimisedModule
-from exporters.graph.passes import fold_batchnorm, fold_constants, graph_function, prune_dead
+from exporters.graph.module import CachePolicy, CacheRefresher
+from exporters.graph.passes import (fold_batchnorm, fold_constants, graph_function, prune_dead,
+                                    simplify_tensordot)
 from odl.config import TrainerConfig
 from trainers.model import init_dense
 
@@ -81,8 +82,7 @@ def test_prune_dead_keeps_the_signature(traced):
 @pytest.mark.parametrize("jit", [True, False])
 def test_module_predicts_like_the_plain_model_at_every_bucket(weights, jit):
     plain = savedmodel.ServingModule(weights, D)
-    opt = OptimisedModule(savedmodel.serving_fn, weights, savedmodel.request_specs(D), "probability",
-                          jit=jit)
+    opt = savedmodel.optimised_module(weights, D, jit=jit)
     for n in (1, 3, 64, 100, 512, 700):       # 700: beyond the largest bucket
         req = requests(n, seed=n)
         got = opt.serve(*req)["probability"].numpy()
@@ -91,10 +91,10 @@ def test_module_predicts_like_the_plain_model_at_every_bucket(weights, jit):
 
 
 def test_apply_weights_recomputes_the_cache_at_once(weights):
-    opt = OptimisedModule(savedmodel.serving_fn, weights, savedmodel.request_specs(D), "probability")
+    opt = savedmodel.optimised_module(weights, D)
     req = requests(16)
     start = int(opt.refreshes.numpy())
-    old_cache = [c.numpy() for c in opt.cache]
+    old_cache = [c.numpy() for c in opt.caches["serve"]]
     w2 = {k: (v * 1.1 if k.startswith(("bn_", "dense_")) else v).astype(np.float32)
           for k, v in weights.items()}
     opt.apply_weights(*[tf.constant(w2[k]) for k in opt.keys])
@@ -102,7 +102,7 @@ def test_apply_weights_recomputes_the_cache_at_once(weights):
     want = savedmodel.ServingModule(w2, D).serve(*req)["probability"].numpy()
     np.testing.assert_allclose(opt.serve(*req)["probability"].numpy(), want, atol=1e-5)
     # the request path reads the cache: a stale cache serves stale folded weights ...
-    for c, v in zip(opt.cache, old_cache):
+    for c, v in zip(opt.caches["serve"], old_cache):
         c.assign(v)
     assert np.abs(opt.serve(*req)["probability"].numpy() - want).max() > 1e-4
     opt.refresh_cache()                       # ... until it is recomputed
@@ -120,17 +120,73 @@ def test_cache_refresher_by_count_and_by_time():
     assert not r.on_call()
 
 
-def test_optimised_savedmodel_loads_in_plain_tensorflow(tmp_path, weights):
+FRESH_PROCESS = """
+import sys
+import numpy as np
+import tensorflow as tf
+loaded = tf.saved_model.load(sys.argv[1])
+with np.load(sys.argv[2]) as z:
+    req = {k: tf.constant(z[k]) for k in z.files}
+np.save(sys.argv[3], loaded.signatures["serving_default"](**req)["probability"].numpy())
+print(sorted(loaded.signatures))
+"""
+
+
+def test_optimised_savedmodel_loads_in_a_fresh_plain_tensorflow_process(tmp_path, weights):
+    import subprocess
+    import sys
     report = savedmodel.save_optimised(weights, D, tmp_path / "opt")
-    assert report["folded_batchnorms"] == 2
-    loaded = tf.saved_model.load(str(tmp_path / "opt"))
-    sig = loaded.signatures["serving_default"]
-    req = requests(64)
-    names = ["user_emb", "item_emb", "position", "hour"]
-    got = sig(**dict(zip(names, req)))["probability"].numpy()
-    want = savedmodel.ServingModule(weights, D).serve(*req)["probability"].numpy()
-    np.testing.assert_allclose(got, want, atol=1e-5)
-    assert {"apply_weights", "refresh_cache"} <= set(loaded.signatures)
+    assert report["signatures"]["serve"]["folded_batchnorms"] == 2
+    assert report["signatures"]["score_candidates"]["simplified_dense"] == 5  # 2 cross, 2 deep, out
+    req = dict(zip(["user_emb", "item_emb", "position", "hour"], [t.numpy() for t in requests(64)]))
+    np.savez(tmp_path / "req.npz", **req)
+    out = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "opt"),
+                          str(tmp_path / "req.npz"), str(tmp_path / "got.npy")],
+                         capture_output=True, text=True, timeout=120, check=True)
+    for name in ("apply_weights", "refresh_cache", "score_candidates", "serving_default"):
+        assert name in out.stdout
+    want = savedmodel.ServingModule(weights, D).serve(*[tf.constant(v) for v in req.values()])
+    np.testing.assert_allclose(np.load(tmp_path / "got.npy"), want["probability"].numpy(), atol=1e-5)
+
+
+def candidate_requests(b: int, c: int, seed: int = 3) -> list[tf.Tensor]:
+    rng = np.random.default_rng(seed)
+    return [tf.constant(rng.normal(size=(b, D)).astype(np.float32)),
+            tf.constant(rng.normal(size=(b, c, D)).astype(np.float32)),
+            tf.constant(rng.integers(-3, 120, (b, c))), tf.constant(rng.integers(0, 50, b))]
+
+
+def test_simplify_tensordot_rewrites_rank3_dense_layers(weights):
+    traced = trace(savedmodel.candidates_fn, weights, savedmodel.candidate_specs(D))
+    folded, _ = fold_constants(traced)
+    simple, n = simplify_tensordot(folded)
+    assert n == 5                        # 2 cross layers, 2 deep layers, the output layer
+    before, after = (g.op_counts(request_nodes(g)) for g in (folded, simple))
+    assert before["Transpose"] == 5 and after.get("Transpose", 0) == 0
+    assert after.get("Prod", 0) == before["Prod"] - 10 and after.get("Pack", 0) == before["Pack"] - 5
+    assert after["MatMul"] == before["MatMul"] and after["Reshape"] == before["Reshape"]
+    req = candidate_requests(7, 30)
+    np.testing.assert_allclose(run(simple, weights, req), run(traced, weights, req), atol=1e-5)
+    # BatchNorm folding still finds both deep layers through the output Reshape
+    bn, k = fold_batchnorm(simple)
+    assert k == 2
+    np.testing.assert_allclose(run(bn, weights, req), run(traced, weights, req), atol=1e-5)
+    # the pairwise (rank-2) serving function has no tensordot: nothing to rewrite
+    assert simplify_tensordot(fold_constants(trace(savedmodel.serving_fn, weights,
+                                                   savedmodel.request_specs(D)))[0])[1] == 0
+
+
+def test_candidate_scoring_equals_pairwise_scoring(weights):
+    """Scoring C candidates of a user in one rank-3 call equals C pairwise rows."""
+    opt = savedmodel.optimised_module(weights, D)
+    plain = savedmodel.ServingModule(weights, D)
+    u, items, pos, hour = candidate_requests(3, 12)
+    got = opt.score_candidates(u, items, pos, hour)["probability"].numpy()
+    np.testing.assert_allclose(got, plain.score_candidates(u, items, pos, hour)["probability"].numpy(),
+                               atol=1e-5)
+    pair = plain.serve(tf.repeat(u, 12, axis=0), tf.reshape(items, [-1, D]), tf.reshape(pos, [-1]),
+                       tf.repeat(hour, 12))["probability"].numpy()
+    np.testing.assert_allclose(got.reshape(-1), pair, atol=1e-5)
 
 
 def test_keras_reference_is_the_same_model(weights):
