@@ -85,7 +85,7 @@ def test_versions_carry_manifest_graph_and_snapshot(setup):
     m = ex.store.manifest(1)
     assert m["parent"] is None and m["trainer_step"] == trainer.model.step
     assert m["kafka_offsets"] == {"samples:0": 640} and m["embedding_generation"] == ex.hot.active
-    assert m["graph"]["cached_tensors"] and m["cache_policy"]["every_n_calls"] == 1000
+    assert m["graph"]["signatures"]["serve"]["cached_tensors"] and m["cache_policy"]["every_n_calls"] == 1000
     assert m["embedding_rows"]["user"] == trainer.model.tables["user"].occupancy()["rows"]
     assert ex.publish_version() is None                       # nothing new trained: no version
     trainer.train()
