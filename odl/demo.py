@@ -150,6 +150,7 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
         reader = EmbeddingReader(r)
         emb_rows = {t: reader.count(t) for t in ("user", "item")}
         versions = cp.versions()
+        exporter = next((hb.metrics for hb in cp.heartbeats() if hb.component == "exporter"), {})
         if load is None:
             load = LoadClient(cfg)  # no model was ever published: report zero requests
         load.stop()
@@ -162,6 +163,8 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
             "versions_exported": max([int(final.version or 0)] + [int(m["version"]) for m in versions]),
             "versions_retained": len(versions), "latest_version": final.version,
             "embeddings_in_redis": emb_rows,
+            "exporter": {k: exporter.get(k) for k in ("generation", "refresh_seq", "refused",
+                                                      "evicted", "redis_used_memory_bytes")},
             "requests_ok": len(load.latency_ms), "request_errors": load.errors,
             "status_codes": load.codes, "versions_served": load.versions,
             "latency_ms": {"p50": _pct(load.latency_ms, 50), "p95": _pct(load.latency_ms, 95),
@@ -188,7 +191,7 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
 
 
 def _write_report(rep: dict, out_dir: Path) -> None:
-    lat = rep["latency_ms"]
+    lat, ex = rep["latency_ms"], rep["exporter"]
     lines = [
         "== ODL demo report",
         f"   ran {rep['duration_s']}s ({rep['wall_s_total']}s with start-up and shutdown)",
@@ -200,6 +203,9 @@ def _write_report(rep: dict, out_dir: Path) -> None:
         f"{rep['frozen_at_step'] or '-'}: {rep['frozen_baseline_auc']:.4f})",
         f"   versions exported   {rep['versions_exported']:>10}   ({rep['versions_retained']} retained)",
         f"   embeddings in Redis {sum(rep['embeddings_in_redis'].values()):>10}   {rep['embeddings_in_redis']}",
+        f"   exporter            generation {ex.get('generation')}, dense refreshes "
+        f"{ex.get('refresh_seq')}, refused {ex.get('refused')}, Redis used_memory "
+        f"{(ex.get('redis_used_memory_bytes') or 0) / 2**20:.1f} MiB",
         f"   requests served     {rep['requests_ok']:>10}   errors {rep['request_errors']}, "
         f"codes {rep['status_codes']}, versions {rep['versions_served']}",
         f"   latency ms          p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}",

@@ -28,17 +28,20 @@ RETRY_FAILED_S = 30.0  # a version that failed to load is retried this often, no
 
 class ReadWriteLock:
     """Many predictions at once, or one in-place weight refresh: a request never sees half of
-    a refresh's weights."""
+    a refresh's weights.  A waiting writer goes first (new readers queue behind it), so a busy
+    replica still applies its refreshes.  (The periodic cache refresh needs no lock: with the
+    weights unchanged it rewrites the cache with the values it already holds.)"""
 
     def __init__(self):
         self._cond = threading.Condition()
         self._readers = 0
+        self._writers = 0       # waiting or writing
         self._writing = False
 
     @contextlib.contextmanager
     def read(self):
         with self._cond:
-            while self._writing:
+            while self._writers:
                 self._cond.wait()
             self._readers += 1
         try:
@@ -52,6 +55,7 @@ class ReadWriteLock:
     @contextlib.contextmanager
     def write(self):
         with self._cond:
+            self._writers += 1
             while self._writing or self._readers:
                 self._cond.wait()
             self._writing = True
@@ -60,6 +64,7 @@ class ReadWriteLock:
         finally:
             with self._cond:
                 self._writing = False
+                self._writers -= 1
                 self._cond.notify_all()
 
 

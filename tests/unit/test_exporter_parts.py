@@ -83,3 +83,32 @@ def test_schedule_orders_versions_before_dense_before_deltas():
     assert s.due(now + 6) == "dense" and s.due(now + 7) == "delta"
     assert s.due(now + 31) == "version"
     assert s.due(now + 31.5) == "dense"   # the dense refresh due since t+11 comes next
+
+
+def test_read_write_lock_lets_a_waiting_writer_through_a_stream_of_readers():
+    import threading
+
+    from serving.model import ReadWriteLock
+    lock, stop, wrote = ReadWriteLock(), threading.Event(), threading.Event()
+    inside = [0]
+
+    def reader():
+        while not stop.is_set():
+            with lock.read():
+                inside[0] += 1
+                time.sleep(0.001)
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    for t in readers:
+        t.start()
+    time.sleep(0.05)
+
+    def writer():
+        with lock.write():
+            wrote.set()
+    w = threading.Thread(target=writer)
+    w.start()
+    assert wrote.wait(2.0), "the writer starved"
+    stop.set()
+    for t in readers + [w]:
+        t.join()
+    assert inside[0] > 0
