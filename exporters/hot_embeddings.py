@@ -155,6 +155,9 @@ class HotEmbeddings:
         if self.building is None:
             raise RuntimeError("no generation is being built")
         gen, old = self.building, self.active
+        if old is None:   # a restarted exporter: retire what its predecessor left current
+            before = Pointer.read(self.r)
+            old = before.generation if before else None
         self.r.set(names.EMB_CURRENT, Pointer(gen, self.codec.dim, self.codec.dtype,
                                               source=source).to_json())
         self.active, self.building, self.index = gen, None, self._staged_index
@@ -200,6 +203,8 @@ class HotEmbeddings:
         values = self.codec.encode(vectors)
         if len(values) != len(id_list):
             raise ValueError(f"{len(id_list)} ids but {len(values)} vectors")
+        meta = names.emb_meta(table, gen)   # first, so that a crash mid-push leaves a findable set
+        self.r.hset(meta, mapping={"dim": self.codec.dim, "dtype": self.codec.dtype})
         with _Pipelined(self.r) as conn:
             for start in range(0, len(id_list), self.chunk):
                 part = id_list[start:start + self.chunk]
@@ -208,8 +213,7 @@ class HotEmbeddings:
                 args[1::2] = values[start:start + self.chunk]
                 conn.send("MSET", args)
             index.setdefault(table, HotIndex()).touch(id_list)   # while the last chunk runs
-        self.r.hset(names.emb_meta(table, gen), mapping={
-            "dim": self.codec.dim, "dtype": self.codec.dtype, "rows": len(index[table])})
+        self.r.hset(meta, "rows", len(index[table]))
         return len(id_list)
 
     def delete(self, table: str, ids: Iterable[int]) -> int:

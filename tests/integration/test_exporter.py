@@ -218,3 +218,10 @@ def test_generations_switch_atomically_and_orphans_are_dropped(setup):
     ex.hot.collect(force=True)
     left = {k.split(b":")[2] for k in r.scan_iter(match="{odl:emb:g*", count=1000)}
     assert left == {f"g{ex.hot.active}".encode()}
+    # a restarted exporter retires its predecessor's generation once its own is active
+    again = Exporter(cfg, trainer, ex.cp, Log(), r=r)
+    assert again.hot.drop_orphans() == []
+    again.push_deltas()
+    again.hot.collect(force=True)
+    left = {k.split(b":")[2] for k in r.scan_iter(match="{odl:emb:g*", count=1000)}
+    assert left == {f"g{again.hot.active}".encode()} and again.hot.active != ex.hot.active
