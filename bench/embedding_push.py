@@ -15,7 +15,8 @@ import redis
 
 from bench.common import private_redis
 from bench.registry import BenchResult
-from exporters.hot_embeddings import CHUNK, Codec, chunk_rows, EmbeddingReader, HotEmbeddings
+from exporters.hot_embeddings import (CHUNK, Codec, EmbeddingReader, HotEmbeddings, Pointer,
+                                     chunk_rows)
 from odl import names
 from odl.config import Config
 
@@ -57,7 +58,8 @@ def _one_dim(r: redis.Redis, dim: int) -> dict[str, float]:
             r.mget(keys[s:s + CHUNK])
 
     reader, id_list = EmbeddingReader(r, pointer_ttl_s=60), ids.tolist()
-    r.set(names.EMB_CURRENT, f'{{"generation": {hot.active}, "dim": {dim}, "dtype": "float32"}}')
+    # readers follow the float32 generation (hot16 was activated after it)
+    r.set(names.EMB_CURRENT, Pointer(hot.active, dim, "float32", source="bench").to_json())
     rounds: dict[str, list[float]] = {k: [] for k in ("push", "bare", "push16", "fetch", "mget")}
     for _ in range(ROUNDS):
         rounds["push"].append(_rate(lambda: hot.push("bench", ids, vecs)))

@@ -53,16 +53,13 @@ def publish(r: redis.Redis, model: str, base_version: str, trainer_step: int,
 def head(r: redis.Redis, model: str) -> tuple[int, str | None]:
     """(seq, base_version) of the newest refresh without its weights; (0, None) if none."""
     seq, base = r.hmget(names.dense_refresh(model), ["seq", "base_version"])
-    if not seq:
-        return 0, None
-    return int(seq), base.decode() if isinstance(base, bytes) else base
+    return (int(seq), base.decode()) if seq else (0, None)
 
 
 def read(r: redis.Redis, model: str) -> DenseRefresh | None:
+    """The newest refresh; ``r`` must return bytes (``decode_responses=False``)."""
     h = r.hgetall(names.dense_refresh(model))
-    if not h or b"seq" not in h and "seq" not in h:
+    if b"seq" not in h:
         return None
-    g = lambda k: h.get(k.encode(), h.get(k))  # noqa: E731 - binary or decoded client
-    base = g("base_version")
-    return DenseRefresh(int(g("seq")), base.decode() if isinstance(base, bytes) else str(base),
-                        int(g("trainer_step")), float(g("created_at")), decode(g("weights")))
+    return DenseRefresh(int(h[b"seq"]), h[b"base_version"].decode(), int(h[b"trainer_step"]),
+                        float(h[b"created_at"]), decode(h[b"weights"]))

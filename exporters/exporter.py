@@ -157,8 +157,9 @@ class Exporter:
         except (FileNotFoundError, ValueError, KeyError):
             return None   # retired from the store or unreadable: nothing to compare against
 
-    def publish_version(self, force: bool = False, skip_gate: bool = False) -> int | None:
-        pinned = self.cp.pinned_version()
+    def publish_version(self, force: bool = False, skip_gate: bool = False,
+                        pinned: str | None = None) -> int | None:
+        """``pinned``: the operator's pinned version, if any (then Redis is left alone)."""
         if not pinned:
             self.push_deltas()
         snap = self.trainer.snapshot(embeddings=True)
@@ -212,8 +213,9 @@ class Exporter:
         return version
 
     # --- rollback ------------------------------------------------------------------------------
-    def follow_pin(self) -> None:
-        """Make Redis hold the pinned version's embeddings, or the trainer's once unpinned."""
+    def follow_pin(self) -> str | None:
+        """Make Redis hold the pinned version's embeddings, or the trainer's once unpinned;
+        returns the pinned version."""
         pinned = self.cp.pinned_version()
         if pinned and pinned != self.restored_for:
             try:
@@ -221,7 +223,7 @@ class Exporter:
             except (KeyError, FileNotFoundError) as exc:
                 self.log.error("cannot restore embeddings of pinned version %s: %s", pinned, exc)
                 self.restored_for = pinned   # do not retry every tick; dense rollback still holds
-                return
+                return pinned
             gen = self.hot.restore(tables, source=f"rollback:{pinned}")
             GENERATION.set(gen)
             self.store.record("restored", version=pinned, generation=gen,
@@ -230,18 +232,20 @@ class Exporter:
         elif not pinned and self.restored_for is not None:
             self.restored_for = None
             self.resync("unpinned")
+        return pinned
 
     def tick(self, schedule: Schedule, paused: bool) -> str:
         """One round of the loop; returns what it did."""
-        self.follow_pin()
+        pinned = self.follow_pin()
         self.hot.collect()
         if paused:
             return "paused"
         request = self.cp.take_publish_request()
         what = "version" if request else schedule.due(time.monotonic())
         if what == "version":
-            self.publish_version(force=bool(request), skip_gate=bool(request and request.get("skip_gate")))
-        elif self.cp.pinned_version():
+            self.publish_version(force=bool(request), pinned=pinned,
+                                 skip_gate=bool(request and request.get("skip_gate")))
+        elif pinned:
             return "pinned"
         elif what == "dense":
             self.publish_dense()
@@ -301,8 +305,7 @@ def run(cfg: Config) -> int:
                     break
                 ex.trainer = TrainerClient(actor, ray)
             comp.stop.wait(ec.delta_interval_s)
-    finally:
-        ex.hot.collect(force=False)
+    finally:   # generations still retiring are found by drop_orphans at the next start
         comp.close()
         ray.shutdown()
     return 0

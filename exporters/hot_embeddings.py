@@ -189,7 +189,7 @@ class HotEmbeddings:
         current = Pointer.read(self.r)
         live = {current.generation if current else None, self.active, self.building,
                 *(g for g, _ in self._retiring)}
-        orphans = sorted({int(m.split(b":")[2][1:]) for m in
+        orphans = sorted({names.emb_generation_of(m) for m in
                           self.r.scan_iter(match=names.EMB_META_PATTERN, count=1000)} - live)
         self._retiring += [(g, time.monotonic() + self.retire_after_s) for g in orphans]
         return orphans
@@ -306,7 +306,7 @@ def drop_generation(r: redis.Redis, generation: int) -> int:
     """Unlink every key of one generation (SCAN per table pattern; UNLINK frees in background)."""
     n = 0
     batch: list[bytes] = []
-    for key in r.scan_iter(match=f"{{odl:emb:g{generation}:*", count=5000):
+    for key in r.scan_iter(match=names.emb_generation_pattern(generation), count=5000):
         batch.append(key)
         if len(batch) >= CHUNK:
             n += int(r.unlink(*batch))

@@ -57,6 +57,17 @@ def emb_meta(table: str, generation: int) -> str:
 EMB_META_PATTERN = "{odl:emb:g*:meta"   # SCAN pattern of every generation's table metas
 
 
+def emb_generation_pattern(generation: int) -> str:
+    """SCAN pattern of every key (rows and metas) of one generation."""
+    return f"{{odl:emb:g{generation}:*"
+
+
+def emb_generation_of(key: bytes | str) -> int:
+    """The generation a row or meta key belongs to."""
+    k = key.decode() if isinstance(key, bytes) else key
+    return int(k.split(":")[2][1:])
+
+
 # --- dense-weight refreshes --------------------------------------------------------------------
 def dense_refresh(model: str) -> str:
     """Hash: seq, base_version, trainer_step, created_at, weights (npz bytes)."""

@@ -19,6 +19,7 @@ from trainers.model import Batch, CTRModel
 
 pytestmark = pytest.mark.slow
 DIM = 8
+NAMES = ("user_emb", "item_emb", "position", "hour")
 
 
 class LocalTrainer:
@@ -69,13 +70,8 @@ def setup(tmp_path, redis_port):
 
 def _predict(ex: Exporter, version: int, users, items) -> np.ndarray:
     """What a replica serving ``version`` answers now: rows from Redis, the version's graph."""
-    reader = EmbeddingReader(ex.r, pointer_ttl_s=0)
-    u, _ = reader.fetch("user", users, DIM)
-    i, _ = reader.fetch("item", items, DIM)
     fn = tf.saved_model.load(str(ex.store.path(version))).signatures["serving_default"]
-    n = len(users)
-    return fn(user_emb=tf.constant(u), item_emb=tf.constant(i), position=tf.zeros([n], tf.int64),
-              hour=tf.zeros([n], tf.int64))["probability"].numpy()
+    return fn(**dict(zip(NAMES, map(tf.constant, _inputs(ex.r, users, items)))))["probability"].numpy()
 
 
 def test_versions_carry_manifest_graph_and_snapshot(setup):
@@ -126,14 +122,13 @@ def test_deltas_and_dense_refreshes_follow_training(setup):
     assert holder.current.refresh_seq == 1 and not holder.refresh_dense(r)
     savedmodel.save(refresh.weights, DIM, ex.store.dir / "plain")
     plain = tf.saved_model.load(str(ex.store.dir / "plain")).signatures["serving_default"]
-    want = plain(**dict(zip(("user_emb", "item_emb", "position", "hour"),
-                            map(tf.constant, args))))["probability"].numpy()
+    want = plain(**dict(zip(NAMES, map(tf.constant, args))))["probability"].numpy()
     got = holder.current.predict(*args)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert np.abs(got - old).max() > 1e-6
     ex.cp.pin_version("1")
     trainer.train()
-    ex.publish_version()                                     # version 2, refreshes now refine 2
+    ex.publish_version(pinned="1")                           # version 2, refreshes now refine 2
     ex.publish_dense()
     assert not holder.refresh_dense(r)                       # pinned to 1: not applied
 
