@@ -214,6 +214,7 @@ class HotEmbeddings:
                 conn.send("MSET", args)
             index.setdefault(table, HotIndex()).touch(id_list)   # while the last chunk runs
         self.r.hset(meta, "rows", len(index[table]))
+        self._announce(gen, table, "put", id_list)
         return len(id_list)
 
     def delete(self, table: str, ids: Iterable[int]) -> int:
@@ -225,7 +226,17 @@ class HotEmbeddings:
             n += int(self.r.unlink(*[names.emb_key(table, gen, i) for i in part]))
         if table in index:
             index[table].forget(id_list)
+        self._announce(gen, table, "del", id_list)
         return n
+
+    def _announce(self, gen: int, table: str, op: str, ids: list[int]) -> None:
+        """Tell readers' caches which rows of the *visible* generation changed (a generation
+        being built is invisible: its activation makes readers drop their caches anyway)."""
+        if gen != self.active or self.building is not None or not ids:
+            return
+        self.r.xadd(names.EMB_CHANGES, {"g": gen, "t": table, "op": op,
+                                        "ids": np.asarray(ids, "<i8").tobytes()},
+                    maxlen=names.EMB_CHANGES_MAXLEN, approximate=True)
 
     def enforce_bound(self) -> int:
         """Evict the coldest rows of every table above ``max_rows``; returns rows evicted."""
@@ -330,11 +341,13 @@ class EmbeddingReader:
             self._pointer, self._read_at = Pointer.read(self.r), time.monotonic()
         return self._pointer
 
-    def fetch(self, table: str, ids: list[int], dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """(vectors [n, dim] float32, found [n]); a miss, or a set of another dim, is zeros."""
+    def fetch(self, table: str, ids: list[int], dim: int,
+              pointer: Pointer | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors [n, dim] float32, found [n]); a miss, or a set of another dim, is zeros.
+        ``pointer`` pins the generation read (a cache filling rows of the generation it holds)."""
         out = np.zeros((len(ids), dim), dtype=np.float32)
         found = np.zeros(len(ids), dtype=bool)
-        p = self.pointer()
+        p = pointer or self.pointer()
         if p is None or p.dim != dim or not ids:
             return out, found
         codec, prefix = Codec(p.dtype, p.dim), names.emb_prefix(table, p.generation)

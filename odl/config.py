@@ -228,8 +228,20 @@ class ServingConfig(_Section):
     ports: tuple[int, ...] = (8501, 8502)
     model_name: str = "ctr"
     max_instances: int = Field(1000, ge=1)
+    max_candidates: int = Field(1000, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     poll_interval_s: float = Field(1.0, gt=0)
+    # request batching (serving.batching): rows per model call, how long a request waits for
+    # company, inference worker threads sharing the loaded model; batching off = one call each
+    batching: bool = True
+    batch_max_rows: int = Field(1024, ge=1)
+    batch_max_wait_ms: float = Field(2.0, ge=0)
+    inference_workers: int = Field(2, ge=1, le=64)
+    # local embedding cache (serving.embedding_cache) and degraded mode (serving.guard)
+    cache_rows_per_table: int = Field(200_000, ge=0)
+    cache_ttl_s: float = Field(30.0, gt=0)
+    redis_timeout_s: float = Field(0.25, gt=0)
+    redis_retry_s: float = Field(1.0, gt=0)
 
 
 class ControlConfig(_Section):

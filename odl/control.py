@@ -21,10 +21,11 @@ from odl import names
 from odl.config import Config
 
 
-def redis_client(cfg: Config, decode: bool = True) -> redis.Redis:
+def redis_client(cfg: Config, decode: bool = True, timeout_s: float = 5.0) -> redis.Redis:
     r = cfg.redis
     return redis.Redis(host=r.host, port=r.port, password=r.password, db=r.db,
-                       decode_responses=decode, socket_timeout=5, socket_connect_timeout=3)
+                       decode_responses=decode, socket_timeout=timeout_s,
+                       socket_connect_timeout=min(3.0, timeout_s))
 
 
 @dataclass

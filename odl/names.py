@@ -38,6 +38,10 @@ def cp_heartbeat(instance: str) -> str:
 # pointer {generation, dim, dtype}; a generation's rows of one table share one hash tag.
 EMB_CURRENT = "{odl:emb}:current"
 EMB_NEXT_GENERATION = "{odl:emb}:next_generation"   # INCR counter
+# Stream of in-place changes to the active generation (fields g, t, op, ids as int64 LE bytes):
+# serving's local cache follows it to refresh or drop the rows it holds.
+EMB_CHANGES = "{odl:emb}:changes"
+EMB_CHANGES_MAXLEN = 10_000   # entries kept (approximate trim); a reader further behind resyncs
 
 
 def emb_prefix(table: str, generation: int) -> str:

@@ -1,102 +1,97 @@
-"""The serving replica's HTTP API (TensorFlow-Serving shaped) on aiohttp.
+"""The serving replica's HTTP API on aiohttp: TensorFlow-Serving-shaped predict, a recommendation
+endpoint, status, metadata, OpenAPI, health and Prometheus metrics.
 
-``POST /v1/models/{name}:predict`` with ``{"instances": [{"user_id", "item_id", "position",
-"hour"}, ...]}`` answers ``{"predictions": [...], "model_version": "N"}``.  Embeddings come from
-Redis; an id Redis does not hold uses the default (zero) vector, and serving never admits ids.
-Every client error is a 4xx with a JSON body; nothing a client sends produces a 5xx.
+Request path: validate (``serving.api``; a 4xx with a JSON error for anything malformed) -> take
+the model served *now* (the request keeps it even if a new version is swapped in meanwhile) ->
+queue on the batcher (``serving.batching``) -> an inference worker looks the embeddings up
+through the local cache (``serving.embedding_cache``) and calls the model
+(``serving.inference``).  Responses carry ``X-ODL-Model-Version``; ``X-ODL-Degraded`` says Redis
+was unreachable and cached or default embeddings were used.
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Awaitable, Callable
 
 import numpy as np
+import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import ValidationError
 
 from exporters.hot_embeddings import EmbeddingReader
 from odl.config import Config
-from serving.model import ModelHolder
+from serving.api import explain, make_api
+from serving.batching import Batcher, BatchPolicy
+from serving.embedding_cache import EmbeddingCache
+from serving.guard import RedisGuard
+from serving.inference import Candidates, Inference, Pairs, Scored
+from serving.metrics import ServingMetrics
+from serving.model import LoadedModel, ModelHolder
 
-REQUESTS = Counter("odl_serving_requests_total", "predict requests", ["code"])
-LATENCY = Histogram("odl_serving_latency_seconds", "predict latency",
-                    buckets=(.001, .002, .005, .01, .02, .05, .1, .2, .5, 1, 2))
-INSTANCE_FIELDS = {"user_id": int, "item_id": int, "position": int, "hour": int}
-REQUIRED_FIELDS = ("user_id", "item_id")
-
-
-class BadRequest(Exception):
-    pass
-
-
-@dataclass
-class Instances:
-    user_ids: list[int]
-    item_ids: list[int]
-    positions: np.ndarray
-    hours: np.ndarray
+VERSION_HEADER = "X-ODL-Model-Version"
+DEGRADED_HEADER = "X-ODL-Degraded"
 
 
-def parse_instances(body: Any, max_instances: int) -> Instances:
-    if not isinstance(body, dict):
-        raise BadRequest("body must be a JSON object")
-    unknown = set(body) - {"instances", "signature_name"}
-    if unknown:
-        raise BadRequest(f"unknown fields: {sorted(unknown)}")
-    inst = body.get("instances")
-    if not isinstance(inst, list) or not inst:
-        raise BadRequest("'instances' must be a non-empty list")
-    if len(inst) > max_instances:
-        raise BadRequest(f"too many instances: {len(inst)} > {max_instances}")
-    cols: dict[str, list[int]] = {k: [] for k in INSTANCE_FIELDS}
-    for n, row in enumerate(inst):
-        if not isinstance(row, dict):
-            raise BadRequest(f"instances[{n}] must be an object")
-        extra = set(row) - set(INSTANCE_FIELDS)
-        if extra:
-            raise BadRequest(f"instances[{n}]: unknown fields {sorted(extra)}")
-        for field in INSTANCE_FIELDS:
-            v = row.get(field, 0 if field not in REQUIRED_FIELDS else None)
-            if v is None:
-                raise BadRequest(f"instances[{n}].{field} is required")
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**53:
-                raise BadRequest(f"instances[{n}].{field} must be a non-negative integer")
-            cols[field].append(v)
-    return Instances(cols["user_id"], cols["item_id"], np.asarray(cols["position"], np.int64),
-                     np.asarray(cols["hour"], np.int64))
+class RequestError(Exception):
+    def __init__(self, status: int, message: str, details: list | None = None):
+        super().__init__(message)
+        self.status, self.message, self.details = status, message, details
 
 
-def error(status: int, message: str) -> web.Response:
-    REQUESTS.labels(str(status)).inc()
-    return web.json_response({"error": message}, status=status)
+def json_response(body: dict, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(body), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def error(status: int, message: str, details: list | None = None) -> web.Response:
+    body = {"error": message}
+    if details:
+        body["details"] = details
+    return json_response(body, status)
 
 
 class ServingApp:
-    def __init__(self, cfg: Config, holder: ModelHolder, redis_bytes, instance: str):
-        # a sync client with binary replies, used from worker threads
+    def __init__(self, cfg: Config, holder: ModelHolder, redis_bytes, instance: str,
+                 registry: CollectorRegistry | None = None):
+        """``redis_bytes``: a binary-reply client with a short socket timeout (degraded mode
+        must not wait long for an absent Redis).  ``registry``: the process's default registry
+        for a real replica (``serving.run``); a private one by default (tests, benchmarks)."""
+        registry = registry if registry is not None else CollectorRegistry()
+        s = cfg.serving
         self.cfg, self.holder, self.r, self.instance = cfg, holder, redis_bytes, instance
-        self.embeddings = EmbeddingReader(redis_bytes)
-        self.served = 0
-        self.latency_ms: list[float] = []
+        self.metrics = ServingMetrics(registry)
+        self.registry = registry
+        self.guard = RedisGuard(s.redis_retry_s, on_change=lambda down: self.metrics.degraded.set(int(down)))
+        self.cache = EmbeddingCache(EmbeddingReader(redis_bytes), self.guard, s.cache_rows_per_table,
+                                    s.cache_ttl_s)
+        self.inference = Inference(self.cache, on_lookup=self.metrics.lookup)
+        self.batcher = Batcher(self.inference.run,
+                               BatchPolicy(s.batch_max_rows, s.batch_max_wait_ms / 1000,
+                                           s.inference_workers, s.batching),
+                               on_batch=self.metrics.batch)
+        self.api = make_api(s.max_instances, s.max_candidates, s.model_name)
 
+    # --- wiring ----------------------------------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:
         name = "{name:[A-Za-z0-9_.-]+}"
         return [
             web.get("/healthz", self.healthz),
-            web.get("/metrics", self.metrics),
+            web.get("/metrics", self.prometheus),
+            web.get("/v1/openapi.json", self.openapi),
             web.get(f"/v1/models/{name}", self.status),
             web.get(f"/v1/models/{name}/metadata", self.metadata),
-            web.post(f"/v1/models/{name}:predict", self.predict),
-            web.post(f"/v1/models/{name}/versions/{{version:[0-9]+}}:predict", self.predict),
+            web.post(f"/v1/models/{name}:predict", self._endpoint("predict", self._predict)),
+            web.post(f"/v1/models/{name}/versions/{{version:[0-9]+}}:predict",
+                     self._endpoint("predict", self._predict)),
+            web.post(f"/v1/models/{name}:recommend", self._endpoint("recommend", self._recommend)),
         ]
 
     def build(self) -> web.Application:
-        app = web.Application(client_max_size=self.cfg.serving.max_body_bytes,
-                              middlewares=[self._errors])
+        app = web.Application(client_max_size=self.cfg.serving.max_body_bytes, middlewares=[self._errors])
         app.add_routes(self.routes())
+        app.on_startup.append(lambda _app: self.batcher.start())
+        app.on_cleanup.append(lambda _app: self.batcher.stop())
         return app
 
     @web.middleware
@@ -108,64 +103,126 @@ class ServingApp:
                 return error(exc.status, exc.reason)
             raise
 
-    def _check_name(self, request: web.Request) -> web.Response | None:
+    def _endpoint(self, endpoint: str, fn: Callable[[web.Request], Awaitable[web.Response]]):
+        async def handler(request: web.Request) -> web.Response:
+            t0 = time.perf_counter()
+            try:
+                resp = await fn(request)
+            except RequestError as exc:
+                resp = error(exc.status, exc.message, exc.details)
+            except web.HTTPRequestEntityTooLarge as exc:
+                resp = error(413, exc.text or "body too large")
+            self.metrics.answered(endpoint, resp.status, time.perf_counter() - t0)
+            return resp
+        return handler
+
+    # --- shared steps ----------------------------------------------------------------------------
+    def _model(self, request: web.Request) -> LoadedModel:
         if request.match_info["name"] != self.cfg.serving.model_name:
-            return error(404, f"model {request.match_info['name']!r} not found")
-        return None
+            raise RequestError(404, f"model {request.match_info['name']!r} not found")
+        model = self.holder.current
+        if model is None:
+            raise RequestError(503, "no model loaded yet")
+        want = request.match_info.get("version")
+        if want is not None and want != model.version:
+            raise RequestError(404, f"version {want} is not loaded (serving {model.version})")
+        return model
+
+    async def _parse(self, request: web.Request, schema):
+        body = await request.read()
+        try:
+            return schema.model_validate_json(body)
+        except ValidationError as exc:
+            message, details = explain(exc)
+            raise RequestError(400, message, details) from None
+
+    def _headers(self, model: LoadedModel, scored: Scored) -> dict[str, str]:
+        headers = {VERSION_HEADER: model.version}
+        if scored.degraded:
+            headers[DEGRADED_HEADER] = "redis-unavailable"
+            self.metrics.degraded_responses.inc()
+        return headers
+
+    # --- endpoints -------------------------------------------------------------------------------
+    async def _predict(self, request: web.Request) -> web.Response:
+        model = self._model(request)
+        req = await self._parse(request, self.api.predict)
+        pairs = Pairs(*req.columns())
+        scored: Scored = await self.batcher.submit((model, "pairs"), pairs.rows, pairs)
+        key = "predictions" if req.instances is not None else "outputs"
+        return json_response({key: scored.probabilities.tolist(), "model_version": model.version},
+                             headers=self._headers(model, scored))
+
+    async def _recommend(self, request: web.Request) -> web.Response:
+        model = self._model(request)
+        req = await self._parse(request, self.api.recommend)
+        hour = req.context.hour if req.context.hour is not None else time.gmtime().tm_hour
+        cands = Candidates(req.user_id, req.candidates, req.context.position, hour)
+        scored: Scored = await self.batcher.submit((model, "candidates"), cands.rows, cands)
+        probs = scored.probabilities
+        order = np.argsort(-probs, kind="stable")[:req.top_k or len(probs)]
+        items = [{"item_id": req.candidates[k], "score": float(probs[k])} for k in order.tolist()]
+        return json_response({"model_version": model.version, "items": items},
+                             headers=self._headers(model, scored))
 
     async def healthz(self, _request: web.Request) -> web.Response:
         m = self.holder.current
-        return web.json_response({"ok": m is not None, "version": m.version if m else None},
-                                 status=200 if m else 503)
+        return json_response({"ok": m is not None, "version": m.version if m else None,
+                              "degraded": self.guard.degraded}, status=200 if m else 503)
 
-    async def metrics(self, _request: web.Request) -> web.Response:
-        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    async def prometheus(self, _request: web.Request) -> web.Response:
+        self.refresh_gauges()
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def openapi(self, _request: web.Request) -> web.Response:
+        return json_response(self.api.openapi)
 
     async def status(self, request: web.Request) -> web.Response:
-        if (resp := self._check_name(request)) is not None:
-            return resp
+        if request.match_info["name"] != self.cfg.serving.model_name:
+            return error(404, f"model {request.match_info['name']!r} not found")
         m = self.holder.current
-        states = [{"version": m.version, "state": "AVAILABLE", "status": {"error_code": "OK"}}] if m else []
-        return web.json_response({"model_version_status": states})
+        states = [{"version": m.version, "state": "AVAILABLE",
+                   "status": {"error_code": "OK", "error_message": ""}}] if m else []
+        return json_response({"model_version_status": states})
 
     async def metadata(self, request: web.Request) -> web.Response:
-        if (resp := self._check_name(request)) is not None:
-            return resp
-        m = self.holder.current
-        if m is None:
-            return error(503, "no model loaded yet")
-        return web.json_response({"model_spec": {"name": self.cfg.serving.model_name, "version": m.version},
-                                  "manifest": m.manifest,
-                                  "inputs": {k: t.__name__ for k, t in INSTANCE_FIELDS.items()}})
+        try:
+            m = self._model(request)
+        except RequestError as exc:
+            return error(exc.status, exc.message)
+        sigs = {}
+        for name in ("serving_default", "score_candidates"):
+            fn = m.saved.signatures.get(name) if m.saved is not None else None
+            if fn is not None:
+                specs = fn.structured_input_signature[1]
+                sigs[name] = {"inputs": {k: {"dtype": v.dtype.name, "shape": v.shape.as_list()}
+                                         for k, v in specs.items()},
+                              "outputs": {k: {"dtype": v.dtype.name, "shape": v.shape.as_list()}
+                                          for k, v in fn.structured_outputs.items()}}
+        return json_response({"model_spec": {"name": self.cfg.serving.model_name, "version": m.version},
+                              "metadata": {"signature_def": sigs}, "manifest": m.manifest,
+                              "dense_refresh": m.refresh_seq})
 
-    async def predict(self, request: web.Request) -> web.Response:
-        t0 = time.perf_counter()
-        if (resp := self._check_name(request)) is not None:
-            return resp
-        model = self.holder.current
-        if model is None:
-            return error(503, "no model loaded yet")
-        want = request.match_info.get("version")
-        if want is not None and want != model.version:
-            return error(404, f"version {want} is not loaded (serving {model.version})")
-        try:
-            body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
-            return error(400, "body is not valid JSON")
-        try:
-            inst = parse_instances(body, self.cfg.serving.max_instances)
-        except BadRequest as exc:
-            return error(400, str(exc))
-        dim = model.embedding_dim
-        users, _ = await asyncio.to_thread(self.embeddings.fetch, "user", inst.user_ids, dim)
-        items, _ = await asyncio.to_thread(self.embeddings.fetch, "item", inst.item_ids, dim)
-        probs = await asyncio.to_thread(model.predict, users, items, inst.positions, inst.hours)
-        dt = time.perf_counter() - t0
-        LATENCY.observe(dt)
-        REQUESTS.labels("200").inc()
-        self.served += 1
-        self.latency_ms.append(dt * 1000)
-        if len(self.latency_ms) > 10000:
-            del self.latency_ms[:5000]
-        return web.json_response({"predictions": [float(p) for p in probs],
-                                  "model_version": model.version})
+    # --- observed state --------------------------------------------------------------------------
+    def refresh_gauges(self) -> None:
+        m = self.holder.current
+        if m is not None:
+            self.metrics.model_version.set(int(m.version) if m.version.isdigit() else 0)
+            self.metrics.model_age.set(max(0.0, time.time() - m.created_at))
+            self.metrics.dense_refresh.set(m.refresh_seq)
+        for table in ("user", "item"):
+            self.metrics.cache_rows.labels(table).set(self.cache.rows(table))
+
+    def probe(self) -> tuple[str, str | None, dict]:
+        """The heartbeat: state, version and key figures."""
+        self.refresh_gauges()
+        m = self.holder.current
+        state = "serving" if m else "waiting-for-model"
+        if m and self.guard.degraded:
+            state = "degraded"
+        return (state, m.version if m else None,
+                {**self.metrics.window.summary(), "load_errors": self.holder.load_errors,
+                 "dense_refresh": m.refresh_seq if m else 0,
+                 "cache_refreshes": m.cache.refreshes if m and m.cache else 0,
+                 "cache_rows": self.cache.rows("user") + self.cache.rows("item"),
+                 "degraded": self.guard.degraded, "model_age_s": round(time.time() - m.created_at, 1) if m else None})

@@ -24,6 +24,7 @@ from odl.control import ControlPlane
 
 log = logging.getLogger("odl.serving.model")
 RETRY_FAILED_S = 30.0  # a version that failed to load is retried this often, not every poll
+WARM_BATCHES = (1, 8, 64, 256, 1024)
 
 
 class ReadWriteLock:
@@ -68,7 +69,7 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
-@dataclass
+@dataclass(eq=False)   # identity: the batcher keys batches by the model object they run on
 class LoadedModel:
     version: str
     manifest: dict[str, Any]
@@ -82,6 +83,7 @@ class LoadedModel:
 
     def __post_init__(self):
         sigs = getattr(self.saved, "signatures", {}) if self.saved is not None else {}
+        self.candidates_fn = sigs.get("score_candidates")
         if "refresh_cache" in sigs:
             policy = self.manifest.get("cache_policy") or {}
             self.cache = CacheRefresher(sigs["refresh_cache"], CachePolicy(**policy))
@@ -90,11 +92,43 @@ class LoadedModel:
     def embedding_dim(self) -> int:
         return int(self.manifest.get("embedding_dim", 16))
 
+    @property
+    def created_at(self) -> float:
+        return float(self.manifest.get("created_at", self.loaded_at))
+
+    def warm(self, batch_sizes: tuple[int, ...] = WARM_BATCHES, candidates: int = 100) -> None:
+        """Run each signature once per batch bucket before the model takes traffic, so the first
+        requests do not pay TensorFlow's first-call costs."""
+        d = self.embedding_dim
+        for b in batch_sizes:
+            z = np.zeros(b, np.int64)
+            self.predict(np.zeros((b, d), np.float32), np.zeros((b, d), np.float32), z, z)
+        if self.candidates_fn is not None:
+            for b in (1, 4):
+                self.score_candidates(np.zeros((b, d), np.float32), np.zeros((b, candidates, d), np.float32),
+                                      np.zeros((b, candidates), np.int64), np.zeros(b, np.int64))
+
     def predict(self, user: np.ndarray, item: np.ndarray, position: np.ndarray,
                 hour: np.ndarray) -> np.ndarray:
         with self.lock.read():
             out = self.fn(user_emb=tf.constant(user), item_emb=tf.constant(item),
                           position=tf.constant(position, tf.int64), hour=tf.constant(hour, tf.int64))
+        if self.cache is not None:
+            self.cache.on_call()
+        return out["probability"].numpy()
+
+    def score_candidates(self, user: np.ndarray, items: np.ndarray, position: np.ndarray,
+                         hour: np.ndarray) -> np.ndarray:
+        """[B, C] probabilities of C candidates for each of B users (rank-3 signature)."""
+        if self.candidates_fn is None:   # a version exported before the signature existed
+            b, c, d = items.shape
+            flat = self.predict(np.repeat(user, c, axis=0), items.reshape(b * c, d),
+                                position.reshape(-1), np.repeat(hour, c))
+            return flat.reshape(b, c)
+        with self.lock.read():
+            out = self.candidates_fn(user_emb=tf.constant(user), item_emb=tf.constant(items),
+                                     position=tf.constant(position, tf.int64),
+                                     hour=tf.constant(hour, tf.int64))
         if self.cache is not None:
             self.cache.on_call()
         return out["probability"].numpy()
@@ -130,7 +164,9 @@ class ModelHolder:
         loaded = tf.saved_model.load(str(path))
         # Call the signature directly: the restored tf.function attribute adds ~0.1 ms per call.
         fn = loaded.signatures["serving_default"]
-        return LoadedModel(str(version), self.store.manifest(version), fn, time.time(), loaded)
+        model = LoadedModel(str(version), self.store.manifest(version), fn, time.time(), loaded)
+        model.warm()
+        return model
 
     def refresh(self) -> bool:
         """Load the wanted version if it differs from the current one; True if swapped."""

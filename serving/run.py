@@ -1,18 +1,28 @@
-"""`odl run serving --replica N`: one serving replica on serving.host:serving.ports[N]."""
+"""`odl run serving --replica N`: one serving replica on serving.host:serving.ports[N].
+
+Three loops besides the HTTP server: the model poll (a new, pinned or rolled-back version is
+loaded and warmed in the background, then swapped in; dense refreshes are applied in place), the
+cache follower (the exporter's change stream keeps the local embedding cache fresh), and the
+heartbeat.
+"""
 from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 
-import numpy as np
 from aiohttp import web
+from prometheus_client import REGISTRY
 
 from exporters.registry import ModelStore
 from odl.config import Config
 from odl.control import redis_client
 from odl.runtime import METRICS_PORT_OFFSETS, Component
 from serving.app import ServingApp
+from serving.guard import Unavailable
 from serving.model import ModelHolder
+
+FOLLOW_BLOCK_MS = 500
 
 
 def run(cfg: Config, replica: int = 0) -> int:
@@ -22,22 +32,42 @@ def run(cfg: Config, replica: int = 0) -> int:
     comp = Component(cfg, "serving", instance,
                      metrics_port=cfg.metrics.base_port + METRICS_PORT_OFFSETS["serving"] + replica)
     holder = ModelHolder(ModelStore(cfg.paths.model_store, cfg.serving.model_name), comp.cp)
-    app = ServingApp(cfg, holder, redis_client(cfg, decode=False), instance)
-
-    def probe():
-        lat = np.asarray(app.latency_ms[-2000:]) if app.latency_ms else np.zeros(1)
-        m = holder.current
-        return ("serving" if m else "waiting-for-model", m.version if m else None,
-                {"requests": app.served, "p50_ms": round(float(np.percentile(lat, 50)), 2),
-                 "p99_ms": round(float(np.percentile(lat, 99)), 2), "load_errors": holder.load_errors,
-                 "dense_refresh": m.refresh_seq if m else 0,
-                 "cache_refreshes": m.cache.refreshes if m and m.cache else 0,
-                 "port": cfg.serving.ports[replica]})
-
-    comp.start_heartbeat(probe)
+    app = ServingApp(cfg, holder, redis_client(cfg, decode=False, timeout_s=cfg.serving.redis_timeout_s),
+                     instance, registry=REGISTRY)
+    comp.start_heartbeat(app.probe)
+    follower = threading.Thread(target=follow_changes, args=(cfg, app, comp), name="cache-follower",
+                                daemon=True)
+    follower.start()
     asyncio.run(_serve(cfg, comp, holder, app, replica))
     comp.close()
     return 0
+
+
+def follow_changes(cfg: Config, app: ServingApp, comp: Component) -> None:
+    """Keep the local embedding cache fresh from the exporter's change stream."""
+    r = redis_client(cfg, decode=False, timeout_s=FOLLOW_BLOCK_MS / 1000 + cfg.serving.redis_timeout_s + 1)
+    down = False
+    while not comp.stop.is_set():
+        try:
+            app.cache.follow(r, block_ms=FOLLOW_BLOCK_MS)
+            down = False
+        except Unavailable:
+            if not down:
+                app.cache.lost_stream()
+                down = True
+            comp.stop.wait(cfg.serving.redis_retry_s)
+        except Exception as exc:  # noqa: BLE001 - a bad entry or a bug: log, keep following
+            comp.log.warning("cache follower: %r", exc)
+            comp.stop.wait(1.0)
+
+
+def poll_model(holder: ModelHolder, app: ServingApp) -> None:
+    errors = holder.load_errors
+    if holder.refresh():
+        app.metrics.model_loads.labels("ok").inc()
+    if holder.load_errors > errors:
+        app.metrics.model_loads.labels("error").inc()
+    holder.refresh_dense(app.r)
 
 
 async def _serve(cfg: Config, comp: Component, holder: ModelHolder, app: ServingApp, replica: int) -> None:
@@ -52,10 +82,9 @@ async def _serve(cfg: Config, comp: Component, holder: ModelHolder, app: Serving
     try:
         while not comp.stop.is_set():
             try:
-                await asyncio.to_thread(holder.refresh)
-                await asyncio.to_thread(holder.refresh_dense, app.r)
+                await asyncio.to_thread(poll_model, holder, app)
             except Exception as exc:  # noqa: BLE001 - control plane away: keep the current model
-                comp.log.warning("refresh failed: %s", exc)
+                comp.log.warning("model poll failed: %s", exc)
             await asyncio.sleep(cfg.serving.poll_interval_s)
     finally:
         await runner.cleanup()

@@ -13,7 +13,6 @@ from exporters.registry import Manifest, ModelStore
 from tests.unit.helpers import small_cfg
 from odl.config import TrainerConfig
 from odl.plot import svg_line_chart
-from serving.app import BadRequest, parse_instances
 from trainers.model import Batch, CTRModel
 
 
@@ -80,26 +79,6 @@ def test_gate_compares_recent_auc_with_the_served_version(new, served, ok):
     assert verdict.ok is ok
     if not ok:
         assert "AUC" in verdict.reason
-
-
-@pytest.mark.parametrize("body,msg", [
-    ([], "JSON object"),
-    ({"instances": []}, "non-empty"),
-    ({"instances": [{"user_id": 1}]}, "item_id is required"),
-    ({"instances": [{"user_id": 1, "item_id": "x"}]}, "item_id must be"),
-    ({"instances": [{"user_id": 1, "item_id": 2, "colour": 3}]}, "unknown fields"),
-    ({"instances": [{"user_id": 1, "item_id": 2}], "extra": 1}, "unknown fields"),
-    ({"instances": [{"user_id": 1, "item_id": 2}] * 11}, "too many"),
-    ({"instances": [5]}, "must be an object"),
-])
-def test_bad_predict_bodies_are_rejected(body, msg):
-    with pytest.raises(BadRequest, match=msg):
-        parse_instances(body, max_instances=10)
-
-
-def test_good_predict_body_defaults_position_and_hour():
-    inst = parse_instances({"instances": [{"user_id": 1, "item_id": 2}]}, 10)
-    assert inst.user_ids == [1] and inst.positions.tolist() == [0] and inst.hours.tolist() == [0]
 
 
 def test_bench_registry_and_result_line():
