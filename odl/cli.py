@@ -209,26 +209,100 @@ def publish(skip_gate: bool, config: str | None) -> None:
     click.echo("publish requested" + (" (quality gate skipped)" if skip_gate else ""))
 
 
-@main.command()
-@click.argument("version", required=False)
-@click.option("--latest", is_flag=True, help="unpin: follow the newest version again")
-@config_option
-def rollback(version: str | None, latest: bool, config: str | None) -> None:
-    """Pin serving to VERSION (or --latest to follow new versions again)."""
+def _fleet(config: str | None):
+    from odl import fleet
     from odl.control import ControlPlane
-    cp = ControlPlane(_cfg(config))
-    if latest:
-        cp.pin_version(None)
-        click.echo("serving follows the newest version")
+    return fleet, ControlPlane(_cfg(config))
+
+
+def _rollout(fleet, cp, target: str | None, timeout: float, wait: bool) -> None:
+    """Wait until every live serving replica reports ``target``; exit 1 naming those that did not."""
+    if target is None:
+        click.echo("no version registered yet")
         return
-    if not version:
-        raise click.UsageError("give a VERSION or --latest")
-    known = {m["version"] for m in cp.versions()}
-    if version not in known:
-        raise click.ClickException(f"unknown version {version}; known: {sorted(known, key=int)}")
-    cp.pin_version(version)
-    click.echo(f"serving pinned to version {version}; the exporter restores its embeddings into "
-               f"Redis and stops pushing deltas until `odl rollback --latest`")
+    if not wait:
+        return
+    out = fleet.wait_for(cp, target, timeout_s=timeout)
+    for inst, v in sorted(out.reached.items()):
+        click.echo(f"  {inst:<12} serves {v}")
+    for inst in out.stale:
+        click.echo(f"  {inst:<12} no recent heartbeat (down?): will load {target} when it is back")
+    if not out.reached and not out.lagging:
+        click.echo("  no live serving replica reports a heartbeat")
+    if out.lagging:
+        for inst, v in sorted(out.lagging.items()):
+            click.echo(f"  {inst:<12} still serves {v or '-'}", err=True)
+        raise click.ClickException(f"{len(out.lagging)} replica(s) did not reach version {target} "
+                                   f"within {timeout:g} s")
+    click.echo(f"every live replica serves version {target} ({out.waited_s:.1f} s)")
+
+
+wait_options = [click.option("--timeout", type=float, default=60.0, show_default=True,
+                             help="seconds to wait for every replica"),
+                click.option("--no-wait", is_flag=True, help="return once the control plane is set")]
+
+
+def _with_wait(fn):
+    for opt in reversed(wait_options):
+        fn = opt(fn)
+    return fn
+
+
+def _fleet_call(fn, *args):
+    from odl.fleet import FleetError
+    try:
+        return fn(*args)
+    except FleetError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--to", "to", default=None, help="version to roll back to (default: the one before "
+                                               "the version served now)")
+@_with_wait
+@config_option
+def rollback(to: str | None, timeout: float, no_wait: bool, config: str | None) -> None:
+    """Pin every replica to an earlier version and pause publishing (until `odl resume exporter`)."""
+    fleet, cp = _fleet(config)
+    target = _fleet_call(fleet.rollback, cp, to)
+    click.echo(f"rolling back to version {target}: pinned; {fleet.ROLLBACK_PAUSES} paused (the exporter "
+               f"restores that version's embeddings); `odl unpin` and `odl resume exporter` to roll forward")
+    _rollout(fleet, cp, target, timeout, not no_wait)
+
+
+@main.command()
+@click.argument("version")
+@_with_wait
+@config_option
+def pin(version: str, timeout: float, no_wait: bool, config: str | None) -> None:
+    """Serve VERSION on every replica until `odl unpin` (publishing goes on)."""
+    fleet, cp = _fleet(config)
+    _fleet_call(fleet.pin, cp, version)
+    click.echo(f"pinned to version {version}")
+    _rollout(fleet, cp, version, timeout, not no_wait)
+
+
+@main.command()
+@_with_wait
+@config_option
+def unpin(timeout: float, no_wait: bool, config: str | None) -> None:
+    """Follow the newest version again."""
+    fleet, cp = _fleet(config)
+    latest = fleet.unpin(cp)
+    click.echo(f"unpinned: serving follows the newest version ({latest or '-'})")
+    _rollout(fleet, cp, latest, timeout, not no_wait)
+
+
+@main.command()
+@click.argument("version")
+@_with_wait
+@config_option
+def promote(version: str, timeout: float, no_wait: bool, config: str | None) -> None:
+    """Serve VERSION as the newest version (unpinned: the next published version replaces it)."""
+    fleet, cp = _fleet(config)
+    _fleet_call(fleet.promote, cp, version)
+    click.echo(f"promoted version {version}")
+    _rollout(fleet, cp, version, timeout, not no_wait)
 
 
 @main.command()

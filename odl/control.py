@@ -68,6 +68,13 @@ class ControlPlane:
         else:
             self.r.set(names.CP_PINNED_VERSION, version)
 
+    def promote(self, version: str) -> None:
+        """Make ``version`` the newest as far as serving is concerned, and drop any pin."""
+        pipe = self.r.pipeline(transaction=True)
+        pipe.set(names.CP_LATEST_VERSION, version)
+        pipe.delete(names.CP_PINNED_VERSION)
+        pipe.execute()
+
     def pinned_version(self) -> str | None:
         return self.r.get(names.CP_PINNED_VERSION)
 

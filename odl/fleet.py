@@ -1,0 +1,111 @@
+"""Fleet-wide version changes: pin, unpin, promote, rollback -- and waiting until every serving
+replica reports the version it was told to serve.
+
+The control plane holds the *desired* version (a pin, or the newest registered version); each
+replica polls it, loads and warms the version in the background, swaps it in, and reports the
+version it serves in its heartbeat.  So "done" is observable: every live replica's heartbeat
+names the target.  A replica whose heartbeat is older than ``stale_after_s`` is not waited for
+(it is down; it will load the desired version when it comes back) but is listed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from odl.control import ControlPlane, Heartbeat
+
+ROLLBACK_PAUSES = "exporter"   # a rollback stops publishing until `odl resume exporter`
+
+
+class FleetError(Exception):
+    pass
+
+
+@dataclass
+class Rollout:
+    target: str
+    reached: dict[str, str] = field(default_factory=dict)    # instance -> version
+    lagging: dict[str, str | None] = field(default_factory=dict)
+    stale: list[str] = field(default_factory=list)            # no recent heartbeat: not waited for
+    waited_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.lagging
+
+
+def known_versions(cp: ControlPlane) -> list[str]:
+    return [m["version"] for m in cp.versions()]
+
+
+def _check_known(cp: ControlPlane, version: str) -> None:
+    known = known_versions(cp)
+    if version not in known:
+        raise FleetError(f"unknown version {version}; registered: {', '.join(known) or 'none'}")
+
+
+def rollback_target(cp: ControlPlane, to: str | None = None) -> str:
+    """``to``, or the registered version before the one served now."""
+    if to is not None:
+        _check_known(cp, to)
+        return to
+    known, served = known_versions(cp), cp.served_version()
+    if served not in known:
+        raise FleetError("no version is served yet: nothing to roll back from")
+    k = known.index(served)
+    if k == 0:
+        raise FleetError(f"version {served} is the oldest registered version: nothing to roll back to")
+    return known[k - 1]
+
+
+def pin(cp: ControlPlane, version: str) -> None:
+    _check_known(cp, version)
+    cp.pin_version(version)
+
+
+def unpin(cp: ControlPlane) -> str | None:
+    """Follow the newest version again; returns it."""
+    cp.pin_version(None)
+    return cp.latest_version()
+
+
+def promote(cp: ControlPlane, version: str) -> None:
+    """Serve ``version`` as the newest (no pin: later versions roll forward as usual)."""
+    _check_known(cp, version)
+    cp.promote(version)
+
+
+def rollback(cp: ControlPlane, to: str | None = None) -> str:
+    """Pin the fleet to the previous (or given) version and pause publishing."""
+    target = rollback_target(cp, to)
+    cp.pin_version(target)
+    cp.pause(ROLLBACK_PAUSES)
+    return target
+
+
+def replicas(cp: ControlPlane) -> list[Heartbeat]:
+    return [hb for hb in cp.heartbeats() if hb.component == "serving" and hb.state != "stopped"]
+
+
+def wait_for(cp: ControlPlane, target: str, timeout_s: float = 60.0, poll_s: float = 0.5,
+             stale_after_s: float | None = None,
+             progress: Callable[[Rollout], None] | None = None) -> Rollout:
+    """Until every live serving replica reports ``target`` (or ``timeout_s``)."""
+    stale_after = stale_after_s if stale_after_s is not None else 3 * cp.cfg.control.heartbeat_interval_s
+    t0 = time.monotonic()
+    while True:
+        out = Rollout(target)
+        for hb in replicas(cp):
+            if hb.age_s > stale_after:
+                out.stale.append(hb.instance)
+            elif hb.version == target:
+                out.reached[hb.instance] = hb.version
+            else:
+                out.lagging[hb.instance] = hb.version
+        out.waited_s = time.monotonic() - t0
+        if progress:
+            progress(out)
+        if out.ok or out.waited_s >= timeout_s:
+            return out
+        time.sleep(poll_s)
