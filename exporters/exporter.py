@@ -21,10 +21,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from prometheus_client import Counter, Gauge
 
 from exporters import dense_channel, gate, savedmodel
-from exporters.hot_embeddings import HotEmbeddings
+from exporters.hot_embeddings import HotEmbeddings, Pointer
 from exporters.registry import Manifest, ModelStore
 from odl.config import Config
 from odl.control import ControlPlane, redis_client
@@ -39,6 +40,8 @@ LATEST = Gauge("odl_exporter_latest_version", "newest published version")
 GENERATION = Gauge("odl_exporter_embedding_generation", "active Redis embedding generation")
 HOT_ROWS = Gauge("odl_exporter_hot_rows", "rows in the active generation", ["table"])
 REDIS_MEMORY = Gauge("odl_exporter_redis_used_memory_bytes", "Redis used_memory")
+SET_LOST = Counter("odl_exporter_embedding_set_lost_total",
+                   "times Redis no longer held the active generation (restarted empty, flushed)")
 
 
 class TrainerClient:
@@ -234,9 +237,28 @@ class Exporter:
             self.resync("unpinned")
         return pinned
 
+    def check_set(self) -> bool:
+        """If Redis lost the active generation (restarted without persistence, flushed), forget
+        it, so that this tick writes the whole set again; True if it was lost."""
+        if self.hot.active is None or self.hot.building is not None:
+            return False
+        p = Pointer.read(self.r)
+        if p is not None and p.generation == self.hot.active:
+            return False
+        self.log.warning("Redis no longer holds embedding generation %s (pointer: %s): writing the "
+                         "set again", self.hot.active, p.generation if p else None)
+        SET_LOST.inc()
+        self.hot.active, self.hot.index = None, {}
+        if self.restored_for is not None:
+            self.restored_for = None          # follow_pin restores the pinned version again
+        return True
+
     def tick(self, schedule: Schedule, paused: bool) -> str:
         """One round of the loop; returns what it did."""
+        lost = self.check_set()
         pinned = self.follow_pin()
+        if lost and not pinned:
+            self.resync("redis-restarted")
         self.hot.collect()
         if paused:
             return "paused"
@@ -298,6 +320,8 @@ def run(cfg: Config) -> int:
         while not comp.stop.is_set():
             try:
                 ex.tick(schedule, comp.paused)
+            except redis.RedisError as exc:   # Redis away: keep the trainer's state, retry
+                comp.log.warning("redis unavailable (%s); retrying", exc)
             except ray.exceptions.RayError as exc:   # the actor, or a group member, is away
                 comp.log.warning("trainer actor unavailable (%s); waiting for it", exc)
                 actor = wait_for_actor(ray, comp)

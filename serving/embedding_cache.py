@@ -55,6 +55,7 @@ class EmbeddingCache:
                  ttl_s: float = 30.0):
         self.reader, self.guard, self.max_rows, self.ttl_s = reader, guard, max_rows, ttl_s
         self.generation: int | None = None
+        self._set: tuple[int, float] | None = None   # (generation, activated_at) of the cached rows
         self._tables: dict[str, OrderedDict[int, _Entry]] = {}
         self._lock = threading.Lock()
         self._changes = 0          # change-stream entries applied (see ``_store``)
@@ -69,13 +70,14 @@ class EmbeddingCache:
     def _pointer(self) -> Pointer | None:
         """The current pointer; a new generation drops the cache.  Raises Unavailable."""
         p = self.guard.call(self.reader.pointer)
-        if p is not None and p.generation != self.generation:
+        # generation numbers restart if Redis restarted empty: activated_at tells the sets apart
+        if p is not None and (p.generation, p.activated_at) != self._set:
             with self._lock:
-                if self.generation is not None:
+                if self._set is not None:
                     log.info("embedding generation %s -> %d: cache dropped", self.generation, p.generation)
                     self.resets += 1
                 self._tables.clear()
-                self.generation = p.generation
+                self.generation, self._set = p.generation, (p.generation, p.activated_at)
         return p
 
     def lookup(self, table: str, ids: list[int], dim: int) -> Lookup:

@@ -14,45 +14,12 @@ from exporters.hot_embeddings import EmbeddingReader, Pointer
 from odl.control import ControlPlane
 from serving.model import ModelHolder
 from tests.conftest import make_config
+from tests.integration.helpers import DIM, LocalTrainer, Log
 from tests.unit.helpers import small_cfg
-from trainers.model import Batch, CTRModel
+from trainers.model import CTRModel
 
 pytestmark = pytest.mark.slow
-DIM = 8
 NAMES = ("user_emb", "item_emb", "position", "hour")
-
-
-class LocalTrainer:
-    """The two calls the exporter makes of the trainer actor, answered by an in-process model;
-    ``metrics`` is what the trainer's progressive validation would report."""
-
-    def __init__(self, model: CTRModel):
-        self.model = model
-        self.metrics = {"samples_trained": 0, "auc": 0.70, "loss": 0.5}
-        self.rng = np.random.default_rng(0)
-
-    def train(self, steps: int = 5, users: int = 300, items: int = 200) -> None:
-        for _ in range(steps):
-            n = 128
-            self.model.train(Batch(self.rng.integers(0, users, n), self.rng.integers(0, items, n),
-                                   self.rng.integers(0, 5, n), self.rng.integers(0, 24, n),
-                                   (self.rng.random(n) < 0.3).astype(np.float32)))
-            self.metrics["samples_trained"] += n
-
-    def changes(self, since):
-        return self.model.embedding_changes(since)
-
-    def snapshot(self, embeddings: bool = False):
-        return {**self.model.export_snapshot(embeddings), "metrics": dict(self.metrics),
-                "offsets": {"samples:0": self.metrics["samples_trained"]}, "embedding_dim": DIM}
-
-
-class Log:
-    def __init__(self):
-        self.lines = []
-
-    def __getattr__(self, level):
-        return lambda msg, *a: self.lines.append((level, msg % a))
 
 
 @pytest.fixture
