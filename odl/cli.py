@@ -333,7 +333,7 @@ def bench(name: str | None, as_json: bool, list_: bool, scale: int | None, confi
         result = registry.run(name, _cfg(config), **options)
     except KeyError:
         raise click.ClickException(f"unknown benchmark {name!r}; `odl bench --list`") from None
-    except TypeError as exc:
+    except (TypeError, RuntimeError) as exc:   # bad options, or what it needs is not running
         raise click.ClickException(f"{name}: {exc}") from None
     click.echo(registry.render(name, result, as_json))
 
