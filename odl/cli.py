@@ -107,7 +107,8 @@ KEY_METRICS = {"source": ("impression", "click", "malformed", "events_per_s"),
                "exporter": ("latest_version", "generation", "refresh_seq", "rows_pushed",
                             "hot_rows_user", "hot_rows_item", "redis_used_memory_bytes", "refused",
                             "restored_for"),
-               "serving": ("requests", "p50_ms", "p99_ms", "port")}
+               "serving": ("requests", "qps", "p50_ms", "p99_ms", "mean_batch_rows", "cache_rows",
+                           "dense_refresh", "degraded", "model_age_s", "port")}
 
 
 @main.command()

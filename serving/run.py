@@ -45,6 +45,10 @@ class Replica:
     def url(self) -> str:
         return f"http://{self.cfg.serving.host}:{self.port}"
 
+    def probe(self) -> tuple[str, str | None, dict]:
+        state, version, metrics = self.app.probe()
+        return state, version, {**metrics, "port": self.port}
+
     # --- loops -----------------------------------------------------------------------------------
     def follow_changes(self) -> None:
         """Keep the local embedding cache fresh from the exporter's change stream."""
@@ -95,7 +99,7 @@ class Replica:
         t.start()
         self._threads.append(t)
         if heartbeat:
-            self._heartbeat = Heartbeater(self.cp, "serving", self.instance, self.app.probe).start()
+            self._heartbeat = Heartbeater(self.cp, "serving", self.instance, self.probe).start()
 
     # --- in a thread (tests, benchmarks) ---------------------------------------------------------
     def start_in_thread(self, heartbeat: bool = True, timeout_s: float = 30.0) -> "Replica":
@@ -124,7 +128,7 @@ def run(cfg: Config, replica: int = 0) -> int:
                      metrics_port=cfg.metrics.base_port + METRICS_PORT_OFFSETS["serving"] + replica)
     rep = Replica(cfg, cfg.serving.ports[replica], instance, comp.cp, registry=REGISTRY)
     rep.stop = comp.stop
-    comp.start_heartbeat(rep.app.probe)
+    comp.start_heartbeat(rep.probe)
     rep.start_threads(heartbeat=False)
 
     async def main() -> None:
