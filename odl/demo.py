@@ -24,11 +24,15 @@ from odl.plot import svg_line_chart
 
 
 class LoadClient:
-    """Sends predict requests to every serving replica, round robin, ~``rate`` per second."""
+    """Sends requests to every serving replica, round robin, ~``rate`` per second: predict
+    requests of ``instances`` rows and, every other one, a recommendation over ``candidates``
+    items."""
 
-    def __init__(self, cfg: Config, rate: float = 20.0, instances: int = 8):
-        self.cfg, self.rate, self.instances = cfg, rate, instances
+    def __init__(self, cfg: Config, rate: float = 20.0, instances: int = 8, candidates: int = 50):
+        self.cfg, self.rate, self.instances, self.candidates = cfg, rate, instances, candidates
         self.latency_ms: list[float] = []
+        self.rec_latency_ms: list[float] = []
+        self.degraded = 0
         self.codes: dict[int, int] = {}
         self.versions: dict[str, int] = {}
         self.errors = 0
@@ -46,18 +50,24 @@ class LoadClient:
 
     def _loop(self) -> None:
         s = self.cfg.serving
-        urls = [f"http://{s.host}:{p}/v1/models/{s.model_name}:predict" for p in s.ports]
+        bases = [f"http://{s.host}:{p}/v1/models/{s.model_name}" for p in s.ports]
         rng = random.Random(1)
         session = requests.Session()
         n = 0
+        users, items = self.cfg.source.num_users, self.cfg.source.num_items
         while not self._stop.wait(1.0 / self.rate):
-            body = {"instances": [{"user_id": rng.randrange(self.cfg.source.num_users),
-                                   "item_id": rng.randrange(self.cfg.source.num_items),
-                                   "position": k, "hour": time.gmtime().tm_hour}
-                                  for k in range(self.instances)]}
+            recommend, base = n % 2 == 1, bases[(n // 2) % len(bases)]   # each kind on every replica
+            if recommend:
+                url, body = base + ":recommend", {
+                    "user_id": rng.randrange(users), "top_k": 10,
+                    "candidates": rng.sample(range(items), min(self.candidates, items))}
+            else:
+                url, body = base + ":predict", {"instances": [
+                    {"user_id": rng.randrange(users), "item_id": rng.randrange(items),
+                     "position": k, "hour": time.gmtime().tm_hour} for k in range(self.instances)]}
             t = time.perf_counter()
             try:
-                resp = session.post(urls[n % len(urls)], json=body, timeout=5)
+                resp = session.post(url, json=body, timeout=5)
             except requests.RequestException:
                 self.errors += 1
                 continue
@@ -65,7 +75,8 @@ class LoadClient:
                 n += 1
             self.codes[resp.status_code] = self.codes.get(resp.status_code, 0) + 1
             if resp.status_code == 200:
-                self.latency_ms.append((time.perf_counter() - t) * 1000)
+                (self.rec_latency_ms if recommend else self.latency_ms).append((time.perf_counter() - t) * 1000)
+                self.degraded += "X-ODL-Degraded" in resp.headers
                 v = resp.json()["model_version"]
                 self.versions[v] = self.versions.get(v, 0) + 1
 
@@ -165,10 +176,17 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
             "embeddings_in_redis": emb_rows,
             "exporter": {k: exporter.get(k) for k in ("generation", "refresh_seq", "refused",
                                                       "evicted", "redis_used_memory_bytes")},
-            "requests_ok": len(load.latency_ms), "request_errors": load.errors,
-            "status_codes": load.codes, "versions_served": load.versions,
+            "requests_ok": len(load.latency_ms) + len(load.rec_latency_ms), "request_errors": load.errors,
+            "status_codes": load.codes, "versions_served": load.versions, "degraded": load.degraded,
             "latency_ms": {"p50": _pct(load.latency_ms, 50), "p95": _pct(load.latency_ms, 95),
                            "p99": _pct(load.latency_ms, 99)},
+            "recommend_latency_ms": {"p50": _pct(load.rec_latency_ms, 50),
+                                     "p99": _pct(load.rec_latency_ms, 99),
+                                     "candidates": load.candidates},
+            "replicas": {hb.instance: {k: hb.metrics.get(k) for k in
+                                       ("requests", "mean_batch_rows", "cache_rows", "dense_refresh",
+                                        "degraded")} | {"version": hb.version}
+                         for hb in cp.heartbeats() if hb.component == "serving"},
             "crashed": crashes,
         }
     except StackError as exc:
@@ -208,7 +226,11 @@ def _write_report(rep: dict, out_dir: Path) -> None:
         f"{(ex.get('redis_used_memory_bytes') or 0) / 2**20:.1f} MiB",
         f"   requests served     {rep['requests_ok']:>10}   errors {rep['request_errors']}, "
         f"codes {rep['status_codes']}, versions {rep['versions_served']}",
-        f"   latency ms          p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}",
+        f"   predict ms          p50 {lat['p50']:.1f}  p95 {lat['p95']:.1f}  p99 {lat['p99']:.1f}   "
+        f"(degraded answers: {rep['degraded']})",
+        f"   recommend ms        p50 {rep['recommend_latency_ms']['p50']:.1f}  p99 "
+        f"{rep['recommend_latency_ms']['p99']:.1f}   ({rep['recommend_latency_ms']['candidates']} candidates)",
+        *(f"   {name:<19} {r}" for name, r in sorted(rep["replicas"].items())),
         "   AUC over time       " + "  ".join(f"{t}s:{a:.3f}" for t, a in rep["auc_over_time"][::4]
                                              if not math.isnan(a)),
     ]
