@@ -10,6 +10,7 @@ was unreachable and cached or default embeddings were used.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Awaitable, Callable
 
@@ -29,6 +30,7 @@ from serving.inference import Candidates, Inference, Pairs, Scored
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, ModelHolder
 
+log = logging.getLogger("odl.serving.app")
 VERSION_HEADER = "X-ODL-Model-Version"
 DEGRADED_HEADER = "X-ODL-Degraded"
 
@@ -112,6 +114,9 @@ class ServingApp:
                 resp = error(exc.status, exc.message, exc.details)
             except web.HTTPRequestEntityTooLarge as exc:
                 resp = error(413, exc.text or "body too large")
+            except Exception as exc:  # noqa: BLE001 - our fault, not the client's: JSON, logged, counted
+                log.exception("%s failed", endpoint)
+                resp = error(500, f"internal error: {type(exc).__name__}")
             self.metrics.answered(endpoint, resp.status, time.perf_counter() - t0)
             return resp
         return handler

@@ -161,3 +161,49 @@ def test_guard_opens_fails_fast_and_recovers_by_probe():
     with pytest.raises(KeyError):                         # other errors are not outages
         guard.call(lambda: {}["x"])
     assert not guard.degraded
+
+
+# --- the app without Redis -------------------------------------------------------------------
+class _Model:
+    version, embedding_dim = "3", 4
+
+    def __init__(self, fail: bool = False):
+        self.fail = fail
+
+    def predict(self, user, item, position, hour):
+        if self.fail:
+            raise RuntimeError("kernel exploded")
+        return (user.sum(axis=1) + 0.5).astype("float32")
+
+
+class _Holder:
+    def __init__(self, model):
+        self.current, self.load_errors = model, 0
+
+
+def _post(tmp_path, model, body) -> tuple[int, dict, dict]:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from serving.app import ServingApp
+    from tests.conftest import free_port, make_config
+
+    cfg = make_config(tmp_path, serving={"redis_retry_s": 5})
+    dead = redis.Redis(port=free_port(), socket_timeout=0.2, socket_connect_timeout=0.2)   # nobody listens
+    app = ServingApp(cfg, _Holder(model), dead, "serving-test")
+
+    async def go():
+        async with TestClient(TestServer(app.build())) as client:
+            resp = await client.post("/v1/models/ctr:predict", json=body)
+            return resp.status, dict(resp.headers), await resp.json()
+    return asyncio.run(go())
+
+
+def test_redis_down_answers_with_defaults_and_says_degraded(tmp_path):
+    status, headers, out = _post(tmp_path, _Model(), {"instances": [{"user_id": 1, "item_id": 2}]})
+    assert status == 200 and out["predictions"] == [0.5]          # zero vectors: the default
+    assert headers["X-ODL-Degraded"] == "redis-unavailable" and headers["X-ODL-Model-Version"] == "3"
+
+
+def test_a_server_fault_is_a_json_500_not_a_crash(tmp_path):
+    status, _, out = _post(tmp_path, _Model(fail=True), {"instances": [{"user_id": 1, "item_id": 2}]})
+    assert status == 500 and out["error"] == "internal error: RuntimeError"
