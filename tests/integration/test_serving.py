@@ -177,7 +177,7 @@ def test_fuzzed_requests_never_get_a_5xx(stack):
     defs = doc["components"]["schemas"]
     predict_bodies = from_schema(defs["PredictRequest"], defs)
     recommend_bodies = from_schema(defs["RecommendRequest"], defs)
-    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
                                | st.text(max_size=8),
                                lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4),
                                max_leaves=12)

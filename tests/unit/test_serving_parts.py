@@ -47,6 +47,9 @@ def test_good_predict_bodies(body):
     (b'{"instances": [{"user_id": 1, "item_id": "2"}]}', "instances.0.item_id"),   # strict: no coercion
     (b'{"instances": [{"user_id": true, "item_id": 2}]}', "instances.0.user_id"),
     (b'{"instances": [{"user_id": 1.5, "item_id": 2}]}', "instances.0.user_id"),
+    (b'{"instances": [{"user_id": Infinity, "item_id": 2}]}', "instances.0.user_id"),
+    (b'{"instances": [{"user_id": NaN, "item_id": 2}]}', "instances.0.user_id"),
+    (b'{"instances": [{"user_id": 1e400, "item_id": 2}]}', "instances.0.user_id"),
     (b'{"instances": [{"user_id": -1, "item_id": 2}]}', "instances.0.user_id"),
     (b'{"instances": [{"user_id": 1, "item_id": 2, "hour": 24}]}', "instances.0.hour"),
     (b'{"instances": [{"user_id": 1, "item_id": 2, "colour": 3}]}', "instances.0.colour"),
