@@ -80,6 +80,8 @@ class RayConfig(_Section):
     # None: start/attach to the local head that `odl up` runs on 127.0.0.1:port.
     address: str | None = None
     port: int = Field(6479, ge=1, le=65535)
+    loopback: bool = Field(True, description="every Ray process on 127.0.0.1 (the local stack); "
+                           "false on a real cluster (containers, KubeRay)")
     num_cpus: int = Field(2, ge=1)
 
 
@@ -114,6 +116,12 @@ class FeatureJobConfig(_Section):
                                 "that materialises feature updates into Redis")
     store_ttl_s: int = Field(7200, ge=60, description="Redis expiry of an entity's features; "
                              "longer than the longest feature window")
+    # local: `odl run feature-job` runs the job in its own mini-cluster, every listener on
+    # loopback; cluster: the job is submitted to a Flink cluster (docker-compose, the Flink
+    # Kubernetes operator) by `python -m pipeline.feature_job`, which the cluster configures
+    deployment: Literal["local", "cluster"] = "local"
+    checkpoint_dir: str | None = Field(None, description="checkpoint storage URI (cluster: a shared "
+                                       "volume or object store); default <state_dir>/checkpoints/flink")
 
 
 class EmbeddingTableConfig(_Section):
@@ -251,6 +259,7 @@ class ControlConfig(_Section):
 
 class MetricsConfig(_Section):
     enabled: bool = True
+    host: str = Field("127.0.0.1", description="Prometheus endpoints bind here (0.0.0.0 in containers)")
     # Each component instance gets base_port + offset (see odl.launcher.COMPONENT_PORT_OFFSETS).
     base_port: int = Field(9300, ge=1024, le=65000)
 

@@ -23,9 +23,12 @@ def ray_temp_dir(cfg: Config) -> str:
 
 
 def connect(cfg: Config):
-    os.environ.update(LOOPBACK_ENV)
+    """Attach to the cluster; on the local stack every process stays on loopback (the
+    environment must be set before Ray is imported: it reads it at import)."""
+    if cfg.ray.loopback:
+        os.environ.update(LOOPBACK_ENV)
     import ray
     if not ray.is_initialized():
-        ray.init(address=ray_address(cfg), namespace=NAMESPACE, log_to_driver=True,
-                 _node_ip_address="127.0.0.1")
+        local = {"_node_ip_address": "127.0.0.1"} if cfg.ray.loopback else {}
+        ray.init(address=ray_address(cfg), namespace=NAMESPACE, log_to_driver=True, **local)
     return ray

@@ -38,8 +38,8 @@ class Component:
         if cfg.metrics.enabled:
             port = metrics_port if metrics_port is not None else (
                 cfg.metrics.base_port + METRICS_PORT_OFFSETS.get(component, 20))
-            start_http_server(port, addr="127.0.0.1")
-            self.log.info("prometheus metrics on 127.0.0.1:%d", port)
+            start_http_server(port, addr=cfg.metrics.host)
+            self.log.info("prometheus metrics on %s:%d", cfg.metrics.host, port)
 
     def install_signal_handlers(self) -> None:
         def _handler(signum, _frame):

@@ -41,7 +41,9 @@ def latest_checkpoint(root: Path) -> Path | None:
 def build_table_env(cfg: Config):
     from pyflink.table import EnvironmentSettings, TableEnvironment
 
-    for jar in cfg.paths.flink_jars:
+    fj = cfg.feature_job
+    local = fj.deployment == "local"
+    for jar in cfg.paths.flink_jars if local else ():   # a cluster image carries them in lib/
         if not jar.is_file():
             raise FileNotFoundError(f"Flink Kafka connector jar missing: {jar} (run `make setup`)")
     # In a local deployment PyFlink otherwise starts Beam's loopback worker pool on [::]:0, a
@@ -56,16 +58,14 @@ def build_table_env(cfg: Config):
     t_env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
     conf = t_env.get_config()
     ckpt = cfg.paths.checkpoints / "flink"
-    ckpt.mkdir(parents=True, exist_ok=True)
+    if fj.checkpoint_dir is None:
+        ckpt.mkdir(parents=True, exist_ok=True)
     settings = {
         "pipeline.name": "odl-feature-job",
-        "pipeline.jars": ";".join(p.resolve().as_uri() for p in cfg.paths.flink_jars),
-        "python.executable": sys.executable,
-        "python.client.executable": sys.executable,
-        "parallelism.default": str(cfg.feature_job.parallelism),
-        "execution.checkpointing.interval": f"{cfg.feature_job.checkpoint_interval_s} s",
+        "parallelism.default": str(fj.parallelism),
+        "execution.checkpointing.interval": f"{fj.checkpoint_interval_s} s",
         "execution.checkpointing.storage": "filesystem",
-        "execution.checkpointing.dir": ckpt.resolve().as_uri(),
+        "execution.checkpointing.dir": fj.checkpoint_dir or ckpt.resolve().as_uri(),
         # keep the newest checkpoint when the job is cancelled or killed: it is the restart point
         "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
         "execution.checkpointing.num-retained": "2",
@@ -74,6 +74,27 @@ def build_table_env(cfg: Config):
         "table.exec.state.ttl": f"{STATE_TTL_S} s",
         # Python UDFs in-process (PEMJA): no Beam gRPC servers, no worker processes.
         "python.execution-mode": "thread",
+    }
+    if local:
+        settings.update(_local_settings(cfg))
+    restore = latest_checkpoint(ckpt) if fj.restore and fj.checkpoint_dir is None else None
+    if restore is not None:
+        settings["execution.state-recovery.path"] = restore.resolve().as_uri()
+        print(f"restoring feature job state from {restore}", flush=True)
+    for k, v in settings.items():
+        conf.set(k, v)
+    udfs.register(t_env)
+    return t_env
+
+
+def _local_settings(cfg: Config) -> dict[str, str]:
+    """The mini-cluster's: this venv's Python, the connector jars, every listener on loopback.
+    (A cluster restores from its own checkpoints -- the operator's upgrade mode -- and its
+    image carries the jars and Python.)"""
+    return {
+        "pipeline.jars": ";".join(p.resolve().as_uri() for p in cfg.paths.flink_jars),
+        "python.executable": sys.executable,
+        "python.client.executable": sys.executable,
         # Every Flink listener on loopback only.
         "rest.bind-address": "127.0.0.1",
         "rest.port": cfg.feature_job.rest_ports,
@@ -83,14 +104,6 @@ def build_table_env(cfg: Config):
         "taskmanager.host": "127.0.0.1",
         "jobmanager.rpc.address": "127.0.0.1",
     }
-    restore = latest_checkpoint(ckpt) if cfg.feature_job.restore else None
-    if restore is not None:
-        settings["execution.state-recovery.path"] = restore.resolve().as_uri()
-        print(f"restoring feature job state from {restore}", flush=True)
-    for k, v in settings.items():
-        conf.set(k, v)
-    udfs.register(t_env)
-    return t_env
 
 
 def submit(cfg: Config):
@@ -192,3 +205,21 @@ def run(cfg: Config) -> int:
         return 0
     finally:
         comp.close()
+
+
+def main() -> int:
+    """``python -m pipeline.feature_job``: the job as a Flink cluster runs it (application mode
+    through PythonDriver: docker-compose's JobManager, the operator's FlinkDeployment).  Config
+    from ``ODL_CONFIG`` / ``ODL__`` variables, with ``feature_job.deployment: cluster``."""
+    from odl.config import load_config
+    cfg = load_config()
+    if cfg.feature_job.deployment != "cluster":
+        raise SystemExit("python -m pipeline.feature_job runs on a Flink cluster: set "
+                         "ODL__FEATURE_JOB__DEPLOYMENT=cluster (locally use `odl run feature-job`)")
+    result, _ = submit(cfg)
+    result.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

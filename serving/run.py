@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 
@@ -123,7 +124,8 @@ class Replica:
 def run(cfg: Config, replica: int = 0) -> int:
     if not 0 <= replica < len(cfg.serving.ports):
         raise SystemExit(f"--replica {replica}: serving.ports has {len(cfg.serving.ports)} entries")
-    instance = f"serving-{replica}"
+    # a pod name on Kubernetes (ODL_INSTANCE), where every replica is --replica 0 on its own pod
+    instance = os.environ.get("ODL_INSTANCE") or f"serving-{replica}"
     comp = Component(cfg, "serving", instance,
                      metrics_port=cfg.metrics.base_port + METRICS_PORT_OFFSETS["serving"] + replica)
     rep = Replica(cfg, cfg.serving.ports[replica], instance, comp.cp, registry=REGISTRY)
