@@ -38,9 +38,11 @@ log = logging.getLogger("odl.serving.cache")
 @dataclass
 class Lookup:
     vectors: np.ndarray   # [n, dim] float32
-    hits: int = 0         # answered by the cache
-    fetched: int = 0      # read from Redis
-    defaults: int = 0     # no row anywhere: the zero default
+    # every looked-up id is exactly one of: hits, fetched, unavailable
+    hits: int = 0         # answered by the cache (a row, or known to have none)
+    fetched: int = 0      # read from Redis (found or not)
+    unavailable: int = 0  # neither cached nor readable (Redis down): the default
+    defaults: int = 0     # of all of them, those answered with the zero default
     degraded: bool = False
 
 
@@ -98,7 +100,7 @@ class EmbeddingCache:
                     out.hits += 1
                     if e.vector is not None and len(e.vector) == dim:
                         out.vectors[k] = e.vector
-                    else:
+                    else:                     # known to have no row: the default, no round trip
                         out.defaults += 1
                 else:
                     missing.setdefault(i, []).append(k)
@@ -114,12 +116,14 @@ class EmbeddingCache:
                 self._store(table, pointer.generation, want, vecs, found, changes_before)
                 for j, i in enumerate(want):
                     out.vectors[missing[i]] = vecs[j]
-                out.fetched += int(found.sum())
-                out.defaults += int(len(want) - found.sum())
+                    out.fetched += len(missing[i])
+                    out.defaults += 0 if found[j] else len(missing[i])
                 return out
         if pointer is None and not out.degraded:
             if self.generation is None:   # nothing published yet: every row is the default
-                out.defaults += len(want)
+                n = sum(len(v) for v in missing.values())
+                out.fetched += n
+                out.defaults += n
                 return out
             out.degraded = True   # the pointer vanished (Redis restarted empty): keep what we had
         with self._lock:   # degraded: expired entries are better than nothing
@@ -129,6 +133,7 @@ class EmbeddingCache:
                     out.vectors[missing[i]] = e.vector
                     out.hits += len(missing[i])
                 else:
+                    out.unavailable += len(missing[i])
                     out.defaults += len(missing[i])
         return out
 

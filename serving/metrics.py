@@ -27,8 +27,11 @@ class ServingMetrics:
         self.batch_requests = Histogram("odl_serving_batch_requests", "requests per model call",
                                         buckets=ROW_BUCKETS, **kw)
         self.lookups = Counter("odl_serving_embedding_lookups_total",
-                               "embedding rows looked up, by where the answer came from",
-                               ["table", "source"], **kw)
+                               "embedding rows looked up, by where the answer came from "
+                               "(cache, redis, unavailable)", ["table", "source"], **kw)
+        self.defaults = Counter("odl_serving_embedding_defaults_total",
+                                "lookups answered with the zero default (unknown id, or Redis away)",
+                                ["table"], **kw)
         self.degraded = Gauge("odl_serving_degraded", "1 while Redis is unreachable", **kw)
         self.degraded_responses = Counter("odl_serving_degraded_responses_total",
                                           "responses answered from cache and defaults only", **kw)
@@ -40,9 +43,11 @@ class ServingMetrics:
         self.window = Window()
 
     def lookup(self, table: str, found) -> None:
-        for source, n in (("cache", found.hits), ("redis", found.fetched), ("default", found.defaults)):
+        for source, n in (("cache", found.hits), ("redis", found.fetched), ("unavailable", found.unavailable)):
             if n:
                 self.lookups.labels(table, source).inc(n)
+        if found.defaults:
+            self.defaults.labels(table).inc(found.defaults)
 
     def batch(self, requests: int, rows: int) -> None:
         self.batch_requests.observe(requests)

@@ -1,6 +1,5 @@
 """Embedding publishing, the control plane and the serving API against a real redis-server."""
 import asyncio
-import json
 import time
 
 import numpy as np
@@ -16,7 +15,6 @@ from serving.app import ServingApp
 from serving.model import ModelHolder
 from trainers.model import CTRModel
 from tests.unit.helpers import small_cfg
-from odl.config import TrainerConfig
 
 
 def test_embeddings_round_trip_in_chunks(redis_cfg):
@@ -131,4 +129,4 @@ def test_feature_store_keeps_the_newest_version_and_reads_back(redis_cfg):
     assert (f.user.imps_5m, f.user.clicks_5m, f.user.last_items[0], f.item.imps_1h) == (3, 1, 5, 40)
     [unknown] = store.features(8, [6], b + 1000)  # unseen entities: no history, prior CTR
     assert unknown.user.imps_1h == 0 and unknown.item.ctr_1h > 0
-    assert 0 < store.r.ttl(f"{{odl:fs:user}}:7:t5m") <= 120
+    assert 0 < store.r.ttl("{odl:fs:user}:7:t5m") <= 120

@@ -11,7 +11,6 @@ from exporters import savedmodel
 from exporters import gate
 from exporters.registry import Manifest, ModelStore
 from tests.unit.helpers import small_cfg
-from odl.config import TrainerConfig
 from odl.plot import svg_line_chart
 from trainers.model import Batch, CTRModel
 

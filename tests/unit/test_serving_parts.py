@@ -210,3 +210,59 @@ def test_redis_down_answers_with_defaults_and_says_degraded(tmp_path):
 def test_a_server_fault_is_a_json_500_not_a_crash(tmp_path):
     status, _, out = _post(tmp_path, _Model(fail=True), {"instances": [{"user_id": 1, "item_id": 2}]})
     assert status == 500 and out["error"] == "internal error: RuntimeError"
+
+
+# --- the embedding cache over a fake Redis reader ------------------------------------------
+class _Reader:
+    """EmbeddingReader's two calls over a dict; ``down`` makes them fail like a dead Redis."""
+
+    def __init__(self, rows: dict[int, float], generation: int = 1):
+        from exporters.hot_embeddings import Pointer
+        self.rows, self.down, self.reads = rows, False, 0
+        self.p = Pointer(generation, 2, "float32", activated_at=1.0)
+
+    def pointer(self):
+        if self.down:
+            raise redis.ConnectionError("down")
+        return self.p
+
+    def fetch(self, table, ids, dim, pointer=None):
+        if self.down:
+            raise redis.ConnectionError("down")
+        self.reads += len(ids)
+        import numpy as np
+        found = np.array([i in self.rows for i in ids])
+        return np.array([[self.rows.get(i, 0.0)] * dim for i in ids], np.float32), found
+
+
+def test_cache_accounts_for_every_lookup_follows_changes_and_survives_redis_down():
+    import numpy as np
+
+    from exporters.hot_embeddings import Pointer
+    from serving.embedding_cache import EmbeddingCache
+
+    reader = _Reader({1: 1.0, 2: 2.0})
+    cache = EmbeddingCache(reader, RedisGuard(retry_s=60), max_rows=3, ttl_s=60)
+    first = cache.lookup("item", [1, 2, 9, 1], 2)
+    assert (first.fetched, first.hits, first.defaults) == (4, 0, 1) and reader.reads == 3
+    np.testing.assert_array_equal(first.vectors[:, 0], [1, 2, 0, 1])
+    again = cache.lookup("item", [1, 9], 2)                       # 9 is cached as "no row"
+    assert (again.hits, again.fetched, again.defaults, reader.reads) == (2, 0, 1, 3)
+    reader.rows[1] = 5.0                                          # the exporter pushes id 1 ...
+    assert cache._apply({b"g": b"1", b"t": b"item", b"op": b"put",
+                         b"ids": np.asarray([1], "<i8").tobytes()}) == 1   # ... and announces it
+    assert cache.lookup("item", [1], 2).vectors[0, 0] == 5.0
+    cache._apply({b"g": b"1", b"t": b"item", b"op": b"del", b"ids": np.asarray([2], "<i8").tobytes()})
+    assert cache.lookup("item", [2], 2).defaults == 1
+    assert cache._apply({b"g": b"1", b"t": b"item"}) == 0         # malformed entry: ignored
+    reader.rows[5] = 7.0
+    cache.lookup("item", [3, 4, 5], 2)
+    assert cache.rows("item") == 3                                # bounded (LRU)
+    reader.down = True
+    down = cache.lookup("item", [5, 77], 2)                       # 5 cached, 77 neither
+    assert down.degraded and (down.hits, down.unavailable, down.defaults) == (1, 1, 1)
+    assert down.vectors[0, 0] == 7.0 and down.vectors[1, 0] == 0.0
+    reader.down = False
+    reader.p = Pointer(2, 2, "float32", activated_at=2.0)         # a new generation: cache dropped
+    cache.guard._next_probe = 0                                   # (skip the breaker's wait)
+    assert cache.lookup("item", [5], 2).fetched == 1 and cache.resets == 1

@@ -1,5 +1,4 @@
 import json
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
