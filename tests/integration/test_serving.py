@@ -245,6 +245,12 @@ def test_cli_rollback_reaches_every_replica_with_the_recorded_predictions(tmp_pa
         assert out.exit_code != 0 and "unknown version 9" in out.output
         out = CliRunner().invoke(cli, ["unpin", "--config", str(cfg_file), "--timeout", "20"])
         assert out.exit_code == 0 and "serves version 2" in out.output, out.output
+        out = CliRunner().invoke(cli, ["promote", "1", "--config", str(cfg_file), "--timeout", "20"])
+        assert out.exit_code == 0 and "every live replica serves version 1" in out.output, out.output
+        assert s.cp.pinned_version() is None and s.cp.served_version() == "1"
+        out = CliRunner().invoke(cli, ["pin", "2", "--config", str(cfg_file), "--timeout", "20"])
+        assert out.exit_code == 0 and "every live replica serves version 2" in out.output, out.output
+        assert s.cp.pinned_version() == "2"
 
 
 def test_redis_killed_and_restarted_under_load_fails_no_request(tmp_path):
