@@ -22,13 +22,14 @@ import tensorflow as tf
 from bench.registry import BenchResult
 from exporters import keras_reference, savedmodel
 from odl.config import Config
+from odl.features import NUM_DENSE
 from trainers.model import init_dense
 
 DESCRIPTION = "optimised serving graph vs plain Keras SavedModel: throughput, p50/p99 at 1/64/512"
 BATCHES = (1, 64, 512)
 ROUNDS = 7
 CALLS = 150
-NAMES = ("user_emb", "item_emb", "position", "hour")
+NAMES = ("user_emb", "item_emb", "position", "hour", "features")
 CAND_USERS, CANDIDATES = 4, 100
 
 
@@ -47,7 +48,8 @@ def _request(batch: int, dim: int, seed: int) -> dict[str, tf.Tensor]:
     return dict(zip(NAMES, [tf.constant(rng.normal(size=(batch, dim)).astype(np.float32)),
                             tf.constant(rng.normal(size=(batch, dim)).astype(np.float32)),
                             tf.constant(rng.integers(0, 100, batch)),
-                            tf.constant(rng.integers(0, 24, batch))]))
+                            tf.constant(rng.integers(0, 24, batch)),
+                            tf.constant(rng.normal(size=(batch, NUM_DENSE)).astype(np.float32))]))
 
 
 def _candidates(users: int, candidates: int, dim: int) -> dict[str, tf.Tensor]:
@@ -55,7 +57,8 @@ def _candidates(users: int, candidates: int, dim: int) -> dict[str, tf.Tensor]:
     return dict(zip(NAMES, [tf.constant(rng.normal(size=(users, dim)).astype(np.float32)),
                             tf.constant(rng.normal(size=(users, candidates, dim)).astype(np.float32)),
                             tf.constant(rng.integers(0, 100, (users, candidates))),
-                            tf.constant(rng.integers(0, 24, users))]))
+                            tf.constant(rng.integers(0, 24, users)),
+                            tf.constant(rng.normal(size=(users, candidates, NUM_DENSE)).astype(np.float32))]))
 
 
 def _round(fn, req) -> list[float]:

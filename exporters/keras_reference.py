@@ -8,6 +8,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from odl.features import NUM_DENSE
 from trainers.model import BN_EPSILON, NUM_HOURS, cross_layers, deep_layers
 
 
@@ -32,12 +33,13 @@ def build(weights: dict[str, np.ndarray], embedding_dim: int) -> keras.Model:
     item = keras.Input((d,), name="item_emb")
     position = keras.Input((), dtype="int64", name="position")
     hour = keras.Input((), dtype="int64", name="hour")
+    features = keras.Input((NUM_DENSE,), name="features")
     n_pos = weights["position_emb"].shape[0]
     pos_emb = keras.layers.Embedding(n_pos, weights["position_emb"].shape[1], name="position_emb")
     hour_emb = keras.layers.Embedding(NUM_HOURS, weights["hour_emb"].shape[1], name="hour_emb")
     x0 = keras.layers.Concatenate()([user, item, keras.layers.Multiply()([user, item]),
                                      pos_emb(ops.clip(position, 0, n_pos - 1)),
-                                     hour_emb(ops.mod(hour, NUM_HOURS))])
+                                     hour_emb(ops.mod(hour, NUM_HOURS)), features])
     x, crosses = x0, []
     for n in range(cross_layers(weights)):
         layer = Cross(name=f"cross_{n}")
@@ -57,7 +59,7 @@ def build(weights: dict[str, np.ndarray], embedding_dim: int) -> keras.Model:
     logit = ops.squeeze(out(keras.layers.Concatenate()([x, h])), axis=1)
     prob = keras.layers.Activation("sigmoid", name="probability")(
         logit + ops.sum(user * item, axis=1))
-    model = keras.Model([user, item, position, hour], prob)
+    model = keras.Model([user, item, position, hour, features], prob)
     pos_emb.set_weights([weights["position_emb"]])
     hour_emb.set_weights([weights["hour_emb"]])
     for n, layer in enumerate(crosses):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from odl.features import NUM_DENSE
 from trainers.model import ctr_logits, dense_last_axis, forward
 
 
@@ -23,11 +24,11 @@ class ServingModule(tf.Module):
         self.score_candidates = tf.function(
             self._candidates, input_signature=list(candidate_specs(embedding_dim).values()))
 
-    def _serve(self, user_emb, item_emb, position, hour):
-        return {"probability": serving_fn(self.weights, user_emb, item_emb, position, hour)}
+    def _serve(self, user_emb, item_emb, position, hour, features):
+        return {"probability": serving_fn(self.weights, user_emb, item_emb, position, hour, features)}
 
-    def _candidates(self, user_emb, item_emb, position, hour):
-        return {"probability": candidates_fn(self.weights, user_emb, item_emb, position, hour)}
+    def _candidates(self, user_emb, item_emb, position, hour, features):
+        return {"probability": candidates_fn(self.weights, user_emb, item_emb, position, hour, features)}
 
 
 def request_specs(embedding_dim: int) -> dict[str, tf.TensorSpec]:
@@ -36,7 +37,8 @@ def request_specs(embedding_dim: int) -> dict[str, tf.TensorSpec]:
     return {"user_emb": tf.TensorSpec([None, d], tf.float32, name="user_emb"),
             "item_emb": tf.TensorSpec([None, d], tf.float32, name="item_emb"),
             "position": tf.TensorSpec([None], tf.int64, name="position"),
-            "hour": tf.TensorSpec([None], tf.int64, name="hour")}
+            "hour": tf.TensorSpec([None], tf.int64, name="hour"),
+            "features": tf.TensorSpec([None, NUM_DENSE], tf.float32, name="features")}
 
 
 def candidate_specs(embedding_dim: int) -> dict[str, tf.TensorSpec]:
@@ -45,7 +47,8 @@ def candidate_specs(embedding_dim: int) -> dict[str, tf.TensorSpec]:
     return {"user_emb": tf.TensorSpec([None, d], tf.float32, name="user_emb"),
             "item_emb": tf.TensorSpec([None, None, d], tf.float32, name="item_emb"),
             "position": tf.TensorSpec([None, None], tf.int64, name="position"),
-            "hour": tf.TensorSpec([None], tf.int64, name="hour")}
+            "hour": tf.TensorSpec([None], tf.int64, name="hour"),
+            "features": tf.TensorSpec([None, None, NUM_DENSE], tf.float32, name="features")}
 
 
 def _context(w, position, hour):
@@ -53,20 +56,22 @@ def _context(w, position, hour):
     return tf.clip_by_value(position, 0, n_pos - 1), tf.math.floormod(hour, 24)
 
 
-def serving_fn(w, user_emb, item_emb, position, hour):
-    """Click probability [B] from looked-up vectors and context: the plain serving computation."""
+def serving_fn(w, user_emb, item_emb, position, hour, features):
+    """Click probability [B] from looked-up vectors, context and the real-time features
+    (``odl.features.Features.dense``): the plain serving computation."""
     position, hour = _context(w, position, hour)
-    return tf.sigmoid(ctr_logits(w, user_emb, item_emb, position, hour))
+    return tf.sigmoid(ctr_logits(w, user_emb, item_emb, position, hour, features))
 
 
-def candidates_fn(w, user_emb, item_emb, position, hour):
-    """Click probabilities [B, C] of C candidates per user: the same network on rank-3 input,
-    its dense layers as Keras would run them there (tensordot on the last axis)."""
+def candidates_fn(w, user_emb, item_emb, position, hour, features):
+    """Click probabilities [B, C] of C candidates per user (features [B, C, F]: the user's and
+    each candidate's): the same network on rank-3 input, its dense layers as Keras would run
+    them there (tensordot on the last axis)."""
     position, hour = _context(w, position, hour)
     shape = tf.shape(item_emb)
     user = tf.broadcast_to(user_emb[:, None, :], shape)
     hour = tf.broadcast_to(hour[:, None], shape[:2])
-    return tf.sigmoid(forward(w, user, item_emb, position, hour, dense=dense_last_axis)[0])
+    return tf.sigmoid(forward(w, user, item_emb, position, hour, features, dense=dense_last_axis)[0])
 
 
 def save(weights: dict[str, np.ndarray], embedding_dim: int, path: Path) -> None:

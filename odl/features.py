@@ -78,9 +78,26 @@ class Features:
     def dense(self) -> list[float]:
         """The numeric inputs of the model, scaled; the one place their order is defined."""
         u, i = self.user, self.item
-        return [math.log1p(u.imps_5m), math.log1p(u.clicks_5m), math.log1p(u.imps_1h),
-                math.log1p(u.clicks_1h), math.log1p(i.imps_1h), math.log1p(i.clicks_1h),
-                i.ctr_1h / CTR_PRIOR]
+        return dense_values(u.imps_5m, u.clicks_5m, u.imps_1h, u.clicks_1h, i.imps_1h, i.clicks_1h,
+                            i.ctr_1h)
+
+
+def dense_values(u_imps_5m, u_clicks_5m, u_imps_1h, u_clicks_1h, i_imps_1h, i_clicks_1h,
+                 i_ctr_1h) -> list[float]:
+    """``Features.dense`` from the raw numbers (the trainer decodes samples without building
+    the dataclasses)."""
+    return [math.log1p(u_imps_5m), math.log1p(u_clicks_5m), math.log1p(u_imps_1h),
+            math.log1p(u_clicks_1h), math.log1p(i_imps_1h), math.log1p(i_clicks_1h),
+            i_ctr_1h / CTR_PRIOR]
+
+
+def dense_of_json(d: dict | None) -> list[float]:
+    """``Features.from_json(d).dense()`` without the dataclasses: the trainer's hot path.
+    Missing parts mean no history, as in ``Features.from_json``."""
+    u, i = (d.get("user") or {}, d.get("item") or {}) if d else ({}, {})
+    return dense_values(u.get("imps_5m") or 0, u.get("clicks_5m") or 0, u.get("imps_1h") or 0,
+                        u.get("clicks_1h") or 0, i.get("imps_1h") or 0, i.get("clicks_1h") or 0,
+                        CTR_PRIOR if i.get("ctr_1h") is None else float(i["ctr_1h"]))
 
 
 DENSE_DIM = len(Features().dense())
@@ -177,3 +194,7 @@ def tile_sql(end_ms: str = "end_ms", imps: str = "imps", clicks: str = "clicks")
     """``Tile.encode`` in Flink SQL: how the job writes a tile into the feature-update stream."""
     return (f"CONCAT(CAST({end_ms} AS STRING), '|', CAST({imps} AS STRING), '|', "
             f"CAST({clicks} AS STRING))")
+
+
+NUM_DENSE = len(Features().dense())        # the model's real-time feature inputs
+DEFAULT_DENSE = Features().dense()         # an entity without history

@@ -4,8 +4,8 @@ endpoint, status, metadata, OpenAPI, health and Prometheus metrics.
 Request path: validate (``serving.api``; a 4xx with a JSON error for anything malformed) -> take
 the model served *now* (the request keeps it even if a new version is swapped in meanwhile) ->
 queue on the batcher (``serving.batching``) -> an inference worker looks the embeddings up
-through the local cache (``serving.embedding_cache``) and calls the model
-(``serving.inference``).  Responses carry ``X-ODL-Model-Version``; ``X-ODL-Degraded`` says Redis
+through the local cache (``serving.embedding_cache``) and the real-time features up in the online
+feature store (``serving.features``), and calls the model (``serving.inference``).  Responses carry ``X-ODL-Model-Version``; ``X-ODL-Degraded`` says Redis
 was unreachable and cached or default embeddings were used.
 """
 from __future__ import annotations
@@ -24,7 +24,9 @@ from exporters.hot_embeddings import EmbeddingReader
 from odl.config import Config
 from serving.api import explain, make_api
 from serving.batching import Batcher, BatchPolicy
+from odl.feature_store import FeatureStore
 from serving.embedding_cache import EmbeddingCache
+from serving.features import RequestFeatures
 from serving.guard import RedisGuard
 from serving.inference import Candidates, Inference, Pairs, Scored
 from serving.metrics import ServingMetrics
@@ -67,7 +69,8 @@ class ServingApp:
         self.guard = RedisGuard(s.redis_retry_s, on_change=lambda down: self.metrics.degraded.set(int(down)))
         self.cache = EmbeddingCache(EmbeddingReader(redis_bytes), self.guard, s.cache_rows_per_table,
                                     s.cache_ttl_s)
-        self.inference = Inference(self.cache, on_lookup=self.metrics.lookup)
+        self.features = RequestFeatures(FeatureStore(redis_bytes, cfg.feature_job.store_ttl_s), self.guard)
+        self.inference = Inference(self.cache, self.features, on_lookup=self.metrics.lookup)
         self.batcher = Batcher(self.inference.run,
                                BatchPolicy(s.batch_max_rows, s.batch_max_wait_ms / 1000,
                                            s.inference_workers, s.batching),

@@ -2,6 +2,8 @@
 
 Two kinds of request batch separately (``Batcher`` keys by (model, kind)):
 
+Each row also gets its real-time features from the online feature store (``serving.features``).
+
 - ``Pairs`` (the predict API): rows of (user, item, position, hour) -> ``serving_default``.
 - ``Candidates`` (the recommendation API): one user and C items -> ``score_candidates`` on
   [B, C] input, the rank-3 graph the exporter simplified (tensordot -> Reshape/MatMul/Reshape);
@@ -15,6 +17,7 @@ from typing import Hashable
 import numpy as np
 
 from serving.embedding_cache import EmbeddingCache, Lookup
+from serving.features import RequestFeatures
 from serving.model import LoadedModel
 
 
@@ -51,8 +54,9 @@ class Scored:
 class Inference:
     """``run`` is the Batcher's RunBatch; ``on_lookup(table, Lookup)`` feeds the metrics."""
 
-    def __init__(self, cache: EmbeddingCache, on_lookup=lambda table, lookup: None):
-        self.cache, self.on_lookup = cache, on_lookup
+    def __init__(self, cache: EmbeddingCache, features: RequestFeatures,
+                 on_lookup=lambda table, lookup: None):
+        self.cache, self.features, self.on_lookup = cache, features, on_lookup
 
     def _vectors(self, table: str, ids: list[int], dim: int) -> Lookup:
         found = self.cache.lookup(table, ids, dim)
@@ -71,8 +75,10 @@ class Inference:
         items = self._vectors("item", [i for p in batch for i in p.item_ids], d)
         pos = np.fromiter((x for p in batch for x in p.positions), np.int64)
         hour = np.fromiter((x for p in batch for x in p.hours), np.int64)
-        probs = model.predict(users.vectors, items.vectors, pos, hour)
-        degraded = users.degraded or items.degraded
+        feats, no_store = self.features.pairs([u for p in batch for u in p.user_ids],
+                                              [i for p in batch for i in p.item_ids])
+        probs = model.predict(users.vectors, items.vectors, pos, hour, feats)
+        degraded = users.degraded or items.degraded or no_store
         out, start = [], 0
         for p in batch:
             out.append(Scored(probs[start:start + p.rows], degraded))
@@ -84,14 +90,17 @@ class Inference:
         users = self._vectors("user", [p.user_id for p in batch], d)
         flat = [i for p in batch for i in p.item_ids]
         items = self._vectors("item", flat, d)
+        flat_feats, no_store = self.features.pairs([p.user_id for p in batch for _ in p.item_ids], flat)
         item_emb = np.zeros((len(batch), width, d), np.float32)
         pos = np.zeros((len(batch), width), np.int64)
+        feats = self.features.default(len(batch) * width).reshape(len(batch), width, -1)
         start = 0
         for b, p in enumerate(batch):
             item_emb[b, :p.rows] = items.vectors[start:start + p.rows]
+            feats[b, :p.rows] = flat_feats[start:start + p.rows]
             pos[b, :] = p.position
             start += p.rows
         hour = np.asarray([p.hour for p in batch], np.int64)
-        probs = model.score_candidates(users.vectors, item_emb, pos, hour)
-        degraded = users.degraded or items.degraded
+        probs = model.score_candidates(users.vectors, item_emb, pos, hour, feats)
+        degraded = users.degraded or items.degraded or no_store
         return [Scored(probs[b, :p.rows], degraded) for b, p in enumerate(batch)]

@@ -20,6 +20,7 @@ from exporters import dense_channel
 from exporters.dense_channel import DenseRefresh
 from exporters.graph.module import CachePolicy, CacheRefresher
 from exporters.registry import ModelStore
+from odl.features import NUM_DENSE
 from odl.control import ControlPlane
 
 log = logging.getLogger("odl.serving.model")
@@ -84,6 +85,8 @@ class LoadedModel:
     def __post_init__(self):
         sigs = getattr(self.saved, "signatures", {}) if self.saved is not None else {}
         self.candidates_fn = sigs.get("score_candidates")
+        # versions exported before the model took real-time features have no such input
+        self.takes_features = "features" in self.fn.structured_input_signature[1]
         if "refresh_cache" in sigs:
             policy = self.manifest.get("cache_policy") or {}
             self.cache = CacheRefresher(sigs["refresh_cache"], CachePolicy(**policy))
@@ -102,33 +105,41 @@ class LoadedModel:
         d = self.embedding_dim
         for b in batch_sizes:
             z = np.zeros(b, np.int64)
-            self.predict(np.zeros((b, d), np.float32), np.zeros((b, d), np.float32), z, z)
+            self.predict(np.zeros((b, d), np.float32), np.zeros((b, d), np.float32), z, z,
+                         np.zeros((b, NUM_DENSE), np.float32))
         if self.candidates_fn is not None:
             for b in (1, 4):
                 self.score_candidates(np.zeros((b, d), np.float32), np.zeros((b, candidates, d), np.float32),
-                                      np.zeros((b, candidates), np.int64), np.zeros(b, np.int64))
+                                      np.zeros((b, candidates), np.int64), np.zeros(b, np.int64),
+                                      np.zeros((b, candidates, NUM_DENSE), np.float32))
+
+    def _inputs(self, user, item, position, hour, features) -> dict[str, tf.Tensor]:
+        args = {"user_emb": tf.constant(user), "item_emb": tf.constant(item),
+                "position": tf.constant(position, tf.int64), "hour": tf.constant(hour, tf.int64)}
+        if self.takes_features:
+            args["features"] = tf.constant(features, tf.float32)
+        return args
 
     def predict(self, user: np.ndarray, item: np.ndarray, position: np.ndarray,
-                hour: np.ndarray) -> np.ndarray:
+                hour: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """[B] probabilities; ``features`` [B, NUM_DENSE] (``serving.features``)."""
         with self.lock.read():
-            out = self.fn(user_emb=tf.constant(user), item_emb=tf.constant(item),
-                          position=tf.constant(position, tf.int64), hour=tf.constant(hour, tf.int64))
+            out = self.fn(**self._inputs(user, item, position, hour, features))
         if self.cache is not None:
             self.cache.on_call()
         return out["probability"].numpy()
 
     def score_candidates(self, user: np.ndarray, items: np.ndarray, position: np.ndarray,
-                         hour: np.ndarray) -> np.ndarray:
-        """[B, C] probabilities of C candidates for each of B users (rank-3 signature)."""
+                         hour: np.ndarray, features: np.ndarray) -> np.ndarray:
+        """[B, C] probabilities of C candidates for each of B users (rank-3 signature);
+        ``features`` [B, C, NUM_DENSE]."""
         if self.candidates_fn is None:   # a version exported before the signature existed
             b, c, d = items.shape
             flat = self.predict(np.repeat(user, c, axis=0), items.reshape(b * c, d),
-                                position.reshape(-1), np.repeat(hour, c))
+                                position.reshape(-1), np.repeat(hour, c), features.reshape(b * c, -1))
             return flat.reshape(b, c)
         with self.lock.read():
-            out = self.candidates_fn(user_emb=tf.constant(user), item_emb=tf.constant(items),
-                                     position=tf.constant(position, tf.int64),
-                                     hour=tf.constant(hour, tf.int64))
+            out = self.candidates_fn(**self._inputs(user, items, position, hour, features))
         if self.cache is not None:
             self.cache.on_call()
         return out["probability"].numpy()

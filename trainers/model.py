@@ -19,6 +19,7 @@ import numpy as np
 import tensorflow as tf
 
 from odl.config import TrainerConfig
+from odl.features import DEFAULT_DENSE, NUM_DENSE
 from trainers import sparse_optim
 from trainers.embedding import DynamicEmbedding
 
@@ -44,16 +45,17 @@ def cross_layers(w: dict) -> int:
 
 
 def forward(w: dict[str, tf.Tensor], user: tf.Tensor, item: tf.Tensor, position: tf.Tensor,
-            hour: tf.Tensor, training: bool = False,
+            hour: tf.Tensor, features: tf.Tensor, training: bool = False,
             dense=tf.matmul) -> tuple[tf.Tensor, dict[str, tuple]]:
-    """Logits [B] from looked-up user/item vectors and position/hour indices, and, when training,
-    the batch moments of every BatchNorm (to update its moving averages).
+    """Logits [B] from looked-up user/item vectors, position/hour indices and the real-time
+    features [B, NUM_DENSE] (``odl.features.Features.dense``), and, when training, the batch
+    moments of every BatchNorm (to update its moving averages).
 
     Inputs may carry extra leading axes (candidate scoring: [B, C, d] vectors, [B, C] indices,
     logits [B, C]) when ``dense`` multiplies on the last axis, as Keras's Dense does on rank-3
     input (``dense_last_axis``: tensordot, which ``exporters.graph.passes`` simplifies)."""
     x0 = tf.concat([user, item, user * item, tf.gather(w["position_emb"], position),
-                    tf.gather(w["hour_emb"], hour)], axis=-1)
+                    tf.gather(w["hour_emb"], hour), features], axis=-1)
     x = x0
     for n in range(cross_layers(w)):        # DCN-v2: x <- x0 * (W x + b) + x
         x = x0 * (dense(x, w[f"cross_{n}/kernel"]) + w[f"cross_{n}/bias"]) + x
@@ -80,9 +82,9 @@ def dense_last_axis(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
 
 
 def ctr_logits(w: dict[str, tf.Tensor], user: tf.Tensor, item: tf.Tensor,
-               position: tf.Tensor, hour: tf.Tensor) -> tf.Tensor:
+               position: tf.Tensor, hour: tf.Tensor, features: tf.Tensor) -> tf.Tensor:
     """Serving-time logits (BatchNorm on its moving averages)."""
-    return forward(w, user, item, position, hour, training=False)[0]
+    return forward(w, user, item, position, hour, features, training=False)[0]
 
 
 def init_dense(cfg: TrainerConfig) -> dict[str, np.ndarray]:
@@ -93,7 +95,7 @@ def init_dense(cfg: TrainerConfig) -> dict[str, np.ndarray]:
         "position_emb": rng.normal(0, 0.05, (cfg.num_positions + 1, SMALL_EMB_DIM)),
         "hour_emb": rng.normal(0, 0.05, (NUM_HOURS, SMALL_EMB_DIM)),
     }
-    width = 3 * d + 2 * SMALL_EMB_DIM
+    width = 3 * d + 2 * SMALL_EMB_DIM + NUM_DENSE
     for n in range(cfg.cross_layers):
         w[f"cross_{n}/kernel"] = rng.normal(0, np.sqrt(1.0 / width), (width, width)) * 0.1
         w[f"cross_{n}/bias"] = np.zeros(width)
@@ -125,9 +127,16 @@ class Batch:
     hours: np.ndarray
     labels: np.ndarray
     ts_ms: np.ndarray | None = None   # impression event time (the tables' clock)
+    features: np.ndarray | None = None   # [n, NUM_DENSE] float32; None: no history for anyone
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def dense_features(self) -> np.ndarray:
+        if self.features is None:
+            return np.tile(np.asarray(DEFAULT_DENSE, np.float32), (len(self.labels), 1))
+        return np.asarray(self.features, np.float32).reshape(len(self.labels), NUM_DENSE)
 
     @property
     def clock_ms(self) -> int:
@@ -155,24 +164,26 @@ class CTRModel:
 
     # --- compiled steps ----------------------------------------------------------------------
     def _context(self, batch: Batch):
+        """Position and hour indices and the real-time features: everything but the ids."""
         pos = np.clip(batch.positions, 0, self.cfg.num_positions).astype(np.int64)
         hr = np.mod(batch.hours, NUM_HOURS).astype(np.int64)
-        return pos, hr
+        return pos, hr, batch.dense_features
 
     # shape-generic signatures: a partial batch must not retrace (~0.4 s each)
     _IDX = tf.TensorSpec([None], tf.int64)
+    _FEAT = tf.TensorSpec([None, NUM_DENSE], tf.float32)
 
-    @tf.function(input_signature=[_IDX, _IDX, _IDX, _IDX])
-    def _predict(self, u, i, pos, hr):
+    @tf.function(input_signature=[_IDX, _IDX, _IDX, _IDX, _FEAT])
+    def _predict(self, u, i, pos, hr, ft):
         return tf.sigmoid(ctr_logits(self.dense, tf.gather(self.tables["user"].var, u),
-                                     tf.gather(self.tables["item"].var, i), pos, hr))
+                                     tf.gather(self.tables["item"].var, i), pos, hr, ft))
 
-    def _dense_step(self, ue, ie, pos, hr, labels):
+    def _dense_step(self, ue, ie, pos, hr, ft, labels):
         """Forward, backward and the dense update on looked-up vectors; returns (loss, gradients
         of the user and item vectors).  Traced into both training functions below."""
         with tf.GradientTape() as tape:
             tape.watch([ue, ie])
-            logits, moments = forward(self.dense, ue, ie, pos, hr, training=True)
+            logits, moments = forward(self.dense, ue, ie, pos, hr, ft, training=True)
             loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
         g_ue, g_ie, *g_dense = tape.gradient(loss, [ue, ie] + self._trainable)
         self.dense_opt.apply_gradients(zip(g_dense, self._trainable))
@@ -182,11 +193,12 @@ class CTRModel:
                 v.assign(BN_MOMENTUM * v + (1.0 - BN_MOMENTUM) * value)
         return loss, g_ue, g_ie
 
-    @tf.function(input_signature=[_IDX, _IDX, _IDX, _IDX, tf.TensorSpec([None], tf.float32),
+    @tf.function(input_signature=[_IDX, _IDX, _IDX, _IDX, _FEAT, tf.TensorSpec([None], tf.float32),
                                   tf.TensorSpec([], tf.int64)])
-    def _train(self, u, i, pos, hr, labels, step):
+    def _train(self, u, i, pos, hr, ft, labels, step):
         ut, it = self.tables["user"], self.tables["item"]
-        loss, g_ue, g_ie = self._dense_step(tf.gather(ut.var, u), tf.gather(it.var, i), pos, hr, labels)
+        loss, g_ue, g_ie = self._dense_step(tf.gather(ut.var, u), tf.gather(it.var, i), pos, hr, ft,
+                                            labels)
         for table, rows, grad in ((ut, u, g_ue), (it, i, g_ie)):
             uniq, idx = tf.unique(rows)
             summed = tf.math.unsorted_segment_sum(grad, idx, tf.shape(uniq)[0])
@@ -197,13 +209,13 @@ class CTRModel:
 
     _VEC = tf.TensorSpec([None, None], tf.float32)
 
-    @tf.function(input_signature=[_VEC, _VEC, _IDX, _IDX, tf.TensorSpec([None], tf.float32)])
-    def _train_on_vectors(self, ue, ie, pos, hr, labels):
-        return self._dense_step(ue, ie, pos, hr, labels)
+    @tf.function(input_signature=[_VEC, _VEC, _IDX, _IDX, _FEAT, tf.TensorSpec([None], tf.float32)])
+    def _train_on_vectors(self, ue, ie, pos, hr, ft, labels):
+        return self._dense_step(ue, ie, pos, hr, ft, labels)
 
-    @tf.function(input_signature=[_VEC, _VEC, _IDX, _IDX])
-    def _predict_vectors(self, ue, ie, pos, hr):
-        return tf.sigmoid(ctr_logits(self.dense, ue, ie, pos, hr))
+    @tf.function(input_signature=[_VEC, _VEC, _IDX, _IDX, _FEAT])
+    def _predict_vectors(self, ue, ie, pos, hr, ft):
+        return tf.sigmoid(ctr_logits(self.dense, ue, ie, pos, hr, ft))
 
     # --- public API --------------------------------------------------------------------------
     def predict(self, batch: Batch) -> np.ndarray:
@@ -327,5 +339,5 @@ class FrozenModel:
         pos = np.clip(batch.positions, 0, self.num_positions).astype(np.int64)
         hr = np.mod(batch.hours, NUM_HOURS).astype(np.int64)
         logits = ctr_logits(self.dense, self._vectors("user", batch.user_ids),
-                            self._vectors("item", batch.item_ids), pos, hr)
+                            self._vectors("item", batch.item_ids), pos, hr, batch.dense_features)
         return tf.sigmoid(logits).numpy()

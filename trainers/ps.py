@@ -293,11 +293,12 @@ class ShardedCTRModel(CTRModel):
             self.clock_ms = max(self.clock_ms, batch.clock_ms)
             got = self.remote.lookup(self._ids(batch), self.cfg.embedding_dim, self.clock_ms, train=True)
             (ue, ku), (ie, ki) = got["user"], got["item"]
-            pos, hr = self._context(batch)
+            pos, hr, ft = self._context(batch)
             scores = None
             if score:
-                scores = self._predict_vectors(ue * ku[:, None], ie * ki[:, None], pos, hr).numpy()
-            loss, g_u, g_i = self._train_on_vectors(ue, ie, pos, hr, tf.constant(batch.labels, tf.float32))
+                scores = self._predict_vectors(ue * ku[:, None], ie * ki[:, None], pos, hr, ft).numpy()
+            loss, g_u, g_i = self._train_on_vectors(ue, ie, pos, hr, ft,
+                                                    tf.constant(batch.labels, tf.float32))
             self.remote.apply({"user": (batch.user_ids, g_u.numpy()),
                                "item": (batch.item_ids, g_i.numpy())}, step)
             self.step = step

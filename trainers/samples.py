@@ -1,8 +1,10 @@
 """Sample records as the trainer sees them: decoding, the duplicate window, batches.
 
 A decoded sample is a ``Row`` of int64s (so ids above 2**53 survive a round trip through a
-checkpoint): user, item, position, hour, label, impression time, and a 64-bit hash of its
-``sample_id`` -- the key of the duplicate window and of the checkpoint ledger.
+checkpoint): user, item, position, hour, label, impression time, a 64-bit hash of its
+``sample_id`` -- the key of the duplicate window and of the checkpoint ledger -- and the
+model's real-time features (``odl.features.Features.dense``) as float32 bit patterns, so one
+int64 array still carries a whole sample through the aligner, the group and checkpoints.
 """
 from __future__ import annotations
 
@@ -13,10 +15,17 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
+from odl.features import NUM_DENSE, dense_of_json
 from trainers.model import Batch
 
-Row = tuple[int, int, int, int, int, int, int]   # user, item, position, hour, label, ts_ms, sid
-ROW_WIDTH = 7
+Row = tuple[int, ...]   # user, item, position, hour, label, ts_ms, sid, *feature bits
+ID_COLUMNS = 7
+ROW_WIDTH = ID_COLUMNS + NUM_DENSE
+
+
+def feature_bits(values) -> list[int]:
+    """float32 feature values as the int64 columns of a row (their bit patterns)."""
+    return np.asarray(values, np.float32).view(np.int32).astype(np.int64).tolist()
 
 
 def sample_hash(sample_id: str) -> int:
@@ -116,9 +125,12 @@ def _decode_bulk(values: list[bytes]) -> np.ndarray | None:
         docs = orjson.loads(b"[" + b",".join(values) + b"]")
         if len(docs) != len(values):   # a value that was not exactly one JSON document
             return None
-        cols = np.array([(d["user_id"], d["item_id"], d["position"], d.get("hour") or 0,
-                          d["label"], d["impression_ts_ms"], _sid(d))
-                         for d in docs], dtype=np.int64).reshape(-1, ROW_WIDTH)
+        ids = np.array([(d["user_id"], d["item_id"], d["position"], d.get("hour") or 0,
+                         d["label"], d["impression_ts_ms"], _sid(d))
+                        for d in docs], dtype=np.int64).reshape(-1, ID_COLUMNS)
+        feats = np.array([dense_of_json(d.get("features")) for d in docs],
+                         dtype=np.float32).reshape(-1, NUM_DENSE)
+        cols = np.concatenate([ids, feats.view(np.int32).astype(np.int64)], axis=1)
     except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
         return None
     if not ((cols[:, 4] == 0) | (cols[:, 4] == 1)).all():
@@ -165,7 +177,7 @@ def decode(value: bytes) -> Row:
            label, int(d["impression_ts_ms"]), _sid(d))
     if not all(INT64[0] <= x <= INT64[1] for x in row):
         raise ValueError("a field is outside the 64-bit integer range")
-    return row
+    return row + tuple(feature_bits(dense_of_json(d.get("features"))))
 
 
 def rows_array(rows) -> np.ndarray:
@@ -177,4 +189,5 @@ def to_batch(rows: np.ndarray) -> Batch | None:
     a = rows_array(rows)
     if not len(a):
         return None
-    return Batch(a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4].astype(np.float32), a[:, 5])
+    feats = a[:, ID_COLUMNS:].astype(np.int32).view(np.float32)
+    return Batch(a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4].astype(np.float32), a[:, 5], feats)

@@ -12,6 +12,7 @@ from exporters import dense_channel, savedmodel
 from exporters.exporter import Exporter, Schedule
 from exporters.hot_embeddings import EmbeddingReader, Pointer
 from odl.control import ControlPlane
+from odl.features import DEFAULT_DENSE
 from serving.model import ModelHolder
 from tests.conftest import make_config
 from tests.integration.helpers import DIM, LocalTrainer, Log
@@ -19,7 +20,7 @@ from tests.unit.helpers import small_cfg
 from trainers.model import CTRModel
 
 pytestmark = pytest.mark.slow
-NAMES = ("user_emb", "item_emb", "position", "hour")
+NAMES = ("user_emb", "item_emb", "position", "hour", "features")
 
 
 @pytest.fixture
@@ -103,7 +104,8 @@ def test_deltas_and_dense_refreshes_follow_training(setup):
 def _inputs(r, users, items):
     reader = EmbeddingReader(r, pointer_ttl_s=0)
     return (reader.fetch("user", users, DIM)[0], reader.fetch("item", items, DIM)[0],
-            np.zeros(len(users), np.int64), np.zeros(len(users), np.int64))
+            np.zeros(len(users), np.int64), np.zeros(len(users), np.int64),
+            np.tile(np.asarray(DEFAULT_DENSE, np.float32), (len(users), 1)))
 
 
 def test_gate_refuses_nan_and_regressed_models_with_reasons(setup):

@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry
 
 from exporters.exporter import Exporter, Schedule
 from exporters.hot_embeddings import EmbeddingReader
+from odl.feature_store import FeatureStore, FeatureUpdate
+from odl.features import DEFAULT_DENSE, Tile
 from odl.cli import main as cli
 from odl.config import dump_config
 from odl.control import ControlPlane
@@ -92,18 +94,35 @@ def scores(url: str) -> np.ndarray:
     return np.asarray(resp.json()["predictions"])
 
 
-def served_from_redis(stack: Stack) -> np.ndarray:
-    """What the served version computes on the rows Redis holds now (no replica cache)."""
+def seed_features(r: redis.Redis) -> None:
+    """Online feature state for some users and items, as the feature-store writer leaves it:
+    tiles that ended at the current minute (valid for the next 60-120 s)."""
+    now = int(time.time() * 1000)
+    end = now - now % 60_000
+    ups = [FeatureUpdate("user", u, part, end, Tile(end, 5 + k, k % 3).encode())
+           for k, u in enumerate(USERS[:20]) for part in ("t5m", "t1h")]
+    ups += [FeatureUpdate("item", i, "t1h", end, Tile(end, 40 + k, k % 5).encode()) for k, i in enumerate(ITEMS[:20])]
+    FeatureStore(r).write(ups)
+
+
+def served_from_redis(stack: Stack, features: bool = True) -> np.ndarray:
+    """What the served version computes on the rows and the feature state Redis holds now (no
+    replica cache), through ``odl.feature_store`` -- the reader the feature job's tests use."""
     reader = EmbeddingReader(stack.ex.r, pointer_ttl_s=0)
     m = stack.replicas[0].holder.current
     n = len(USERS)
+    now = int(time.time() * 1000)
+    store = FeatureStore(stack.ex.r)
+    feats = np.asarray([store.features(u, [i], now)[0].dense() if features else DEFAULT_DENSE
+                        for u, i in zip(USERS, ITEMS)], np.float32)
     return m.predict(reader.fetch("user", USERS, DIM)[0], reader.fetch("item", ITEMS, DIM)[0],
-                     np.ones(n, np.int64), np.full(n, 9, np.int64))
+                     np.ones(n, np.int64), np.full(n, 9, np.int64), feats)
 
 
 @pytest.fixture
 def stack(tmp_path, redis_port):
     with Stack(tmp_path, redis_port) as s:
+        seed_features(s.ex.r)
         s.ex.publish_version()
         s.wait_version("1")
         yield s
@@ -115,6 +134,8 @@ def test_predict_formats_recommend_status_and_metadata(stack):
     assert resp.headers[VERSION_HEADER] == "1" and DEGRADED_HEADER not in resp.headers
     rows = np.asarray(resp.json()["predictions"])
     np.testing.assert_allclose(rows, served_from_redis(stack), atol=1e-6)
+    # the request-time features came from the online feature store and changed the scores
+    assert np.abs(rows - served_from_redis(stack, features=False)).max() > 1e-5
     cols = requests.post(f"{url}/v1/models/ctr/versions/1:predict", timeout=10, json={"inputs": {
         "user_id": USERS, "item_id": ITEMS, "position": [1] * len(USERS), "hour": [9] * len(USERS)}}).json()
     np.testing.assert_allclose(cols["outputs"], rows, atol=1e-6)

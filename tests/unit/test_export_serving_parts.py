@@ -34,7 +34,8 @@ def test_saved_model_matches_trainer_predictions(tmp_path):
     i_rows = model.tables["item"].rows_of(b.item_ids)
     out = fn(user_emb=tf.gather(model.tables["user"].var, u_rows),
              item_emb=tf.gather(model.tables["item"].var, i_rows),
-             position=tf.constant(b.positions), hour=tf.constant(b.hours))["probability"].numpy()
+             position=tf.constant(b.positions), hour=tf.constant(b.hours),
+             features=tf.constant(b.dense_features))["probability"].numpy()
     np.testing.assert_allclose(out, model.predict(b), atol=1e-5)
 
 

@@ -10,6 +10,7 @@ from exporters.graph.module import CachePolicy, CacheRefresher
 from exporters.graph.passes import (fold_batchnorm, fold_constants, graph_function, prune_dead,
                                     simplify_tensordot)
 from odl.config import TrainerConfig
+from odl.features import NUM_DENSE
 from trainers.model import init_dense
 
 D = 8
@@ -31,7 +32,8 @@ def requests(n: int, seed: int = 1) -> list[tf.Tensor]:
     rng = np.random.default_rng(seed)
     return [tf.constant(rng.normal(size=(n, D)).astype(np.float32)),
             tf.constant(rng.normal(size=(n, D)).astype(np.float32)),
-            tf.constant(rng.integers(-3, 120, n)), tf.constant(rng.integers(0, 50, n))]
+            tf.constant(rng.integers(-3, 120, n)), tf.constant(rng.integers(0, 50, n)),
+            tf.constant(rng.normal(size=(n, NUM_DENSE)).astype(np.float32))]
 
 
 def run(tg, weights, req):
@@ -138,7 +140,7 @@ def test_optimised_savedmodel_loads_in_a_fresh_plain_tensorflow_process(tmp_path
     report = savedmodel.save_optimised(weights, D, tmp_path / "opt")
     assert report["signatures"]["serve"]["folded_batchnorms"] == 2
     assert report["signatures"]["score_candidates"]["simplified_dense"] == 5  # 2 cross, 2 deep, out
-    req = dict(zip(["user_emb", "item_emb", "position", "hour"], [t.numpy() for t in requests(64)]))
+    req = dict(zip(savedmodel.request_specs(D), [t.numpy() for t in requests(64)]))
     np.savez(tmp_path / "req.npz", **req)
     out = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(tmp_path / "opt"),
                           str(tmp_path / "req.npz"), str(tmp_path / "got.npy")],
@@ -153,7 +155,8 @@ def candidate_requests(b: int, c: int, seed: int = 3) -> list[tf.Tensor]:
     rng = np.random.default_rng(seed)
     return [tf.constant(rng.normal(size=(b, D)).astype(np.float32)),
             tf.constant(rng.normal(size=(b, c, D)).astype(np.float32)),
-            tf.constant(rng.integers(-3, 120, (b, c))), tf.constant(rng.integers(0, 50, b))]
+            tf.constant(rng.integers(-3, 120, (b, c))), tf.constant(rng.integers(0, 50, b)),
+            tf.constant(rng.normal(size=(b, c, NUM_DENSE)).astype(np.float32))]
 
 
 def test_simplify_tensordot_rewrites_rank3_dense_layers(weights):
@@ -180,12 +183,12 @@ def test_candidate_scoring_equals_pairwise_scoring(weights):
     """Scoring C candidates of a user in one rank-3 call equals C pairwise rows."""
     opt = savedmodel.optimised_module(weights, D)
     plain = savedmodel.ServingModule(weights, D)
-    u, items, pos, hour = candidate_requests(3, 12)
-    got = opt.score_candidates(u, items, pos, hour)["probability"].numpy()
-    np.testing.assert_allclose(got, plain.score_candidates(u, items, pos, hour)["probability"].numpy(),
+    u, items, pos, hour, feats = candidate_requests(3, 12)
+    got = opt.score_candidates(u, items, pos, hour, feats)["probability"].numpy()
+    np.testing.assert_allclose(got, plain.score_candidates(u, items, pos, hour, feats)["probability"].numpy(),
                                atol=1e-5)
     pair = plain.serve(tf.repeat(u, 12, axis=0), tf.reshape(items, [-1, D]), tf.reshape(pos, [-1]),
-                       tf.repeat(hour, 12))["probability"].numpy()
+                       tf.repeat(hour, 12), tf.reshape(feats, [-1, NUM_DENSE]))["probability"].numpy()
     np.testing.assert_allclose(got.reshape(-1), pair, atol=1e-5)
 
 

@@ -4,6 +4,7 @@ import numpy as np
 
 from tests.unit.helpers import small_cfg
 from odl.config import SourceConfig
+from odl.features import DEFAULT_DENSE, Features, ItemFeatures, UserFeatures
 from pipeline.generator import SyntheticWorld
 from trainers.metrics import ProgressiveValidator, auc
 from trainers.model import Batch, CTRModel
@@ -41,9 +42,10 @@ def test_decoding_dedup_and_malformed_samples():
     assert recs.next_offsets() == {0: 15}                         # malformed records count too
     fresh = d.first_sightings(recs.rows[recs.valid][:, 6])
     assert fresh.tolist() == [True, False]                        # the repeat is dropped
-    assert tuple(recs.rows[0].tolist()) == (1, 2, 0, 1, 1, 5, sample_hash("a"))
+    assert tuple(recs.rows[0].tolist()[:7]) == (1, 2, 0, 1, 1, 5, sample_hash("a"))
     batch = to_batch(recs.rows[:2])
     assert len(batch) == 2 and batch.clock_ms == 5 and to_batch(recs.rows[:0]) is None
+    assert batch.dense_features.tolist() == [DEFAULT_DENSE] * 2   # no features: no history
     full, mark = d.state(), d.added
     for sid in "bcd":
         d.seen(sample_hash(sid))
@@ -53,6 +55,16 @@ def test_decoding_dedup_and_malformed_samples():
     restored.load(full, mark)
     restored.load(d.state(since_added=mark), d.added, append=True)
     assert restored.state().tolist() == d.state().tolist() and restored.added == d.added
+
+
+def test_sample_features_survive_decoding_in_bulk_and_one_by_one():
+    f = Features(UserFeatures(3, 1, 10, 2), ItemFeatures(40, 2, 0.0625))
+    rec = {"sample_id": "f", "user_id": 1, "item_id": 2, "position": 0, "hour": 1, "label": 0,
+           "impression_ts_ms": 5, "features": f.to_json()}
+    bulk = decode_records([0, 0], [1, 2], [json.dumps(rec).encode(), json.dumps({**rec, "sample_id": "g"}).encode()])
+    single = decode_records([0, 0], [1, 2], [json.dumps(rec).encode(), b"{bad"])   # one by one
+    for rows in (bulk.rows[:1], single.rows[:1]):
+        np.testing.assert_allclose(to_batch(rows).dense_features[0], f.dense(), rtol=1e-6)
 
 
 def test_model_learns_a_synthetic_preference():
