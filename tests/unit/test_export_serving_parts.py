@@ -95,3 +95,28 @@ def test_svg_chart():
     svg = svg_line_chart([(0, 0.5), (10, 0.6), (20, 0.7)], "AUC", "s", "auc")
     assert svg.startswith("<svg") and "polyline" in svg
     assert "no data" in svg_line_chart([], "AUC", "s", "auc")
+
+
+def test_a_version_exported_before_features_still_serves(tmp_path):
+    """Versions in the store from before the model took features have no ``features`` input."""
+    from serving.model import LoadedModel
+
+    class Old(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32, name="user_emb"),
+                                      tf.TensorSpec([None, 4], tf.float32, name="item_emb"),
+                                      tf.TensorSpec([None], tf.int64, name="position"),
+                                      tf.TensorSpec([None], tf.int64, name="hour")])
+        def serve(self, user_emb, item_emb, position, hour):
+            return {"probability": tf.sigmoid(tf.reduce_sum(user_emb * item_emb, axis=1))}
+
+    old = Old()
+    tf.saved_model.save(old, str(tmp_path / "old"), signatures={"serving_default": old.serve})
+    loaded = tf.saved_model.load(str(tmp_path / "old"))
+    m = LoadedModel("1", {"embedding_dim": 4}, loaded.signatures["serving_default"], 0.0, loaded)
+    assert not m.takes_features
+    ones = np.ones((2, 4), np.float32)
+    got = m.predict(ones, ones, np.zeros(2, np.int64), np.zeros(2, np.int64), np.zeros((2, 7), np.float32))
+    np.testing.assert_allclose(got, [1 / (1 + np.exp(-4))] * 2, rtol=1e-6)
+    cands = m.score_candidates(ones[:1], np.ones((1, 3, 4), np.float32), np.zeros((1, 3), np.int64),
+                               np.zeros(1, np.int64), np.zeros((1, 3, 7), np.float32))
+    assert cands.shape == (1, 3)
