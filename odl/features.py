@@ -198,3 +198,14 @@ def tile_sql(end_ms: str = "end_ms", imps: str = "imps", clicks: str = "clicks")
 
 NUM_DENSE = len(Features().dense())        # the model's real-time feature inputs
 DEFAULT_DENSE = Features().dense()         # an entity without history
+USER_DENSE = 4   # Features.dense() lists the user's values first, then the item's: each part
+#                  depends on its own entity only, so serving computes it once per entity
+
+
+def dense_rows_as_of(users: dict, items: dict, pairs, as_of_ms: int) -> list[list[float]]:
+    """``features_as_of(users[u], items[i], as_of_ms).dense()`` for each (u, i) in ``pairs``,
+    computing each user's and each item's part once (a recommendation scores one user against
+    ~100 items)."""
+    u_part = {u: features_as_of(s, ItemState(), as_of_ms).dense()[:USER_DENSE] for u, s in users.items()}
+    i_part = {i: features_as_of(UserState(), s, as_of_ms).dense()[USER_DENSE:] for i, s in items.items()}
+    return [u_part[u] + i_part[i] for u, i in pairs]

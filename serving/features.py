@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from odl.feature_store import FeatureStore
-from odl.features import DEFAULT_DENSE, NUM_DENSE, features_as_of
+from odl.features import DEFAULT_DENSE, NUM_DENSE, dense_rows_as_of
 from serving.guard import RedisGuard, Unavailable
 
 _DEFAULT = np.asarray(DEFAULT_DENSE, np.float32)
@@ -41,10 +41,8 @@ class RequestFeatures:
         except Unavailable:
             return np.tile(_DEFAULT, (n, 1)), True
         now = int(time.time() * 1000) if as_of_ms is None else as_of_ms
-        out = np.empty((n, NUM_DENSE), np.float32)
-        for k, (u, i) in enumerate(zip(users, items)):
-            out[k] = features_as_of(u_state[u], i_state[i], now).dense()
-        return out, False
+        rows = dense_rows_as_of(u_state, i_state, zip(users, items), now)
+        return np.asarray(rows, np.float32).reshape(n, NUM_DENSE), False
 
     def default(self, n: int) -> np.ndarray:
         return np.tile(_DEFAULT, (n, 1))

@@ -41,3 +41,17 @@ def test_encodings_round_trip():
     assert Features.from_json(f.to_json()) == f
     assert Features.from_json(None) == Features()
     assert F.category_of(1234) == 234 and F.category_of("x") == 0 and F.category_of(True) == 0
+
+
+def test_dense_rows_split_into_a_user_part_and_an_item_part():
+    """Serving computes each entity's part once (odl.features.dense_rows_as_of); that is only
+    right if Features.dense of a pair is the user's part followed by the item's."""
+    from odl.features import ItemState, Tile, UserState, dense_rows_as_of, features_as_of
+    t = 1_800_000_000_000
+    users = {1: UserState(Tile(t - 60_000, 7, 2), Tile(t - 60_000, 30, 4), f"{t - 5}:9:3"),
+             2: UserState()}
+    items = {5: ItemState(Tile(t - 60_000, 50, 6)), 6: ItemState()}
+    pairs = [(1, 5), (1, 6), (2, 5), (2, 6)]
+    want = [features_as_of(users[u], items[i], t).dense() for u, i in pairs]
+    assert dense_rows_as_of(users, items, pairs, t) == want
+    assert want[0] != want[3]
