@@ -88,7 +88,7 @@ def run(cfg: Config) -> BenchResult:
     p50, p95 = float(np.percentile(t, 50)), float(np.percentile(t, 95))
     if timeouts:   # a probe that never arrived counts as the slowest
         p95 = float("inf") if timeouts > PROBES * 0.05 else p95
-    if cfg.trainer.align_labels:
+    if cfg.label_alignment:
         fj = cfg.feature_job
         hold = fj.attribution_window_s + fj.idle_timeout_s + fj.watermark_delay_ms / 1000
         lines.append(f"note: trainer.align_labels holds every sample ~{hold:g} s for its final label "

@@ -85,7 +85,7 @@ class StreamingTrainer:
         self.frozen_validator = ProgressiveValidator(tc.auc_window)
         self.dedup = DedupWindow(tc.dedup_window)
         hold_ms = None
-        if tc.align_labels:
+        if cfg.label_alignment:
             fj = cfg.feature_job
             hold_ms = 1000 * (fj.attribution_window_s + fj.idle_timeout_s) + fj.watermark_delay_ms
         self.aligner = LabelAligner(hold_ms) if hold_ms is not None else None

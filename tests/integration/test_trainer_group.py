@@ -73,6 +73,7 @@ def test_group_trains_every_sample_once_through_member_kills(tmp_path, redis_por
         redis={"port": redis_port},
         feature_job={"attribution_window_s": 5, "idle_timeout_s": 1, "watermark_delay_ms": 0},
         trainer={"batch_size": 256, "max_batch_wait_ms": 1000, "frozen_baseline_after": None,
+                 "align_labels": True,   # the held-samples path through checkpoints
                  "tables": {"user": {"dim": 8, "capacity": 4000},
                             "item": {"dim": 8, "admit_min_count": 2}},
                  "hidden_units": [16],

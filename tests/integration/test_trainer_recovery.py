@@ -41,6 +41,7 @@ def config(tmp_path: Path, redis_port: int, broker_port: int, name: str):
         redis={"port": redis_port},
         feature_job={"attribution_window_s": 5, "idle_timeout_s": 1, "watermark_delay_ms": 0},
         trainer={"batch_size": 256, "max_batch_wait_ms": 5000, "frozen_baseline_after": None,
+                 "align_labels": True,   # the held-samples path through checkpoints
                  "tables": {"user": {"dim": 8, "capacity": 2500, "ttl_s": 240},
                             "item": {"dim": 8, "admit_min_count": 2}},
                  "hidden_units": [32, 16],
