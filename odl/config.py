@@ -252,6 +252,8 @@ class ServingConfig(_Section):
     # local embedding cache (serving.embedding_cache) and degraded mode (serving.guard)
     cache_rows_per_table: int = Field(200_000, ge=0)
     cache_ttl_s: float = Field(30.0, gt=0)
+    item_features_ttl_s: float = Field(1.0, ge=0, description="an item's request-time features are "
+                                       "reused this long within their minute (serving.features); 0: never")
     redis_timeout_s: float = Field(0.25, gt=0)
     redis_retry_s: float = Field(1.0, gt=0)
 

@@ -202,10 +202,21 @@ USER_DENSE = 4   # Features.dense() lists the user's values first, then the item
 #                  depends on its own entity only, so serving computes it once per entity
 
 
+def user_dense_as_of(user: UserState, as_of_ms: int) -> list[float]:
+    """The user's part of ``Features.dense`` (the first ``USER_DENSE`` values)."""
+    return features_as_of(user, ItemState(), as_of_ms).dense()[:USER_DENSE]
+
+
+def item_dense_as_of(item: ItemState, as_of_ms: int) -> list[float]:
+    """The item's part of ``Features.dense``.  Depends on ``as_of_ms`` only through its minute
+    (tiles end on slide boundaries), so a caller may reuse it within that minute."""
+    return features_as_of(UserState(), item, as_of_ms).dense()[USER_DENSE:]
+
+
 def dense_rows_as_of(users: dict, items: dict, pairs, as_of_ms: int) -> list[list[float]]:
     """``features_as_of(users[u], items[i], as_of_ms).dense()`` for each (u, i) in ``pairs``,
     computing each user's and each item's part once (a recommendation scores one user against
     ~100 items)."""
-    u_part = {u: features_as_of(s, ItemState(), as_of_ms).dense()[:USER_DENSE] for u, s in users.items()}
-    i_part = {i: features_as_of(UserState(), s, as_of_ms).dense()[USER_DENSE:] for i, s in items.items()}
+    u_part = {u: user_dense_as_of(s, as_of_ms) for u, s in users.items()}
+    i_part = {i: item_dense_as_of(s, as_of_ms) for i, s in items.items()}
     return [u_part[u] + i_part[i] for u, i in pairs]

@@ -69,7 +69,8 @@ class ServingApp:
         self.guard = RedisGuard(s.redis_retry_s, on_change=lambda down: self.metrics.degraded.set(int(down)))
         self.cache = EmbeddingCache(EmbeddingReader(redis_bytes), self.guard, s.cache_rows_per_table,
                                     s.cache_ttl_s)
-        self.features = RequestFeatures(FeatureStore(redis_bytes, cfg.feature_job.store_ttl_s), self.guard)
+        self.features = RequestFeatures(FeatureStore(redis_bytes, cfg.feature_job.store_ttl_s), self.guard,
+                                        s.item_features_ttl_s)
         self.inference = Inference(self.cache, self.features, on_lookup=self.metrics.lookup)
         self.batcher = Batcher(self.inference.run,
                                BatchPolicy(s.batch_max_rows, s.batch_max_wait_ms / 1000,

@@ -267,3 +267,37 @@ def test_cache_accounts_for_every_lookup_follows_changes_and_survives_redis_down
     reader.p = Pointer(2, 2, "float32", activated_at=2.0)         # a new generation: cache dropped
     cache.guard._next_probe = 0                                   # (skip the breaker's wait)
     assert cache.lookup("item", [5], 2).fetched == 1 and cache.resets == 1
+
+
+def test_request_features_reuse_an_items_part_within_its_ttl_and_minute():
+    import numpy as np
+
+    from odl.features import ItemState, Tile, UserState, features_as_of
+    from serving.features import RequestFeatures
+
+    class Store:   # FeatureStore's two reads over dicts
+        def __init__(self):
+            self.users_state, self.items_state, self.item_reads = {}, {}, 0
+
+        def users(self, ids):
+            return [self.users_state.get(i, UserState()) for i in ids]
+
+        def items(self, ids):
+            self.item_reads += len(ids)
+            return [self.items_state.get(i, ItemState()) for i in ids]
+
+    t = 1_800_000_000_000 + 5_000                       # 5 s into a minute
+    store = Store()
+    store.users_state[1] = UserState(Tile(t - 5_000, 9, 3), Tile(t - 5_000, 20, 4))
+    store.items_state[7] = ItemState(Tile(t - 5_000, 50, 5))
+    rf = RequestFeatures(store, RedisGuard(), item_ttl_s=60)
+    got, degraded = rf.pairs([1, 1], [7, 8], t)
+    want = [features_as_of(store.users_state[1], store.items_state[7], t).dense(),
+            features_as_of(store.users_state[1], ItemState(), t).dense()]
+    assert not degraded and np.allclose(got, want) and store.item_reads == 2
+    store.items_state[7] = ItemState(Tile(t - 5_000, 51, 5))      # changed in Redis ...
+    rf.pairs([1], [7], t + 1_000)
+    assert store.item_reads == 2 and rf.item_hits == 1              # ... served from the cache
+    rf.pairs([1], [7], t + 60_000)                                  # a new minute: read again
+    assert store.item_reads == 3
+    assert np.isclose(RequestFeatures(store, RedisGuard(), item_ttl_s=0).pairs([1], [7], t)[0][0, 4], np.log1p(51))
