@@ -157,7 +157,11 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
                                        ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS seen
               FROM valid""",
            "CREATE TEMPORARY VIEW events AS SELECT * FROM numbered WHERE seen = 1",
-           "CREATE TEMPORARY VIEW imps AS SELECT * FROM events WHERE etype = 'impression'",
+           # impressions go through the temporal and interval joins' state and every shuffle:
+           # only what samples need, not the raw payload (clicks keep it for the DLQ)
+           """CREATE TEMPORARY VIEW imps AS
+              SELECT request_id, user_id, item_id, `position`, `hour`, category, ts_ms, ts
+              FROM events WHERE etype = 'impression'""",
            "CREATE TEMPORARY VIEW clicks AS SELECT * FROM events WHERE etype = 'click'",
            *[_tiles_view(name, f"{kind}_id", w) for name, kind, w, _ in TILES],
            *[_latest_view(f"latest_{name}", name, "window_time") for name, *_ in TILES],
