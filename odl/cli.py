@@ -210,12 +210,6 @@ def publish(skip_gate: bool, config: str | None) -> None:
     click.echo("publish requested" + (" (quality gate skipped)" if skip_gate else ""))
 
 
-def _fleet(config: str | None):
-    from odl import fleet
-    from odl.control import ControlPlane
-    return fleet, ControlPlane(_cfg(config))
-
-
 def _rollout(fleet, cp, target: str | None, timeout: float, wait: bool) -> None:
     """Wait until every live serving replica reports ``target``; exit 1 naming those that did not."""
     if target is None:
@@ -238,23 +232,25 @@ def _rollout(fleet, cp, target: str | None, timeout: float, wait: bool) -> None:
     click.echo(f"every live replica serves version {target} ({out.waited_s:.1f} s)")
 
 
-wait_options = [click.option("--timeout", type=float, default=60.0, show_default=True,
-                             help="seconds to wait for every replica"),
-                click.option("--no-wait", is_flag=True, help="return once the control plane is set")]
+def _steer(config: str | None, timeout: float, no_wait: bool, action: str, message: str, *args) -> None:
+    """Apply the fleet action ``odl.fleet.<action>(cp, *args)`` (it returns the version the fleet
+    must serve), say what was done (``message`` may name {target}), then wait for every replica."""
+    from odl import fleet
+    from odl.control import ControlPlane
+    cp = ControlPlane(_cfg(config))
+    try:
+        target = getattr(fleet, action)(cp, *args)
+    except fleet.FleetError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(message.format(target=target or "-"))
+    _rollout(fleet, cp, target, timeout, not no_wait)
 
 
 def _with_wait(fn):
-    for opt in reversed(wait_options):
-        fn = opt(fn)
-    return fn
-
-
-def _fleet_call(fn, *args):
-    from odl.fleet import FleetError
-    try:
-        return fn(*args)
-    except FleetError as exc:
-        raise click.ClickException(str(exc)) from None
+    """The options every fleet command shares."""
+    fn = click.option("--no-wait", is_flag=True, help="return once the control plane is set")(fn)
+    return click.option("--timeout", type=float, default=60.0, show_default=True,
+                        help="seconds to wait for every replica")(fn)
 
 
 @main.command()
@@ -264,11 +260,10 @@ def _fleet_call(fn, *args):
 @config_option
 def rollback(to: str | None, timeout: float, no_wait: bool, config: str | None) -> None:
     """Pin every replica to an earlier version and pause publishing (until `odl resume exporter`)."""
-    fleet, cp = _fleet(config)
-    target = _fleet_call(fleet.rollback, cp, to)
-    click.echo(f"rolling back to version {target}: pinned; {fleet.ROLLBACK_PAUSES} paused (the exporter "
-               f"restores that version's embeddings); `odl unpin` and `odl resume exporter` to roll forward")
-    _rollout(fleet, cp, target, timeout, not no_wait)
+    from odl.fleet import ROLLBACK_PAUSES
+    _steer(config, timeout, no_wait, "rollback",
+           "rolling back to version {target}: pinned; " + ROLLBACK_PAUSES + " paused (the exporter "
+           "restores that version's embeddings); `odl unpin` and `odl resume exporter` to roll forward", to)
 
 
 @main.command()
@@ -277,10 +272,7 @@ def rollback(to: str | None, timeout: float, no_wait: bool, config: str | None) 
 @config_option
 def pin(version: str, timeout: float, no_wait: bool, config: str | None) -> None:
     """Serve VERSION on every replica until `odl unpin` (publishing goes on)."""
-    fleet, cp = _fleet(config)
-    _fleet_call(fleet.pin, cp, version)
-    click.echo(f"pinned to version {version}")
-    _rollout(fleet, cp, version, timeout, not no_wait)
+    _steer(config, timeout, no_wait, "pin", "pinned to version {target}", version)
 
 
 @main.command()
@@ -288,10 +280,7 @@ def pin(version: str, timeout: float, no_wait: bool, config: str | None) -> None
 @config_option
 def unpin(timeout: float, no_wait: bool, config: str | None) -> None:
     """Follow the newest version again."""
-    fleet, cp = _fleet(config)
-    latest = fleet.unpin(cp)
-    click.echo(f"unpinned: serving follows the newest version ({latest or '-'})")
-    _rollout(fleet, cp, latest, timeout, not no_wait)
+    _steer(config, timeout, no_wait, "unpin", "unpinned: serving follows the newest version ({target})")
 
 
 @main.command()
@@ -300,10 +289,7 @@ def unpin(timeout: float, no_wait: bool, config: str | None) -> None:
 @config_option
 def promote(version: str, timeout: float, no_wait: bool, config: str | None) -> None:
     """Serve VERSION as the newest version (unpinned: the next published version replaces it)."""
-    fleet, cp = _fleet(config)
-    _fleet_call(fleet.promote, cp, version)
-    click.echo(f"promoted version {version}")
-    _rollout(fleet, cp, version, timeout, not no_wait)
+    _steer(config, timeout, no_wait, "promote", "promoted version {target}", version)
 
 
 @main.command()

@@ -59,9 +59,11 @@ def rollback_target(cp: ControlPlane, to: str | None = None) -> str:
     return known[k - 1]
 
 
-def pin(cp: ControlPlane, version: str) -> None:
+def pin(cp: ControlPlane, version: str) -> str:
+    """Serve ``version`` until unpinned; returns it."""
     _check_known(cp, version)
     cp.pin_version(version)
+    return version
 
 
 def unpin(cp: ControlPlane) -> str | None:
@@ -70,10 +72,11 @@ def unpin(cp: ControlPlane) -> str | None:
     return cp.latest_version()
 
 
-def promote(cp: ControlPlane, version: str) -> None:
-    """Serve ``version`` as the newest (no pin: later versions roll forward as usual)."""
+def promote(cp: ControlPlane, version: str) -> str:
+    """Serve ``version`` as the newest (no pin: later versions roll forward as usual); returns it."""
     _check_known(cp, version)
     cp.promote(version)
+    return version
 
 
 def rollback(cp: ControlPlane, to: str | None = None) -> str:
