@@ -7,7 +7,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from typing import Iterator
+from typing import IO, Callable, Iterator
 
 from odl.config import Config
 from odl.launcher import port_open
@@ -20,21 +20,31 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def _server(argv: list[str], port: int, what: str) -> Iterator[int]:
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def managed_process(argv: list[str], ready: Callable[[], bool], what: str, timeout_s: float = 15,
+                    stdout: IO | int = subprocess.DEVNULL) -> Iterator[subprocess.Popen]:
+    """Start ``argv``, wait until ``ready()`` (or fail if it exits or ``timeout_s`` passes),
+    and terminate it (then kill) when the block ends."""
+    proc = subprocess.Popen(argv, stdout=stdout, stderr=subprocess.STDOUT if stdout is not
+                            subprocess.DEVNULL else subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 15
-        while not port_open("127.0.0.1", port):
+        deadline = time.monotonic() + timeout_s
+        while not ready():
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not start on 127.0.0.1:{port}")
+                raise RuntimeError(f"{what} did not start (exit code {proc.poll()})")
             time.sleep(0.05)
-        yield port
+        yield proc
     finally:
         proc.terminate()
         try:
-            proc.wait(10)
+            proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def _server(argv: list[str], port: int, what: str) -> Iterator[int]:
+    with managed_process(argv, lambda: port_open("127.0.0.1", port), f"{what} on 127.0.0.1:{port}"):
+        yield port
 
 
 @contextlib.contextmanager

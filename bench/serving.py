@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -26,7 +26,7 @@ import numpy as np
 import redis
 import yaml
 
-from bench.common import free_port, private_redis
+from bench.common import free_port, managed_process, private_redis
 from bench.registry import BenchResult
 from exporters import savedmodel
 from exporters.hot_embeddings import HotEmbeddings
@@ -64,40 +64,25 @@ def _publish(cfg: Config, r: redis.Redis) -> None:
 
 @contextlib.contextmanager
 def _replica(cfg: Config, state: Path, batching: bool) -> Iterator[str]:
+    """A real `odl run serving` process with batching on or off; yields its URL once it serves."""
     port = free_port()
     raw = cfg.model_dump(mode="json")
     raw["serving"].update(ports=[port], batching=batching)
     raw["metrics"]["enabled"] = False
     path = state / f"serving-{'batched' if batching else 'unbatched'}.yaml"
     path.write_text(yaml.safe_dump(raw))
-    log = open(state / f"{path.stem}.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "odl.cli", "run", "serving", "--config", str(path)],
-                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        asyncio.run(_wait_ready(url, proc))
-        yield url
-    finally:
-        proc.terminate()
+
+    def serving() -> bool:   # /healthz is 200 once the model is loaded and warm
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+            return urllib.request.urlopen(f"{url}/healthz", timeout=2).status == 200
+        except OSError:
+            return False
 
-
-async def _wait_ready(url: str, proc: subprocess.Popen, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as s:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serving replica exited with {proc.returncode}")
-            with contextlib.suppress(aiohttp.ClientError):
-                async with s.get(f"{url}/healthz") as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.2)
-    raise RuntimeError("serving replica did not load the model in time")
+    with open(state / f"{path.stem}.log", "w") as log, managed_process(
+            [sys.executable, "-m", "odl.cli", "run", "serving", "--config", str(path)], serving,
+            "serving replica", timeout_s=90, stdout=log):
+        yield url
 
 
 def _predict_body(rng: np.random.Generator) -> dict:
