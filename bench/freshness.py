@@ -89,9 +89,8 @@ def run(cfg: Config) -> BenchResult:
     if timeouts:   # a probe that never arrived counts as the slowest
         p95 = float("inf") if timeouts > PROBES * 0.05 else p95
     if cfg.label_alignment:
-        fj = cfg.feature_job
-        hold = fj.attribution_window_s + fj.idle_timeout_s + fj.watermark_delay_ms / 1000
-        lines.append(f"note: trainer.align_labels holds every sample ~{hold:g} s for its final label "
+        lines.append(f"note: trainer.align_labels holds every sample ~{cfg.label_hold_ms / 1000:g} s "
+                     f"for its final label "
                      f"(trainers/align.py); freshness cannot beat that hold")
     lines.append(f"click -> served score changed on every replica: p50 {p50:.2f} s, p95 {p95:.2f} s, "
                  f"max {t.max():.2f} s over {len(times)} probes ({timeouts} timed out); goal p95 <= 5 s")

@@ -301,6 +301,13 @@ class Config(_Section):
             return self.trainer.align_labels
         return self.source.kind == "movielens"
 
+    @property
+    def label_hold_ms(self) -> int:
+        """How long an impression's label may still change: the attribution window, the idle
+        timeout that closes a quiet partition's window, and the watermark delay."""
+        fj = self.feature_job
+        return 1000 * (fj.attribution_window_s + fj.idle_timeout_s) + fj.watermark_delay_ms
+
 
 def _set_path(tree: dict[str, Any], dotted: list[str], value: Any) -> None:
     node = tree

@@ -111,8 +111,6 @@ def make_api(max_instances: int, max_candidates: int, model_name: str = "ctr") -
         context: Context = Context()
         top_k: int | None = Field(None, ge=1, le=max_candidates, description="default: all")
 
-    PredictRequest.__name__ = "PredictRequest"
-    RecommendRequest.__name__ = "RecommendRequest"
     return Api(PredictRequest, RecommendRequest,
                _openapi([PredictRequest, RecommendRequest, PredictResponse, RecommendResponse, Error],
                         model_name))

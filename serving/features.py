@@ -48,7 +48,7 @@ class RequestFeatures:
                     parts[i] = e[2]
                 else:
                     missing.append(i)
-        self.item_hits += len(parts)
+            self.item_hits += len(parts)
         if missing:
             states = self.guard.call(self.store.items, missing)
             fresh = {i: item_dense_as_of(s, now_ms) for i, s in zip(missing, states)}

@@ -71,12 +71,12 @@ class Inference:
 
     def _pairs(self, model: LoadedModel, batch: list[Pairs]) -> list[Scored]:
         d = model.embedding_dim
-        users = self._vectors("user", [u for p in batch for u in p.user_ids], d)
-        items = self._vectors("item", [i for p in batch for i in p.item_ids], d)
+        user_ids = [u for p in batch for u in p.user_ids]
+        item_ids = [i for p in batch for i in p.item_ids]
+        users, items = self._vectors("user", user_ids, d), self._vectors("item", item_ids, d)
         pos = np.fromiter((x for p in batch for x in p.positions), np.int64)
         hour = np.fromiter((x for p in batch for x in p.hours), np.int64)
-        feats, no_store = self.features.pairs([u for p in batch for u in p.user_ids],
-                                              [i for p in batch for i in p.item_ids])
+        feats, no_store = self.features.pairs(user_ids, item_ids)
         probs = model.predict(users.vectors, items.vectors, pos, hour, feats)
         degraded = users.degraded or items.degraded or no_store
         out, start = [], 0

@@ -84,11 +84,7 @@ class StreamingTrainer:
         self.frozen: FrozenModel | None = None
         self.frozen_validator = ProgressiveValidator(tc.auc_window)
         self.dedup = DedupWindow(tc.dedup_window)
-        hold_ms = None
-        if cfg.label_alignment:
-            fj = cfg.feature_job
-            hold_ms = 1000 * (fj.attribution_window_s + fj.idle_timeout_s) + fj.watermark_delay_ms
-        self.aligner = LabelAligner(hold_ms) if hold_ms is not None else None
+        self.aligner = LabelAligner(cfg.label_hold_ms) if cfg.label_alignment else None
         self.waiting = np.zeros((0, ROW_WIDTH), np.int64)   # released, not yet a full batch
         self.positions: dict[int, int] = {}    # partition -> next offset to consume
         self.ledger: list[int] = []            # sample hashes trained since the last checkpoint
