@@ -74,6 +74,9 @@ def build_table_env(cfg: Config):
         "table.exec.state.ttl": f"{STATE_TTL_S} s",
         # Python UDFs in-process (PEMJA): no Beam gRPC servers, no worker processes.
         "python.execution-mode": "thread",
+        # chained SQL operators hand rows on without a defensive deep copy each (they do not keep
+        # or mutate their inputs): +25% events/s on the feature job (bench feature-job)
+        "pipeline.object-reuse": "true",
     }
     if local:
         settings.update(_local_settings(cfg))

@@ -55,6 +55,13 @@ def _epoch_ms(ts: str) -> str:
     return f"CAST(TIMESTAMPDIFF(SECOND, TIMESTAMP '1970-01-01 00:00:00', {ts}) AS BIGINT) * 1000"
 
 
+def _ltz_epoch_ms(ts: str) -> str:
+    """A TIMESTAMP_LTZ(3) as epoch milliseconds (the session time zone is UTC).  Handing the UDF
+    a number instead of the timestamp saves PyFlink a datetime per event: 28% of the parse."""
+    return (f"({_epoch_ms(f'CAST({ts} AS TIMESTAMP(3))')} "
+            f"+ EXTRACT(MILLISECOND FROM {ts}))")
+
+
 def source_ddl(cfg: Config, topic: str, group_id: str, table: str = "events_raw") -> str:
     """The events source: raw payloads, event time from the Kafka record timestamp."""
     return f"""CREATE TABLE {table} (
@@ -119,18 +126,35 @@ def _latest_view(name: str, source: str, time_col: str) -> str:
                        AS rn FROM {source}) WHERE rn = 1"""
 
 
-def _tile_args(alias: str) -> str:
-    """A tile's columns as UDF arguments; PyFlink's thread mode cannot pass NULL numbers, so a
-    missing tile (no events yet) is end_ms = -1."""
-    return (f"COALESCE({alias}.end_ms, -1), COALESCE({alias}.imps, 0), "
-            f"COALESCE({alias}.clicks, 0)")
-
-
 # (view, entity kind, window, the part name in the feature store); the kind's id column is
 # ``<kind>_id``
 TILES = (("user_tiles_5m", "user", F.USER_WINDOWS_S[0], "t5m"),
          ("user_tiles_1h", "user", F.USER_WINDOWS_S[1], "t1h"),
          ("item_tiles_1h", "item", F.ITEM_WINDOW_S, "t1h"))
+USER_PARTS = ("t5m", "t1h", "clicks")   # a user's state: its two tiles and its last clicks
+
+
+def _user_state_views() -> list[str]:
+    """One versioned view of a user's whole state, so an impression needs one temporal join for
+    its user instead of one per part (each join shuffles every impression and keeps its own
+    versions): the parts' update streams are merged, and an event-time OVER carries each part's
+    newest value forward.  The parts are the strings the feature store holds (``Tile.encode``,
+    the click entries), so the UDF decodes exactly what serving reads from Redis."""
+    def part(name: str, value: str) -> str:
+        return ", ".join(value if p == name else "CAST(NULL AS STRING)" for p in USER_PARTS)
+    updates = " UNION ALL ".join(
+        [f"SELECT entity_id, window_time AS vt, {part(p, F.tile_sql())} FROM {name}"
+         for name, kind, _, p in TILES if kind == "user"]
+        + [f"SELECT entity_id, ts AS vt, {part('clicks', 'entries')} FROM last_clicks"])
+    carried = ", ".join(f"LAST_VALUE({p}) OVER w AS {p}" for p in USER_PARTS)
+    return [f"CREATE TEMPORARY VIEW user_updates (entity_id, vt, {', '.join(USER_PARTS)}) AS "
+            f"{updates}",
+            # LAST_VALUE skips NULLs: each row holds every part's newest value as of vt
+            f"""CREATE TEMPORARY VIEW user_state AS
+              SELECT entity_id, vt, {carried} FROM user_updates
+              WINDOW w AS (PARTITION BY entity_id ORDER BY vt
+                           ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)""",
+            _latest_view("latest_user_state", "user_state", "vt")]
 
 
 def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
@@ -138,8 +162,9 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
     fj = cfg.feature_job
     win = _seconds(fj.attribution_window_s * 1000)
     ddl = [source_ddl(cfg, topics.events, fj.group_id), *_sinks(cfg, topics),
-           """CREATE TEMPORARY VIEW checked AS
-              SELECT payload, `partition`, `offset`, ts, pt, odl_parse(payload, ts) AS e,
+           f"""CREATE TEMPORARY VIEW checked AS
+              SELECT payload, `partition`, `offset`, ts, pt,
+                     odl_parse(payload, {_ltz_epoch_ms("ts")}) AS e,
                      ts <= CURRENT_WATERMARK(ts) AS late
               FROM events_raw""",
            """CREATE TEMPORARY VIEW valid AS
@@ -164,26 +189,23 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
               FROM events WHERE etype = 'impression'""",
            "CREATE TEMPORARY VIEW clicks AS SELECT * FROM events WHERE etype = 'click'",
            *[_tiles_view(name, f"{kind}_id", w) for name, kind, w, _ in TILES],
-           *[_latest_view(f"latest_{name}", name, "window_time") for name, *_ in TILES],
+           _latest_view("latest_item_tiles_1h", "item_tiles_1h", "window_time"),
            f"""CREATE TEMPORARY VIEW last_clicks AS
               SELECT user_id AS entity_id, ts, ts_ms,
                      LISTAGG({F.click_entry_sql()}, ' ') OVER (
                        PARTITION BY user_id ORDER BY ts
                        ROWS BETWEEN {F.LAST_N - 1} PRECEDING AND CURRENT ROW) AS entries
               FROM clicks""",
-           _latest_view("latest_last_clicks", "last_clicks", "ts"),
+           *_user_state_views(),
            f"""CREATE TEMPORARY VIEW featured AS
               SELECT i.request_id, i.user_id, i.item_id, i.`position`, i.`hour`, i.category,
                      i.ts_ms, i.ts,
-                     odl_features(i.ts_ms, {_tile_args("u5")}, {_tile_args("u1")},
-                                  COALESCE(lc.entries, ''), {_tile_args("it")}) AS features
+                     odl_features(i.ts_ms, {", ".join(f"COALESCE(u.{p}, '')" for p in USER_PARTS)},
+                                  COALESCE({F.tile_sql("it.end_ms", "it.imps", "it.clicks")}, ''))
+                       AS features
               FROM imps AS i
-              LEFT JOIN latest_user_tiles_5m FOR SYSTEM_TIME AS OF i.ts AS u5
-                ON i.user_id = u5.entity_id
-              LEFT JOIN latest_user_tiles_1h FOR SYSTEM_TIME AS OF i.ts AS u1
-                ON i.user_id = u1.entity_id
-              LEFT JOIN latest_last_clicks FOR SYSTEM_TIME AS OF i.ts AS lc
-                ON i.user_id = lc.entity_id
+              LEFT JOIN latest_user_state FOR SYSTEM_TIME AS OF i.ts AS u
+                ON i.user_id = u.entity_id
               LEFT JOIN latest_item_tiles_1h FOR SYSTEM_TIME AS OF i.ts AS it
                 ON i.item_id = it.entity_id""",
            ]

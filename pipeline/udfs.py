@@ -6,8 +6,6 @@ one feature evaluation per impression.
 """
 from __future__ import annotations
 
-from datetime import datetime
-
 from odl.features import ItemState, Tile, UserState, features_as_of
 
 PARSED_FIELDS = (("reason", "STRING"), ("etype", "STRING"), ("event_id", "STRING"),
@@ -15,33 +13,23 @@ PARSED_FIELDS = (("reason", "STRING"), ("etype", "STRING"), ("event_id", "STRING
                  ("position", "INT"), ("hour", "INT"), ("category", "INT"), ("ts_ms", "BIGINT"))
 
 
-def epoch_ms(ts: datetime | int | None) -> int | None:
-    """Flink hands TIMESTAMP_LTZ to Python as a datetime (naive local or aware): both convert."""
-    if ts is None:
-        return None
-    return ts if isinstance(ts, int) else round(ts.timestamp() * 1000)
-
-
-def parse_row(payload: str | None, ts) -> tuple:
+def parse_row(payload: str | None, record_ts_ms: int | None) -> tuple:
+    """``odl.schemas.parse_event`` as a flat row; the job passes the Kafka record timestamp as
+    epoch milliseconds (a datetime would cost PyFlink a conversion per event)."""
     from odl.schemas import parse_event
-    reason, ev = parse_event(payload, record_ts_ms=epoch_ms(ts))
+    reason, ev = parse_event(payload, record_ts_ms=record_ts_ms)
     if ev is None:  # PyFlink's thread mode cannot return NULL inside a ROW: zeros instead
         return (reason,) + tuple("" if t == "STRING" else 0 for _, t in PARSED_FIELDS[1:])
     return (None, ev.etype, ev.event_id, ev.request_id, ev.user_id, ev.item_id, ev.position,
             ev.hour, ev.category, ev.ts_ms)
 
 
-def _tile(end_ms, imps, clicks) -> Tile | None:
-    if end_ms is None or end_ms < 0:
-        return None
-    return Tile(int(end_ms), int(imps or 0), int(clicks or 0))
-
-
-def features_row(as_of_ms, u5_end, u5_imps, u5_clicks, u1_end, u1_imps, u1_clicks, last_clicks,
-                 it_end, it_imps, it_clicks) -> tuple:
-    f = features_as_of(UserState(_tile(u5_end, u5_imps, u5_clicks),
-                                 _tile(u1_end, u1_imps, u1_clicks), last_clicks),
-                       ItemState(_tile(it_end, it_imps, it_clicks)), int(as_of_ms))
+def features_row(as_of_ms, user_t5m, user_t1h, user_clicks, item_t1h) -> tuple:
+    """The features of an impression from its entities' state as the feature store holds it
+    (encoded tiles, click entries; '' for a part with no history yet)."""
+    f = features_as_of(UserState(Tile.decode(user_t5m or None), Tile.decode(user_t1h or None),
+                                 user_clicks or None),
+                       ItemState(Tile.decode(item_t1h or None)), int(as_of_ms))
     u, i = f.user, f.item
     return ((u.imps_5m, u.clicks_5m, u.imps_1h, u.clicks_1h, list(u.last_items),
              list(u.last_categories)), (i.imps_1h, i.clicks_1h, i.ctr_1h))
@@ -63,8 +51,8 @@ def register(t_env) -> None:
                   T.FIELD("ctr_1h", T.DOUBLE())])
 
     @udf(result_type=parsed)
-    def odl_parse(payload, ts):
-        return Row(*parse_row(payload, ts))
+    def odl_parse(payload, record_ts_ms):
+        return Row(*parse_row(payload, record_ts_ms))
 
     @udf(result_type=T.ROW([T.FIELD("user", user), T.FIELD("item", item)]))
     def odl_features(*args):

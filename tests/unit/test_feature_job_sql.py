@@ -1,5 +1,4 @@
 import time
-from datetime import datetime, timezone
 
 from odl.config import Config
 from pipeline.feature_sql import JobTopics, _seconds, statements
@@ -19,7 +18,8 @@ def test_job_sql_routes_rejects_and_joins_within_the_window():
     reasons = "\n".join(inserts[1:4])
     for reason in ("late_event", "duplicate_event", "click_unattributed", "click_before_impression"):
         assert reason in reasons
-    assert text.count("FOR SYSTEM_TIME AS OF i.ts") == 4     # features as of the impression
+    # features as of the impression: one versioned view per entity kind
+    assert text.count("FOR SYSTEM_TIME AS OF i.ts") == 2
 
 
 def test_interval_literals():
@@ -32,10 +32,13 @@ def test_udf_adapters_never_return_null_numbers():
     assert row[0] == "invalid_json" and None not in row
     now = int(time.time() * 1000)
     ok = parse_row('{"type":"click","request_id":"r","user_id":1,"item_id":2,"ts_ms":%d,'
-                   '"schema_version":1}' % now, datetime.fromtimestamp(now / 1000, timezone.utc))
+                   '"schema_version":1}' % now, now)
     assert ok[0] is None and ok[-1] == now               # event time = the record timestamp
-    user, item = features_row(5, -1, 0, 0, -1, 0, 0, "", -1, 0, 0)
+    user, item = features_row(5, "", "", "", "")
     assert user[:4] == (0, 0, 0, 0) and item[:2] == (0, 0)
+    user, item = features_row(120_001, "120000|3|1", "120000|9|2", "100:7:3 120001:8:4",
+                              "60000|40|2")     # the item's tile is one slide old: still valid
+    assert user[:4] == (3, 1, 9, 2) and user[4][:2] == [7, 0] and item[:2] == (40, 2)
 
 
 def test_writer_skips_malformed_updates():
