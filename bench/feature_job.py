@@ -111,6 +111,41 @@ def _run_job(cfg: Config, inserts_for, ddl_extra: list[str]):
     return ss.execute().get_job_client()
 
 
+@dataclass
+class Running:
+    """A job started on the pre-loaded events, with a consumer recording what it emits."""
+    client: object
+    stop: threading.Event
+    consumer: threading.Thread
+    arrivals: Arrivals
+
+    def rate(self, expected: int, events: int, timeout_s: float) -> tuple[float, float]:
+        _wait_for(self.arrivals, int(0.95 * expected) + 1, timeout_s)
+        try:
+            return _rate(self.arrivals, expected, events)
+        except RuntimeError:
+            self.close()      # a job that fell short must not keep the benchmark alive
+            raise
+
+    def close(self) -> None:
+        self.client.cancel().result()
+        self.stop.set()
+        self.consumer.join()
+
+
+def _start(cfg: Config, bootstrap: str, ddl: list[str], inserts: list[str], out: list[str],
+           decode: bool = False) -> Running:
+    stop, arr = threading.Event(), Arrivals([], [])
+    th = threading.Thread(target=_consume, args=(bootstrap, out, stop, arr, decode))
+    th.start()
+    return Running(_run_job(cfg, inserts, ddl), stop, th, arr)
+
+
+def _copy_sink(name: str, topic: str, bootstrap: str) -> str:
+    return (f"CREATE TABLE {name} (v STRING) WITH ('connector' = 'kafka', 'topic' = '{topic}', "
+            f"'properties.bootstrap.servers' = '{bootstrap}', 'format' = 'raw')")
+
+
 def run(cfg: Config) -> BenchResult:
     with private_broker(cfg) as bootstrap, tempfile.TemporaryDirectory(prefix="odl-bench-fj-") as tmp:
         prefix = f"b{uuid.uuid4().hex[:6]}."
@@ -136,45 +171,44 @@ def run(cfg: Config) -> BenchResult:
         _produce(bcfg, events_topic, recs + tail, paced=False)
         produce_s = time.time() - t
 
-        # 1) plain SQL pass-through: every event copied to a topic
-        pass_cfg = bcfg.model_copy(update={"feature_job": bcfg.feature_job.model_copy(
-            update={"group_id": "bench-pass"})})
-        copy_topic = prefix + "copy"
-        ensure_topics(pass_cfg)
-        ddl = [feature_sql.source_ddl(pass_cfg, events_topic, "bench-pass"),
-               f"CREATE TABLE copy_sink (payload STRING) WITH ("
-               f"'connector' = 'kafka', 'topic' = '{copy_topic}', "
-               f"'properties.bootstrap.servers' = '{bootstrap}', 'format' = 'raw')"]
-        stop, arr = threading.Event(), Arrivals([], [])
-        th = threading.Thread(target=_consume, args=(bootstrap, [copy_topic], stop, arr, False))
-        th.start()
-        client = _run_job(pass_cfg, ["INSERT INTO copy_sink SELECT payload FROM events_raw"], ddl)
-        _wait_for(arr, int(0.95 * len(recs)) + 1, 120)
-        client.cancel().result()
-        stop.set()
-        th.join()
-        pass_rate, pass_dt = _rate(arr, len(recs), len(recs))
-
-        # 2) the full feature job on the same events
         topics = feature_sql.JobTopics(events_topic, prefix + "samples", prefix + "events.dlq",
                                        prefix + "features")
         full_ddl, full_inserts = feature_sql.statements(bcfg, topics)
-        stop, arr = threading.Event(), Arrivals([], [])
-        th = threading.Thread(target=_consume, args=(bootstrap, [topics.samples, topics.dlq], stop, arr, True))
-        th.start()
-        client = _run_job(bcfg, full_inserts, full_ddl)
-        expected = n_imp + n_bad
-        _wait_for(arr, int(0.95 * expected) + 1, 180)
-        full_rate, full_dt = _rate(arr, expected, len(recs))
 
-        # 3) latency at LIVE_RATE while the full job runs
+        def group(name: str) -> Config:      # each job reads the events from the start
+            return bcfg.model_copy(update={"feature_job": bcfg.feature_job.model_copy(
+                update={"group_id": f"bench-{name}"})})
+
+        # 1) plain SQL pass-through: every event copied to a topic
+        job = _start(group("pass"), bootstrap,
+                     [feature_sql.source_ddl(bcfg, events_topic, "bench-pass"),
+                      _copy_sink("copy_sink", prefix + "copy", bootstrap)],
+                     ["INSERT INTO copy_sink SELECT payload FROM events_raw"], [prefix + "copy"])
+        pass_rate, pass_dt = job.rate(len(recs), len(recs), 120)
+        job.close()
+
+        # 2) the job's validation stage alone (the parse UDF on every event, one row out per
+        # event): the ceiling of any job that validates every event in Python
+        vcfg = group("validate")
+        vddl, _ = feature_sql.statements(vcfg, topics)
+        job = _start(vcfg, bootstrap, [*vddl, _copy_sink("checked_sink", prefix + "checked", bootstrap)],
+                     ["INSERT INTO checked_sink SELECT COALESCE(e.reason, e.etype) FROM checked"],
+                     [prefix + "checked"])
+        val_rate, _ = job.rate(len(recs), len(recs), 120)
+        job.close()
+
+        # 3) the full feature job on the same events
+        job = _start(bcfg, bootstrap, full_ddl, full_inserts, [topics.samples, topics.dlq], decode=True)
+        expected = n_imp + n_bad
+        full_rate, full_dt = job.rate(expected, len(recs), 180)
+        arr = job.arrivals
+
+        # 4) latency at LIVE_RATE while the full job runs
         seen = len(arr.records)
         live = _events(int(time.time() * 1000), int(LIVE_RATE * LIVE_SECONDS), LIVE_RATE)
         _produce(bcfg, events_topic, live, paced=True)
         time.sleep(5)
-        stop.set()
-        th.join()
-        client.cancel().result()
+        job.close()
         lat = []
         for rec, arrived in zip(arr.records[seen:], arr.times[seen:]):
             if rec.get("label") == 1 and rec["label_ts_ms"] >= live[0].ts_ms:
@@ -184,11 +218,15 @@ def run(cfg: Config) -> BenchResult:
     ratio = full_rate / pass_rate
     lines = [f"{len(recs):,} events pre-loaded ({n_imp:,} impressions, {n_bad} malformed) in {produce_s:.1f}s",
              f"pass-through SQL job: {pass_rate:,.0f} events/s ({pass_dt:.2f}s for 95%)",
+             f"validation stage:     {val_rate:,.0f} events/s (ratio {val_rate / pass_rate:.3f}): "
+             f"source, parse UDF, sink only -- the ceiling of a job that parses in Python",
              f"full feature job:     {full_rate:,.0f} events/s ({full_dt:.2f}s for 95%)",
              f"click -> positive sample at {LIVE_RATE:.0f} events/s for {LIVE_SECONDS:.0f}s: "
              f"p50 {np.percentile(lat, 50):.0f} ms, p95 {np.percentile(lat, 95):.0f} ms ({len(lat)} positives)"]
     return BenchResult({"ratio": round(ratio, 3), "full_events_per_s": round(full_rate),
                         "passthrough_events_per_s": round(pass_rate),
+                        "validation_events_per_s": round(val_rate),
+                        "validation_ratio": round(val_rate / pass_rate, 3),
                         "p50_positive_latency_ms": round(float(np.percentile(lat, 50)), 1),
                         "p95_positive_latency_ms": round(float(np.percentile(lat, 95)), 1),
                         "live_rate": LIVE_RATE, "events": len(recs)}, lines)

@@ -7,8 +7,9 @@ Dataflow (every arrow is Flink SQL; the two Python UDFs only parse events and ev
                                                           └─ events
     events ─ HOP tiles (user 5 min, user 1 h, item 1 h) ─┬───────────────────────────► features
            ─ user's last N clicks (ROWS window) ─────────┤
-                                                         └─ versioned views
-    impressions ─ temporal joins AS OF impression time ─ odl_features ─┐
+                                                         └─ versioned views: the user's parts
+                                                            merged into one, the item's tiles
+    impressions ─ 2 temporal joins AS OF impression time ─ odl_features ─┐
     clicks ─────────────────────────────── interval LEFT JOIN ─────────┴────────────► samples
     clicks ─ interval LEFT JOIN impressions (± window) ─ unattributed ────────────────► events.dlq
 
