@@ -198,8 +198,9 @@ class TrainerConfig(_Section):
     align_labels: bool | None = Field(
         None, description="train an impression only once its label is final (trainers/align.py); "
         "None = auto: on for the bursty MovieLens replay (without it live AUC fell to 0.22), off "
-        "for the synthetic stream, where it costs freshness (click to served score ~20 s instead "
-        "of ~3-4 s) and, measured, AUC; see Config.label_alignment")
+        "for the synthetic stream, where it costs freshness (click to served score after "
+        "Config.label_hold_ms, 41 s by default, instead of ~3-4 s) and, measured, AUC; see "
+        "Config.label_alignment")
     frozen_baseline_after: int | None = Field(
         20000, ge=1, description="samples after which a frozen copy is scored beside the live model")
     dedup_window: int = Field(200_000, ge=1, description="recent sample ids remembered to drop "

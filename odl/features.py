@@ -100,7 +100,6 @@ def dense_of_json(d: dict | None) -> list[float]:
                         CTR_PRIOR if i.get("ctr_1h") is None else float(i["ctr_1h"]))
 
 
-DENSE_DIM = len(Features().dense())
 
 
 # --- entity state -------------------------------------------------------------------------------
@@ -212,11 +211,3 @@ def item_dense_as_of(item: ItemState, as_of_ms: int) -> list[float]:
     (tiles end on slide boundaries), so a caller may reuse it within that minute."""
     return features_as_of(UserState(), item, as_of_ms).dense()[USER_DENSE:]
 
-
-def dense_rows_as_of(users: dict, items: dict, pairs, as_of_ms: int) -> list[list[float]]:
-    """``features_as_of(users[u], items[i], as_of_ms).dense()`` for each (u, i) in ``pairs``,
-    computing each user's and each item's part once (a recommendation scores one user against
-    ~100 items)."""
-    u_part = {u: user_dense_as_of(s, as_of_ms) for u, s in users.items()}
-    i_part = {i: item_dense_as_of(s, as_of_ms) for i, s in items.items()}
-    return [u_part[u] + i_part[i] for u, i in pairs]

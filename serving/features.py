@@ -73,7 +73,7 @@ class RequestFeatures:
                       for u, s in zip(uniq_u, self.guard.call(self.store.users, uniq_u))}
             i_part = self._item_parts(list(dict.fromkeys(items)), now)
         except Unavailable:
-            return np.tile(_DEFAULT, (n, 1)), True
+            return self.default(n), True
         rows = [u_part[u] + i_part[i] for u, i in zip(users, items)]
         return np.asarray(rows, np.float32).reshape(n, NUM_DENSE), False
 

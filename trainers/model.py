@@ -138,6 +138,12 @@ class Batch:
             return np.tile(np.asarray(DEFAULT_DENSE, np.float32), (len(self.labels), 1))
         return np.asarray(self.features, np.float32).reshape(len(self.labels), NUM_DENSE)
 
+    def context(self, num_positions: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Position and hour indices and the real-time features: everything but the ids."""
+        pos = np.clip(self.positions, 0, num_positions).astype(np.int64)
+        hr = np.mod(self.hours, NUM_HOURS).astype(np.int64)
+        return pos, hr, self.dense_features
+
     @property
     def clock_ms(self) -> int:
         return int(self.ts_ms.max()) if self.ts_ms is not None and len(self.ts_ms) else 0
@@ -164,10 +170,7 @@ class CTRModel:
 
     # --- compiled steps ----------------------------------------------------------------------
     def _context(self, batch: Batch):
-        """Position and hour indices and the real-time features: everything but the ids."""
-        pos = np.clip(batch.positions, 0, self.cfg.num_positions).astype(np.int64)
-        hr = np.mod(batch.hours, NUM_HOURS).astype(np.int64)
-        return pos, hr, batch.dense_features
+        return batch.context(self.cfg.num_positions)
 
     # shape-generic signatures: a partial batch must not retrace (~0.4 s each)
     _IDX = tf.TensorSpec([None], tf.int64)
@@ -336,8 +339,6 @@ class FrozenModel:
         return tf.constant(var[rows])
 
     def predict(self, batch: Batch) -> np.ndarray:
-        pos = np.clip(batch.positions, 0, self.num_positions).astype(np.int64)
-        hr = np.mod(batch.hours, NUM_HOURS).astype(np.int64)
         logits = ctr_logits(self.dense, self._vectors("user", batch.user_ids),
-                            self._vectors("item", batch.item_ids), pos, hr, batch.dense_features)
+                            self._vectors("item", batch.item_ids), *batch.context(self.num_positions))
         return tf.sigmoid(logits).numpy()

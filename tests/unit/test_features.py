@@ -30,7 +30,7 @@ def test_features_and_smoothed_ctr():
     assert (f.user.imps_5m, f.user.clicks_5m, f.user.imps_1h, f.user.clicks_1h) == (3, 1, 30, 4)
     assert f.item.ctr_1h == (8 + F.CTR_PRIOR * F.CTR_PRIOR_STRENGTH) / (80 + F.CTR_PRIOR_STRENGTH)
     assert Features().item.ctr_1h == F.CTR_PRIOR        # no events: the prior
-    assert len(f.dense()) == F.DENSE_DIM
+    assert len(f.dense()) == F.NUM_DENSE
 
 
 def test_encodings_round_trip():
@@ -44,14 +44,16 @@ def test_encodings_round_trip():
 
 
 def test_dense_rows_split_into_a_user_part_and_an_item_part():
-    """Serving computes each entity's part once (odl.features.dense_rows_as_of); that is only
-    right if Features.dense of a pair is the user's part followed by the item's."""
-    from odl.features import ItemState, Tile, UserState, dense_rows_as_of, features_as_of
+    """Serving computes each entity's part once (serving.features: user_dense_as_of,
+    item_dense_as_of); that is only right if Features.dense of a pair is the user's part
+    followed by the item's."""
+    from odl.features import (ItemState, Tile, UserState, features_as_of, item_dense_as_of,
+                              user_dense_as_of)
     t = 1_800_000_000_000
     users = {1: UserState(Tile(t - 60_000, 7, 2), Tile(t - 60_000, 30, 4), f"{t - 5}:9:3"),
              2: UserState()}
     items = {5: ItemState(Tile(t - 60_000, 50, 6)), 6: ItemState()}
     pairs = [(1, 5), (1, 6), (2, 5), (2, 6)]
     want = [features_as_of(users[u], items[i], t).dense() for u, i in pairs]
-    assert dense_rows_as_of(users, items, pairs, t) == want
+    assert [user_dense_as_of(users[u], t) + item_dense_as_of(items[i], t) for u, i in pairs] == want
     assert want[0] != want[3]
