@@ -123,6 +123,7 @@ def status(as_json: bool, config: str | None) -> None:
     try:
         beats = cp.heartbeats()
         paused, served, refused = cp.paused(), cp.served_version(), cp.refused()[:3]
+        restarts = cp.restarts()
     except Exception as exc:  # noqa: BLE001
         raise click.ClickException(f"control plane (Redis {cfg.redis.host}:{cfg.redis.port}) "
                                    f"unreachable: {exc}") from None
@@ -135,6 +136,8 @@ def status(as_json: bool, config: str | None) -> None:
         if hb.instance in dead:
             state = "EXITED"
         metrics = {k: hb.metrics.get(k) for k in KEY_METRICS.get(hb.component, ()) if k in hb.metrics}
+        if restarts.get(hb.instance):
+            metrics["restarts"] = restarts[hb.instance]
         rows.append({"instance": hb.instance, "state": state, "age_s": round(hb.age_s, 1),
                      "paused": hb.component in paused, "version": hb.version, "metrics": metrics})
     for name in dead:

@@ -271,6 +271,15 @@ class ControlConfig(_Section):
     heartbeat_ttl_s: int = Field(15, ge=2)
 
 
+class SupervisionConfig(_Section):
+    """Restart budgets (``odl.supervision.RestartBudget``): a rate, so rare failures over weeks
+    never add up to a give-up while a crash loop still ends visibly."""
+    max_restarts: int = Field(10, ge=0, description="restarts allowed within window_s")
+    window_s: float = Field(3600.0, gt=0, description="the budget's sliding window")
+    reconnect_timeout_s: float = Field(300.0, gt=0, description="longest wait for a restarting "
+                                       "actor to answer again before the supervisor gives up")
+
+
 class MetricsConfig(_Section):
     enabled: bool = True
     host: str = Field("127.0.0.1", description="Prometheus endpoints bind here (0.0.0.0 in containers)")
@@ -289,6 +298,7 @@ class Config(_Section):
     exporter: ExporterConfig = ExporterConfig()
     serving: ServingConfig = ServingConfig()
     control: ControlConfig = ControlConfig()
+    supervision: SupervisionConfig = SupervisionConfig()
     metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")

@@ -118,6 +118,13 @@ class ControlPlane:
         self.r.hdel(names.CP_VERSIONS, version)
 
     # --- observed state (components) ------------------------------------------------------
+    def record_restart(self, instance: str) -> int:
+        """A supervisor restarted ``instance``; returns its restarts so far."""
+        return int(self.r.hincrby(names.CP_RESTARTS, instance, 1))
+
+    def restarts(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.r.hgetall(names.CP_RESTARTS).items()}
+
     def heartbeat(self, hb: Heartbeat) -> None:
         key = names.cp_heartbeat(hb.instance)
         mapping = {"component": hb.component, "instance": hb.instance, "ts": hb.ts,

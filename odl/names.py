@@ -27,6 +27,7 @@ CP_LATEST_VERSION = f"{CP}:latest_version"  # string: newest published version
 CP_VERSIONS = f"{CP}:versions"              # hash version -> manifest JSON
 CP_REFUSED = f"{CP}:refused"                # list of refused export JSON records
 CP_PUBLISH_REQUEST = f"{CP}:publish_request"  # set by `odl publish`: export a version now
+CP_RESTARTS = f"{CP}:restarts"              # hash instance -> restarts its supervisor made
 
 
 def cp_heartbeat(instance: str) -> str:

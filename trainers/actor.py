@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING, Any
 from odl.config import Config
 from odl.runtime import METRICS_PORT_OFFSETS, setup_logging
 from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
+from odl.supervision import RunOnce
 
 if TYPE_CHECKING:
     from trainers.group import GroupMember
 
-
-MAX_RESTARTS = 3
 
 
 def serve_metrics(port: int | None, log) -> None:
@@ -40,10 +39,12 @@ class TrainerActorImpl:
         serve_metrics(metrics_port, self.log)
         self.loop = TrainerLoop(self.cfg, member)   # restores its checkpoint
         self.trainer = self.loop.trainer
+        self._run_once = RunOnce()
 
     def run(self) -> dict[str, Any]:
-        """Train until ``stop``; pauses (keeping the position) while the control plane says so."""
-        return self.loop.run()
+        """Train until ``stop``; pauses (keeping the position) while the control plane says so.
+        A repeated call joins the running loop."""
+        return self._run_once(self.loop.run)
 
     def stop(self) -> None:
         self.loop.stop_event.set()
@@ -93,8 +94,14 @@ class TrainerActorImpl:
 
 
 def run(cfg: Config) -> int:
-    """`odl run trainer`: create the actor on the cluster, keep it running, stop it on SIGTERM."""
+    """`odl run trainer`: create the actor on the cluster, keep it running, stop it on SIGTERM.
+
+    Ray restarts the actor process whenever it dies (``max_restarts=-1``); this driver decides
+    when to give up, by the restart *rate* (``supervision``), counting one death per new actor
+    process however many "unavailable" answers the restart produces."""
     # The actor publishes the trainer's heartbeat and metrics itself; the driver only supervises.
+    from odl.control import ControlPlane
+    from odl.supervision import BudgetExhausted, RestartBudget, wait_for_incarnation
     ray = connect(cfg)
     log = setup_logging("trainer-driver")
     stop = threading.Event()
@@ -102,45 +109,63 @@ def run(cfg: Config) -> int:
         signal.signal(sig, lambda *_: stop.set())
     gpus = ray.cluster_resources().get("GPU", 0)
     metrics_port = cfg.metrics.base_port + METRICS_PORT_OFFSETS["trainer"] if cfg.metrics.enabled else None
-    scale = cfg.trainer.scale
+    scale, sup = cfg.trainer.scale, cfg.supervision
     if scale.grouped:   # the coordinator answers as the trainer; its members ask for the CPUs/GPUs
         from trainers.coordinator import TrainingGroupImpl
         Actor = ray.remote(TrainingGroupImpl).options(
-            name=TRAINER_ACTOR, namespace=NAMESPACE, max_concurrency=4, max_restarts=MAX_RESTARTS,
+            name=TRAINER_ACTOR, namespace=NAMESPACE, max_concurrency=4, max_restarts=-1,
             num_cpus=0, get_if_exists=False)
     else:
         Actor = ray.remote(TrainerActorImpl).options(
-            name=TRAINER_ACTOR, namespace=NAMESPACE, max_concurrency=4, max_restarts=MAX_RESTARTS,
+            name=TRAINER_ACTOR, namespace=NAMESPACE, max_concurrency=4, max_restarts=-1,
             num_cpus=1, num_gpus=1 if gpus >= 1 else 0, get_if_exists=False)
     actor = Actor.remote(cfg.model_dump_json(), metrics_port)
     log.info("trainer actor started (gpu=%s, %d trainers, %d ps shards)", gpus >= 1,
              scale.trainers, scale.ps_shards)
-    run_ref = actor.run.remote()
-    rc, deaths = 0, 0
+    budget = RestartBudget(sup.max_restarts, sup.window_s)
+    cp = ControlPlane(cfg)
+    rc, run_ref = 0, None
     try:
+        incarnation = wait_for_incarnation(ray, actor, stop, sup.reconnect_timeout_s, log)
+        run_ref = actor.run.remote()
         while not stop.is_set():
             ready, _ = ray.wait([run_ref], timeout=1.0)
-            if ready:
-                try:
-                    log.info("trainer run returned: %s", ray.get(run_ref))
-                except ray.exceptions.RayActorError as exc:
-                    deaths += 1
-                    if deaths > MAX_RESTARTS:  # Ray gave up: exit so the crash is seen
-                        log.error("trainer actor died %d times, giving up: %s", deaths, exc)
-                        return 2
-                    log.error("trainer actor died (%d/%d): %s; restarting its loop",
-                              deaths, MAX_RESTARTS, exc)
-                    time.sleep(1.0)
-                    run_ref = actor.run.remote()
-                    continue
+            if not ready:
+                continue
+            try:
+                log.info("trainer run returned: %s", ray.get(run_ref))
                 break
+            except ray.exceptions.RayActorError as exc:
+                why = str(exc).splitlines()[0]
+                log.warning("trainer actor unavailable: %s", why)
+                pid = wait_for_incarnation(ray, actor, stop, sup.reconnect_timeout_s, log)
+                if pid is None:
+                    break
+                if pid != incarnation:  # a new process: one death, however many errors it took
+                    incarnation = pid
+                    budget.record(why)
+                    total = cp.record_restart("trainer")
+                    log.error("trainer actor restarted as pid %d (%d within %.0f s, %d in all): %s",
+                              pid, budget.in_window, sup.window_s, total, why)
+                # same process: the call was lost, not the actor; run() joins a loop still running
+                run_ref = actor.run.remote()
+    except BudgetExhausted as exc:
+        log.error("trainer restart budget exhausted, giving up: %s", exc)
+        rc = 2
+    except ray.exceptions.RayTaskError as exc:  # run() raised: a group out of budget, a bug
+        log.error("trainer run failed, giving up: %s", exc)
+        rc = 2
+    except (ray.exceptions.ActorDiedError, TimeoutError) as exc:
+        log.error("trainer actor is gone for good, giving up: %s", str(exc).splitlines()[0])
+        rc = 2
     finally:
         try:
             ray.get(actor.stop.remote(), timeout=10)
-            ray.get(run_ref, timeout=30)
+            if run_ref is not None:
+                ray.get(run_ref, timeout=30)
         except Exception as exc:  # noqa: BLE001
             log.warning("trainer did not stop cleanly: %s", exc)
-            rc = 1
+            rc = rc or 1
         ray.kill(actor)
         ray.shutdown()
     return rc

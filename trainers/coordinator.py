@@ -21,13 +21,13 @@ from odl import names
 from odl.config import Config
 from odl.control import ControlPlane, Heartbeater
 from odl.runtime import setup_logging
+from odl.supervision import RestartBudget, RunOnce
 from trainers.actor import TrainerActorImpl, serve_metrics
 from trainers.checkpoint import due_kind
 from trainers.group import DenseAverager, GroupCommit, GroupMember, average_weights, partitions_for
 from trainers.ps import EmbeddingShard, ShardedTables
 from trainers.streaming import checkpoint_dir, publish_occupancy
 
-MAX_GROUP_RESTARTS = 10
 MEMBER_METRICS_OFFSET = 30      # trainer i of a group serves Prometheus on base_port + 30 + i
 EPOCH = Gauge("odl_trainer_group_epoch", "newest committed group checkpoint epoch")
 RESTARTS = Gauge("odl_trainer_group_restarts", "times the group restarted from its last epoch")
@@ -46,7 +46,9 @@ class TrainingGroupImpl:
         self.tables: ShardedTables | None = None
         self.runs: list[Any] = []
         self.epoch = 0
-        self.restarts = 0
+        sup = self.cfg.supervision
+        self.budget = RestartBudget(sup.max_restarts, sup.window_s)
+        self._run_once = RunOnce()
         self.last_checkpoint: dict[str, Any] = {}
         self.summary: dict[str, Any] = {}
         self.cp = ControlPlane(self.cfg)
@@ -94,13 +96,19 @@ class TrainingGroupImpl:
                 ray.kill(a, no_restart=True)
         self.trainers, self.shards, self.averager, self.runs = [], [], None, []
 
+    @property
+    def restarts(self) -> int:
+        return self.budget.total
+
     def _restart(self, why: str) -> None:
-        self.restarts += 1
+        """Restart the whole group from its committed epoch, within the restart budget (a rate:
+        ``supervision``); beyond it ``BudgetExhausted`` ends ``run`` and the driver sees it."""
+        self.budget.record(why)
         RESTARTS.set(self.restarts)
-        if self.restarts > MAX_GROUP_RESTARTS:
-            raise RuntimeError(f"training group failed {self.restarts} times; last: {why}")
-        self.log.error("group member failed (%s); restarting the group from epoch %d (%d/%d)",
-                       why, self.epoch, self.restarts, MAX_GROUP_RESTARTS)
+        self.cp.record_restart("trainer")
+        self.log.error("group member failed (%s); restarting the group from epoch %d "
+                       "(%d within %.0f s, %d in all)", why, self.epoch, self.budget.in_window,
+                       self.budget.window_s, self.restarts)
         self._teardown()
         time.sleep(1.0)
         self._build()
@@ -131,7 +139,10 @@ class TrainingGroupImpl:
     # --- the actor's API ---------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         """Run the group until ``stop``: watch the members, checkpoint on schedule, restart the
-        whole group from the committed epoch when any member fails."""
+        whole group from the committed epoch when any member fails.  A repeated call joins."""
+        return self._run_once(self._run)
+
+    def _run(self) -> dict[str, Any]:
         import ray
         self._build()
         self.heartbeat.start()

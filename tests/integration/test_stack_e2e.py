@@ -154,11 +154,17 @@ def test_stack_end_to_end(stack_config):
         # and trains on from there
         old = _beat(cp, "trainer")
         os.kill(old.pid, signal.SIGKILL)
-        _wait(lambda: _beat(cp, "trainer").pid != old.pid
-              and _beat(cp, "trainer").metrics.get("restored_from") is not None
-              and _beat(cp, "trainer").metrics["step"] > 0, 90)
+        def restored():  # during the restart the heartbeat may have expired: keep waiting
+            hb = _beat(cp, "trainer", missing_ok=True)
+            return (hb is not None and hb.pid != old.pid and hb.state == "running"
+                    and hb.metrics.get("restored_from") is not None and hb.metrics["step"] > 0)
+        _wait(restored, 90)
         back = _beat(cp, "trainer").metrics
         _wait(lambda: _beat(cp, "trainer").metrics["samples_trained"] > back["samples_trained"], 60)
+        # one SIGKILL is one restart to the supervisor, however many "restarting" errors it took
+        _wait(lambda: cp.restarts().get("trainer") == 1, 10)
+        assert "restarts=1" in runner.invoke(cli, ["status", "--config", str(stack_config)]).output
+        assert stack.crashed() == []
 
         # every socket of every stack process is on loopback
         pids = set(_stack_pids(pgids))
@@ -173,8 +179,11 @@ def test_stack_end_to_end(stack_config):
     assert not _listeners(pgids)
 
 
-def _beat(cp, instance):
-    return next(hb for hb in cp.heartbeats() if hb.instance == instance)
+def _beat(cp, instance, missing_ok=False):
+    hb = next((hb for hb in cp.heartbeats() if hb.instance == instance), None)
+    if hb is None and not missing_ok:
+        raise AssertionError(f"no live heartbeat from {instance}")
+    return hb
 
 
 def _wait(pred, timeout_s):
