@@ -58,7 +58,7 @@ def build(weights: dict[str, np.ndarray], embedding_dim: int) -> keras.Model:
     out = keras.layers.Dense(1, name="out")
     logit = ops.squeeze(out(keras.layers.Concatenate()([x, h])), axis=1)
     prob = keras.layers.Activation("sigmoid", name="probability")(
-        logit + ops.sum(user * item, axis=1))
+        logit + user[:, 0] + item[:, 0] + ops.sum(user[:, 1:] * item[:, 1:], axis=1))
     model = keras.Model([user, item, position, hour, features], prob)
     pos_emb.set_weights([weights["position_emb"]])
     hour_emb.set_weights([weights["hour_emb"]])

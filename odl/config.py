@@ -185,7 +185,7 @@ def _default_tables() -> dict[str, EmbeddingTableConfig]:
 
 class TrainerConfig(_Section):
     group_id: str = "odl-trainer"
-    batch_size: int = Field(256, ge=1)
+    batch_size: int = Field(128, ge=1)
     max_batch_wait_ms: int = Field(500, ge=1, description="a partial batch is trained after this")
     tables: dict[str, EmbeddingTableConfig] = Field(default_factory=_default_tables)
     sparse_optimizer: Literal["adagrad", "adam", "ftrl"] = "adagrad"
@@ -193,7 +193,7 @@ class TrainerConfig(_Section):
     dense_learning_rate: float = Field(0.002, gt=0)
     cross_layers: int = Field(2, ge=0, description="DCN-v2 cross layers")
     hidden_units: tuple[int, ...] = (64, 32)
-    batch_norm: bool = True
+    batch_norm: bool = False
     auc_window: int = Field(5000, ge=100, description="samples in the progressive AUC window")
     align_labels: bool | None = Field(
         None, description="train an impression only once its label is final (trainers/align.py); "

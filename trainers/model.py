@@ -1,8 +1,10 @@
 """The CTR model: dynamic embedding tables (``trainers.embedding``) feeding a DCN-v2 network --
-cross layers beside a deep tower with BatchNorm -- plus a factorisation-machine term.
+cross layers beside a deep tower (BatchNorm optional) -- plus a wide part: per-id first-order
+weights and a factorisation-machine term (``id_terms``).
 
 Tables are updated by a sparse optimiser (``trainers.sparse_optim``) on the batch's unique rows
-only; the network by Keras Adam.  Embedding lookups are ``tf.gather`` on plain variables
+only, each row by the summed gradients of its own samples; the network by Keras Adam on the batch
+mean.  Delayed-feedback samples are importance-weighted (``trainers.delayed_feedback``).  Embedding lookups are ``tf.gather`` on plain variables
 (DESIGN.md: ``keras.layers.Embedding`` is 5x slower after sparse writes).
 
 The forward pass (``forward``) is a pure function of a weight dict, shared by the trainer and the
@@ -20,7 +22,7 @@ import tensorflow as tf
 
 from odl.config import TrainerConfig
 from odl.features import DEFAULT_DENSE, NUM_DENSE
-from trainers import sparse_optim
+from trainers import delayed_feedback, sparse_optim
 from trainers.embedding import DynamicEmbedding
 
 SPARSE_TABLES = ("user", "item")      # large id spaces: live in Redis for serving
@@ -72,8 +74,17 @@ def forward(w: dict[str, tf.Tensor], user: tf.Tensor, item: tf.Tensor, position:
             h = tf.nn.batch_normalization(h, mean, var, w[f"{bn}/beta"], w[f"{bn}/gamma"], BN_EPSILON)
         h = tf.nn.relu(h)
     logit = dense(tf.concat([x, h], axis=-1), w["out/kernel"]) + w["out/bias"]
-    fm = tf.reduce_sum(user * item, axis=-1)  # the FM pairwise term of the two large tables
-    return tf.squeeze(logit, axis=-1) + fm, moments
+    return tf.squeeze(logit, axis=-1) + id_terms(user, item), moments
+
+
+def id_terms(user: tf.Tensor, item: tf.Tensor) -> tf.Tensor:
+    """The wide part of the model: each id's first-order weight plus the FM pairwise term.
+
+    Component 0 of every id's vector is that id's first-order weight (a per-user and per-item
+    bias, what a logistic regression over one-hot ids learns); the other components meet in the
+    factorisation-machine product.  Keeping the bias inside the vector keeps one row per id in
+    every contract (tables, checkpoints, Redis, serving inputs)."""
+    return user[..., 0] + item[..., 0] + tf.reduce_sum(user[..., 1:] * item[..., 1:], axis=-1)
 
 
 def dense_last_axis(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
@@ -128,6 +139,7 @@ class Batch:
     labels: np.ndarray
     ts_ms: np.ndarray | None = None   # impression event time (the tables' clock)
     features: np.ndarray | None = None   # [n, NUM_DENSE] float32; None: no history for anyone
+    delayed: np.ndarray | None = None    # [n] 1.0: a delayed-feedback sample (importance-weighted)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -143,6 +155,13 @@ class Batch:
         pos = np.clip(self.positions, 0, num_positions).astype(np.int64)
         hr = np.mod(self.hours, NUM_HOURS).astype(np.int64)
         return pos, hr, self.dense_features
+
+    @property
+    def delayed_mask(self) -> np.ndarray:
+        """[n] float32, 1.0 for delayed-feedback samples (``trainers.delayed_feedback``)."""
+        if self.delayed is None:
+            return np.zeros(len(self.labels), np.float32)
+        return np.asarray(self.delayed, np.float32).reshape(len(self.labels))
 
     @property
     def clock_ms(self) -> int:
@@ -181,14 +200,24 @@ class CTRModel:
         return tf.sigmoid(ctr_logits(self.dense, tf.gather(self.tables["user"].var, u),
                                      tf.gather(self.tables["item"].var, i), pos, hr, ft))
 
-    def _dense_step(self, ue, ie, pos, hr, ft, labels):
+    def _dense_step(self, ue, ie, pos, hr, ft, labels, delayed):
         """Forward, backward and the dense update on looked-up vectors; returns (loss, gradients
-        of the user and item vectors).  Traced into both training functions below."""
+        of the user and item vectors).  Traced into both training functions below.
+
+        The loss is the batch mean, so the network's step does not depend on the batch size;
+        the vectors' gradients are scaled back to per-sample sums: an id's row then moves by
+        its own samples' gradients, as a per-id weight does in a logistic regression, instead
+        of by their 1/batch share (with the mean, ids learned ~100x slower at batch 256 and
+        the model lost to an item-popularity counter -- docs/training.md)."""
         with tf.GradientTape() as tape:
             tape.watch([ue, ie])
             logits, moments = forward(self.dense, ue, ie, pos, hr, ft, training=True)
-            loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(labels=labels, logits=logits))
+            weights = delayed_feedback.fnw_weights(labels, logits, delayed)
+            loss = tf.reduce_mean(weights * tf.nn.sigmoid_cross_entropy_with_logits(
+                labels=labels, logits=logits))
         g_ue, g_ie, *g_dense = tape.gradient(loss, [ue, ie] + self._trainable)
+        n = tf.cast(tf.shape(labels)[0], tf.float32)
+        g_ue, g_ie = g_ue * n, g_ie * n
         self.dense_opt.apply_gradients(zip(g_dense, self._trainable))
         for bn, (mean, var) in moments.items():
             for stat, value in (("moving_mean", mean), ("moving_variance", var)):
@@ -196,12 +225,14 @@ class CTRModel:
                 v.assign(BN_MOMENTUM * v + (1.0 - BN_MOMENTUM) * value)
         return loss, g_ue, g_ie
 
-    @tf.function(input_signature=[_IDX, _IDX, _IDX, _IDX, _FEAT, tf.TensorSpec([None], tf.float32),
+    _VAL = tf.TensorSpec([None], tf.float32)
+
+    @tf.function(input_signature=[_IDX, _IDX, _IDX, _IDX, _FEAT, _VAL, _VAL,
                                   tf.TensorSpec([], tf.int64)])
-    def _train(self, u, i, pos, hr, ft, labels, step):
+    def _train(self, u, i, pos, hr, ft, labels, delayed, step):
         ut, it = self.tables["user"], self.tables["item"]
         loss, g_ue, g_ie = self._dense_step(tf.gather(ut.var, u), tf.gather(it.var, i), pos, hr, ft,
-                                            labels)
+                                            labels, delayed)
         for table, rows, grad in ((ut, u, g_ue), (it, i, g_ie)):
             uniq, idx = tf.unique(rows)
             summed = tf.math.unsorted_segment_sum(grad, idx, tf.shape(uniq)[0])
@@ -212,9 +243,9 @@ class CTRModel:
 
     _VEC = tf.TensorSpec([None, None], tf.float32)
 
-    @tf.function(input_signature=[_VEC, _VEC, _IDX, _IDX, _FEAT, tf.TensorSpec([None], tf.float32)])
-    def _train_on_vectors(self, ue, ie, pos, hr, ft, labels):
-        return self._dense_step(ue, ie, pos, hr, ft, labels)
+    @tf.function(input_signature=[_VEC, _VEC, _IDX, _IDX, _FEAT, _VAL, _VAL])
+    def _train_on_vectors(self, ue, ie, pos, hr, ft, labels, delayed):
+        return self._dense_step(ue, ie, pos, hr, ft, labels, delayed)
 
     @tf.function(input_signature=[_VEC, _VEC, _IDX, _IDX, _FEAT])
     def _predict_vectors(self, ue, ie, pos, hr, ft):
@@ -243,7 +274,7 @@ class CTRModel:
             u = self.tables["user"].lookup_train(batch.user_ids, self.clock_ms, step)
             i = self.tables["item"].lookup_train(batch.item_ids, self.clock_ms, step)
             loss = self._train(u, i, *self._context(batch), tf.constant(batch.labels, tf.float32),
-                               tf.constant(step, tf.int64))
+                               tf.constant(batch.delayed_mask), tf.constant(step, tf.int64))
             self.step = step
             return float(loss)
 

@@ -298,7 +298,8 @@ class ShardedCTRModel(CTRModel):
             if score:
                 scores = self._predict_vectors(ue * ku[:, None], ie * ki[:, None], pos, hr, ft).numpy()
             loss, g_u, g_i = self._train_on_vectors(ue, ie, pos, hr, ft,
-                                                    tf.constant(batch.labels, tf.float32))
+                                                    tf.constant(batch.labels, tf.float32),
+                                                    tf.constant(batch.delayed_mask))
             self.remote.apply({"user": (batch.user_ids, g_u.numpy()),
                                "item": (batch.item_ids, g_i.numpy())}, step)
             self.step = step

@@ -20,7 +20,7 @@ D = 8
 def weights():
     """Trained-looking weights: BatchNorm statistics away from their initial 0 / 1."""
     w = init_dense(TrainerConfig(tables={t: {"dim": D, "capacity": 1000} for t in ("user", "item")},
-                                 batch_size=64))
+                                 batch_size=64, batch_norm=True))
     rng = np.random.default_rng(0)
     for k in w:
         if k.startswith("bn_"):
