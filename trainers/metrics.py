@@ -2,7 +2,9 @@
 computed over a sliding window of the most recent scored samples."""
 from __future__ import annotations
 
+import math
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,6 +28,27 @@ def log_loss(scores: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
 
 
+def calibration(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mean predicted over observed click rate: 1 is calibrated, below 1 under-predicts."""
+    ctr = float(np.mean(labels)) if len(labels) else math.nan
+    return float(np.mean(scores)) / ctr if ctr else math.nan
+
+
+@dataclass(frozen=True)
+class Figures:
+    """The figures ODL reports for a set of scored samples, live (``ProgressiveValidator``) and
+    in `odl eval` alike."""
+    auc: float
+    logloss: float
+    calibration: float
+    rows: int
+
+    @classmethod
+    def of(cls, scores: np.ndarray, labels: np.ndarray) -> "Figures":
+        return cls(auc(scores, labels), log_loss(scores, labels), calibration(scores, labels),
+                   len(labels))
+
+
 class ProgressiveValidator:
     def __init__(self, window: int):
         self.scores: deque[float] = deque(maxlen=window)
@@ -39,6 +62,9 @@ class ProgressiveValidator:
 
     def summary(self) -> dict[str, float]:
         if not self.labels:
-            return {"auc": float("nan"), "logloss": float("nan"), "ctr": float("nan"), "window": 0}
+            return {"auc": math.nan, "logloss": math.nan, "calibration": math.nan,
+                    "ctr": math.nan, "window": 0}
         s, y = np.asarray(self.scores), np.asarray(self.labels)
-        return {"auc": auc(s, y), "logloss": log_loss(s, y), "ctr": float(y.mean()), "window": len(y)}
+        f = Figures.of(s, y)
+        return {"auc": f.auc, "logloss": f.logloss, "calibration": f.calibration,
+                "ctr": float(y.mean()), "window": len(y)}

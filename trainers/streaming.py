@@ -42,6 +42,8 @@ log = logging.getLogger("odl.trainer")
 SAMPLES = Counter("odl_trainer_samples_total", "samples consumed", ["outcome"])
 AUC = Gauge("odl_trainer_progressive_auc", "progressive AUC over the sliding window")
 LOGLOSS = Gauge("odl_trainer_progressive_logloss", "progressive log-loss over the sliding window")
+CALIBRATION = Gauge("odl_trainer_progressive_calibration",
+                    "mean predicted / observed click rate over the sliding window")
 STEP = Gauge("odl_trainer_step", "training steps taken")
 ROWS = Gauge("odl_trainer_embedding_rows", "rows with their own embedding", ["table"])
 ADMITTED = Gauge("odl_trainer_embedding_admitted", "ids admitted to a table so far", ["table"])
@@ -184,6 +186,8 @@ class StreamingTrainer:
             if not math.isnan(summary["auc"]):
                 AUC.set(summary["auc"])
             LOGLOSS.set(summary["logloss"])
+            if not math.isnan(summary["calibration"]):
+                CALIBRATION.set(summary["calibration"])
         STEP.set(self.model.step)
         return len(batch)
 
@@ -295,7 +299,8 @@ class StreamingTrainer:
         occ = {} if self.group else publish_occupancy(self.model.occupancy())
         return {"samples_trained": self.trained, "step": self.model.step,
                 "duplicates": self.duplicates, "malformed": self.malformed,
-                "auc": s["auc"], "logloss": s["logloss"], "ctr": s["ctr"], "loss": self.last_loss,
+                "auc": s["auc"], "logloss": s["logloss"], "calibration": s["calibration"],
+                "ctr": s["ctr"], "loss": self.last_loss,
                 "samples_per_s": round(self.trained / max(1e-3, time.time() - self.started), 1),
                 "auc_frozen": frozen["auc"] if frozen else None,
                 "held_for_labels": len(self.aligner) if self.aligner is not None else 0,

@@ -49,6 +49,8 @@ class Learner(Protocol):
 
 def train_events(log: EvalLog, timing: str, window_ms: int) -> TrainEvents:
     """When each label reaches a learner of ``timing``; ``window_ms`` is the attribution window."""
+    if timing not in TIMINGS:
+        raise ValueError(f"unknown label timing {timing!r}; one of {TIMINGS}")
     n = len(log)
     rows = np.arange(n, dtype=np.int64)
     clicked = log.label > 0
@@ -59,14 +61,12 @@ def train_events(log: EvalLog, timing: str, window_ms: int) -> TrainEvents:
         row, lab, kind = rows, log.label, np.zeros(n, np.int8)
     elif timing == "aligned":
         due, row, lab, kind = log.ts_ms + window_ms, rows, log.label, np.zeros(n, np.int8)
-    elif timing == "delayed":
+    else:  # delayed
         pos = rows[clicked]
         due = np.concatenate([log.ts_ms, log.click_ts_ms[pos]])
         row = np.concatenate([rows, pos])
         lab = np.concatenate([np.zeros(n, np.float32), np.ones(len(pos), np.float32)])
         kind = np.concatenate([np.full(n, PROVISIONAL, np.int8), np.full(len(pos), CORRECTION, np.int8)])
-    else:
-        raise ValueError(f"unknown label timing {timing!r}; one of {TIMINGS}")
     order = np.lexsort((row, due))
     return TrainEvents(np.asarray(due, np.int64)[order], row[order],
                        np.asarray(lab, np.float32)[order], kind[order])

@@ -2,26 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from trainers.metrics import auc, log_loss
-
-
-@dataclass(frozen=True)
-class Figures:
-    auc: float
-    logloss: float
-    calibration: float      # mean predicted / observed click rate
-    rows: int
-
-    @classmethod
-    def of(cls, scores: np.ndarray, labels: np.ndarray) -> "Figures":
-        ctr = float(labels.mean()) if len(labels) else math.nan
-        return cls(auc(scores, labels), log_loss(scores, labels),
-                   float(scores.mean()) / ctr if ctr else math.nan, len(labels))
+from trainers.metrics import Figures
 
 
 def figures(scores: dict[str, np.ndarray], labels: np.ndarray, warmup: float,
