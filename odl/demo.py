@@ -90,6 +90,8 @@ class Snapshot:
     trained: int = 0
     auc: float = float("nan")
     auc_frozen: float = float("nan")
+    logloss: float = float("nan")
+    calibration: float = float("nan")
     frozen_at_step: int | None = None
     version: str | None = None
     served_requests: int = 0
@@ -108,6 +110,9 @@ def observe(cp: ControlPlane, t0: float) -> Snapshot:
             snap.trained, snap.auc = int(m.get("samples_trained", 0)), float(m.get("auc", math.nan))
             snap.auc_frozen = float(m.get("auc_frozen") if m.get("auc_frozen") is not None else math.nan)
             snap.frozen_at_step = m.get("frozen_at_step")
+            snap.logloss = float(m.get("logloss") if m.get("logloss") is not None else math.nan)
+            snap.calibration = float(m.get("calibration") if m.get("calibration") is not None
+                                     else math.nan)
         elif hb.component == "exporter":
             snap.version = hb.version
         elif hb.component == "serving":
@@ -170,6 +175,7 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
             "events_in": final.events, "dlq": final.dlq, "samples": final.samples,
             "samples_trained": final.trained, "progressive_auc": final.auc,
             "frozen_baseline_auc": final.auc_frozen, "frozen_at_step": final.frozen_at_step,
+            "progressive_logloss": final.logloss, "progressive_calibration": final.calibration,
             "auc_over_time": [(round(s.t), s.auc) for s in timeline],
             "versions_exported": max([int(final.version or 0)] + [int(m["version"]) for m in versions]),
             "versions_retained": len(versions), "latest_version": final.version,
@@ -219,6 +225,8 @@ def _write_report(rep: dict, out_dir: Path) -> None:
         f"   samples trained     {rep['samples_trained']:>10}",
         f"   progressive AUC     {rep['progressive_auc']:>10.4f}   (same window, copy frozen at step "
         f"{rep['frozen_at_step'] or '-'}: {rep['frozen_baseline_auc']:.4f})",
+        f"   log-loss, calib.    {rep['progressive_logloss']:>10.4f}   calibration "
+        f"{rep['progressive_calibration']:.3f} (mean predicted / observed; `odl eval` reports the same)",
         f"   versions exported   {rep['versions_exported']:>10}   ({rep['versions_retained']} retained)",
         f"   embeddings in Redis {sum(rep['embeddings_in_redis'].values()):>10}   {rep['embeddings_in_redis']}",
         f"   exporter            generation {ex.get('generation')}, dense refreshes "

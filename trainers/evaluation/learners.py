@@ -14,7 +14,7 @@ import numpy as np
 
 from odl.config import TrainerConfig
 from trainers.evaluation.logs import EvalLog
-from trainers.evaluation.protocol import FINAL, TrainEvents, train_events
+from trainers.evaluation.protocol import FINAL, TrainEvents
 from trainers.model import Batch, CTRModel, FrozenModel
 
 
@@ -75,7 +75,6 @@ class DailyODL:
         self.model: CTRModel | None = None
         self.next_ms: int | None = None
         self.retrains = 0
-        self._known: TrainEvents | None = None
 
     def predict(self, log: EvalLog, rows: np.ndarray) -> np.ndarray:
         t = int(log.ts_ms[rows[0]])
@@ -90,10 +89,10 @@ class DailyODL:
         return self.model.predict(_batch(log, rows))
 
     def _retrain(self, log: EvalLog, now_ms: int) -> None:
-        if self._known is None:
-            self._known = train_events(log, "unaligned", self.window_ms)
-        ev = self._known
-        known = ev.row[(ev.due_ms < now_ms) & (log.ts_ms[ev.row] < now_ms)]
+        # rows whose attribution window has closed by now: their labels are final (a retrain
+        # on rows still inside it would see their quick positives but not their negatives)
+        known = np.nonzero(log.ts_ms + self.window_ms < now_ms)[0] if self.window_ms else \
+            np.nonzero(log.ts_ms < now_ms)[0]
         if not len(known):
             return
         model = CTRModel(self.cfg)

@@ -52,7 +52,8 @@ def evaluate(cfg: Config, log: EvalLog, opts: EvalOptions,
     if opts.delay:   # the trainer's other label modes, on the same rows
         learners += [L.OnlineODL(tcfg, "aligned", "online_aligned"),
                      L.OnlineODL(tcfg, "delayed", "online_delayed")]
-    notes = [f"daily: retrained every {period / 3_600_000:.2f} h of event time "
+    every = f"{period / 3_600_000:,.1f} h" if period >= 3_600_000 else f"{period / 1000:,.1f} s"
+    notes = [f"daily: retrained every {every} of event time "
              f"({opts.epochs} epochs, from scratch)",
              f"labels: {'click delay and a ' + str(window_ms // 1000) + ' s attribution window' if opts.delay else 'right after each batch is scored'}; "
              f"rows are scored in batches of trainer.batch_size={tcfg.batch_size}"]
