@@ -26,7 +26,7 @@ NAMES = ("user_emb", "item_emb", "position", "hour", "features")
 @pytest.fixture
 def setup(tmp_path, redis_port):
     redis.Redis(port=redis_port).flushall()
-    tc = small_cfg(4096, DIM, (8,))
+    tc = small_cfg(4096, DIM, (8,), batch_norm=True)   # BatchNorm: weight-only sub-graphs to cache
     cfg = make_config(tmp_path, redis={"port": redis_port}, trainer=tc.model_dump(),
                       exporter={"min_samples_per_version": 0, "retire_generation_after_s": 0.01})
     trainer = LocalTrainer(CTRModel(tc))
