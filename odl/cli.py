@@ -328,10 +328,6 @@ def bench(name: str | None, as_json: bool, list_: bool, scale: int | None, confi
     click.echo(registry.render(name, result, as_json))
 
 
-if __name__ == "__main__":
-    main()
-
-
 @main.command("eval")
 @click.option("--log", "log_dir", type=click.Path(file_okay=False), default=None,
               help="a MovieLens-format directory (ratings.csv); default: source.movielens_dir")
@@ -391,3 +387,7 @@ def eval_(log_dir, synthetic, impressions, limit, delay, period_h, epochs, no_pe
         click.echo(f"plot: {res.plot}")
     click.echo(f"wall time {time.perf_counter() - t0:.1f} s")
     click.echo(res.result_line)
+
+
+if __name__ == "__main__":
+    main()

@@ -98,6 +98,12 @@ class Snapshot:
     metrics: dict = field(default_factory=dict)
 
 
+def _num(metrics: dict, key: str) -> float:
+    """A heartbeat figure as a float; NaN when absent or null (nothing scored yet)."""
+    v = metrics.get(key)
+    return math.nan if v is None else float(v)
+
+
 def observe(cp: ControlPlane, t0: float) -> Snapshot:
     snap = Snapshot(time.time() - t0)
     for hb in cp.heartbeats():
@@ -107,12 +113,10 @@ def observe(cp: ControlPlane, t0: float) -> Snapshot:
         elif hb.component == "feature-job":
             snap.samples, snap.dlq = int(m.get("samples", 0)), int(m.get("dlq", 0))
         elif hb.component == "trainer":
-            snap.trained, snap.auc = int(m.get("samples_trained", 0)), float(m.get("auc", math.nan))
-            snap.auc_frozen = float(m.get("auc_frozen") if m.get("auc_frozen") is not None else math.nan)
+            snap.trained, snap.auc = int(m.get("samples_trained", 0)), _num(m, "auc")
+            snap.auc_frozen = _num(m, "auc_frozen")
             snap.frozen_at_step = m.get("frozen_at_step")
-            snap.logloss = float(m.get("logloss") if m.get("logloss") is not None else math.nan)
-            snap.calibration = float(m.get("calibration") if m.get("calibration") is not None
-                                     else math.nan)
+            snap.logloss, snap.calibration = _num(m, "logloss"), _num(m, "calibration")
         elif hb.component == "exporter":
             snap.version = hb.version
         elif hb.component == "serving":

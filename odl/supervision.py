@@ -35,20 +35,29 @@ class RestartBudget:
 
     def record(self, why: str) -> None:
         """Count one restart; raise :class:`BudgetExhausted` when it breaks the budget."""
-        now = self.clock()
         self.total += 1
-        self._recent.append(now)
-        while self._recent and now - self._recent[0] > self.window_s:
-            self._recent.popleft()
-        if len(self._recent) > self.max_restarts:
+        self._recent.append(self.clock())
+        if self.in_window > self.max_restarts:
             raise BudgetExhausted(
                 f"{len(self._recent)} restarts within {self.window_s:.0f} s (budget "
                 f"{self.max_restarts}); last: {why}")
 
     @property
     def in_window(self) -> int:
+        """Restarts within the last ``window_s`` (older ones are forgotten)."""
         now = self.clock()
-        return sum(1 for t in self._recent if now - t <= self.window_s)
+        while self._recent and now - self._recent[0] > self.window_s:
+            self._recent.popleft()
+        return len(self._recent)
+
+
+def note_restart(cp: Any, instance: str, log: logging.Logger) -> None:
+    """Count a restart in the control plane (``odl status`` shows it); with Redis away the
+    restart still happens, only the count is missed (and logged)."""
+    try:
+        cp.record_restart(instance)
+    except Exception as exc:  # noqa: BLE001
+        log.warning("restart of %s not recorded in the control plane: %s", instance, exc)
 
 
 class RunOnce:

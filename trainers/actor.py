@@ -101,7 +101,7 @@ def run(cfg: Config) -> int:
     process however many "unavailable" answers the restart produces."""
     # The actor publishes the trainer's heartbeat and metrics itself; the driver only supervises.
     from odl.control import ControlPlane
-    from odl.supervision import BudgetExhausted, RestartBudget, wait_for_incarnation
+    from odl.supervision import BudgetExhausted, RestartBudget, note_restart, wait_for_incarnation
     ray = connect(cfg)
     log = setup_logging("trainer-driver")
     stop = threading.Event()
@@ -144,9 +144,9 @@ def run(cfg: Config) -> int:
                 if pid != incarnation:  # a new process: one death, however many errors it took
                     incarnation = pid
                     budget.record(why)
-                    total = cp.record_restart("trainer")
+                    note_restart(cp, "trainer", log)
                     log.error("trainer actor restarted as pid %d (%d within %.0f s, %d in all): %s",
-                              pid, budget.in_window, sup.window_s, total, why)
+                              pid, budget.in_window, sup.window_s, budget.total, why)
                 # same process: the call was lost, not the actor; run() joins a loop still running
                 run_ref = actor.run.remote()
     except BudgetExhausted as exc:

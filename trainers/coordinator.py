@@ -21,7 +21,7 @@ from odl import names
 from odl.config import Config
 from odl.control import ControlPlane, Heartbeater
 from odl.runtime import setup_logging
-from odl.supervision import RestartBudget, RunOnce
+from odl.supervision import RestartBudget, RunOnce, note_restart
 from trainers.actor import TrainerActorImpl, serve_metrics
 from trainers.checkpoint import due_kind
 from trainers.group import DenseAverager, GroupCommit, GroupMember, average_weights, partitions_for
@@ -105,7 +105,7 @@ class TrainingGroupImpl:
         ``supervision``); beyond it ``BudgetExhausted`` ends ``run`` and the driver sees it."""
         self.budget.record(why)
         RESTARTS.set(self.restarts)
-        self.cp.record_restart("trainer")
+        note_restart(self.cp, "trainer", self.log)
         self.log.error("group member failed (%s); restarting the group from epoch %d "
                        "(%d within %.0f s, %d in all)", why, self.epoch, self.budget.in_window,
                        self.budget.window_s, self.restarts)

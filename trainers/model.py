@@ -4,8 +4,9 @@ weights and a factorisation-machine term (``id_terms``).
 
 Tables are updated by a sparse optimiser (``trainers.sparse_optim``) on the batch's unique rows
 only, each row by the summed gradients of its own samples; the network by Keras Adam on the batch
-mean.  Delayed-feedback samples are importance-weighted (``trainers.delayed_feedback``).  Embedding lookups are ``tf.gather`` on plain variables
-(DESIGN.md: ``keras.layers.Embedding`` is 5x slower after sparse writes).
+mean.  Delayed-feedback samples are importance-weighted (``trainers.delayed_feedback``).
+Embedding lookups are ``tf.gather`` on plain variables (DESIGN.md: ``keras.layers.Embedding``
+is 5x slower after sparse writes).
 
 The forward pass (``forward``) is a pure function of a weight dict, shared by the trainer and the
 exporter's serving module, so both compute one model.  BatchNorm uses batch statistics while

@@ -16,9 +16,12 @@ from trainers.evaluation.logs import EvalLog
 
 def _window_counts(entity: np.ndarray, ev_ts: np.ndarray, q_entity: np.ndarray,
                    lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
-    """For each query q: events of ``q_entity[q]`` with time in [lo[q], hi[q])."""
-    base = min(int(ev_ts.min(initial=0)), int(lo.min(initial=0))) - 1
-    span = max(int(ev_ts.max(initial=0)), int(hi.max(initial=0))) - base + 1
+    """For each query q: events of ``q_entity[q]`` with time in [lo[q], hi[q]).  Events are
+    keyed ``entity * span + time`` so that one sorted array answers every entity's ranges."""
+    if not len(ev_ts) or not len(lo):
+        return np.zeros(len(lo), np.int64)
+    base = min(int(ev_ts.min()), int(lo.min())) - 1
+    span = max(int(ev_ts.max()), int(hi.max())) - base + 1
     keys = np.sort(entity * span + (ev_ts - base))
     return (np.searchsorted(keys, q_entity * span + (hi - base), "left")
             - np.searchsorted(keys, q_entity * span + (lo - base), "left"))
