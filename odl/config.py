@@ -201,6 +201,10 @@ class TrainerConfig(_Section):
         "for the synthetic stream, where it costs freshness (click to served score after "
         "Config.label_hold_ms, 41 s by default, instead of ~3-4 s) and, measured, AUC; see "
         "Config.label_alignment")
+    delayed_feedback: bool = Field(
+        False, description="train each impression at once as a provisional negative and its click "
+        "as an importance-weighted positive (trainers/delayed_feedback.py); the feature job then "
+        "emits provisional samples, and align_labels must not be true")
     frozen_baseline_after: int | None = Field(
         20000, ge=1, description="samples after which a frozen copy is scored beside the live model")
     dedup_window: int = Field(200_000, ge=1, description="recent sample ids remembered to drop "
@@ -309,12 +313,17 @@ class Config(_Section):
             raise ValueError(f"trainer.scale.trainers ({self.trainer.scale.trainers}) exceeds the "
                              f"samples topic's kafka.partitions ({self.kafka.partitions}): a "
                              "trainer would have no partition")
+        if self.trainer.delayed_feedback and self.trainer.align_labels:
+            raise ValueError("trainer.delayed_feedback trains impressions before their labels are "
+                             "final: it cannot be combined with trainer.align_labels: true")
         return self
 
     @property
     def label_alignment(self) -> bool:
         """Whether the trainer holds samples for their final labels (``trainer.align_labels``,
         resolved: auto means on for the MovieLens replay only)."""
+        if self.trainer.delayed_feedback:
+            return False
         if self.trainer.align_labels is not None:
             return self.trainer.align_labels
         return self.source.kind == "movielens"

@@ -80,6 +80,9 @@ class Sample:
     impression_ts_ms: int
     category: int = 0
     features: Features = Features()
+    # a provisional negative: emitted at the impression, before its label is known
+    # (``trainer.delayed_feedback``); the final sample of the impression follows with its label
+    provisional: bool = False
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> "Sample":
@@ -89,7 +92,8 @@ class Sample:
                    position=int(d["position"]), hour=int(d.get("hour") or 0),
                    label=int(d["label"]), impression_ts_ms=int(d["impression_ts_ms"]),
                    category=int(d.get("category") or 0),
-                   features=Features.from_json(d.get("features")))
+                   features=Features.from_json(d.get("features")),
+                   provisional=bool(d.get("provisional") or False))
 
 
 def _is_int(v: Any) -> bool:

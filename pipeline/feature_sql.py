@@ -16,6 +16,8 @@ Dataflow (every arrow is Flink SQL; the two Python UDFs only parse events and ev
 Semantics: a click is attributed to the impression of the same request and item when its event
 time is after the impression's and at most the attribution window later.  The positive sample
 leaves as soon as the click arrives; the negative when the watermark passes the window's end.
+With ``trainer.delayed_feedback`` every impression also leaves at once as a provisional negative
+(``provisional: true``, same ``sample_id``), for the trainer's fake-negative training.
 Clicks without such an impression go to the DLQ as ``click_before_impression`` (an impression of
 that request and item exists but is not earlier) or ``click_unattributed`` (none within the window
 either side: too late, or never shown).  Events behind the watermark are ``late_event`` and a
@@ -90,7 +92,8 @@ def _sinks(cfg: Config, topics: JobTopics) -> list[str]:
         f"""CREATE TABLE samples_sink (
               sample_id STRING, request_id STRING, user_id BIGINT, item_id BIGINT,
               `position` INT, `hour` INT, category INT, label INT,
-              impression_ts_ms BIGINT, label_ts_ms BIGINT, features {FEATURES_TYPE}
+              impression_ts_ms BIGINT, label_ts_ms BIGINT, features {FEATURES_TYPE},
+              provisional BOOLEAN
             ) WITH ({_kafka_opts(cfg, topics.samples)},
               'key.format' = 'raw', 'key.fields' = 'sample_id',
               'value.format' = 'json', 'value.fields-include' = 'ALL',
@@ -219,7 +222,7 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
                    CASE WHEN c.request_id IS NULL THEN 0 ELSE 1 END AS label,
                    i.ts_ms AS impression_ts_ms,
                    COALESCE(c.ts_ms, i.ts_ms + {fj.attribution_window_s * 1000}) AS label_ts_ms,
-                   i.features
+                   i.features, FALSE AS provisional
             FROM featured i LEFT JOIN clicks c
               ON i.request_id = c.request_id AND i.item_id = c.item_id
              AND c.ts > i.ts AND c.ts <= i.ts + {win}""",
@@ -245,4 +248,12 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
                   entries
            FROM last_clicks""",
     ]
+    if cfg.trainer.delayed_feedback:
+        # delayed feedback: every impression also leaves at once (as soon as its features are
+        # joined) as a provisional negative under the same sample_id; its final sample follows
+        inserts.append(
+            """INSERT INTO samples_sink
+               SELECT CONCAT(request_id, ':', CAST(item_id AS STRING)), request_id, user_id,
+                      item_id, `position`, `hour`, category, 0, ts_ms, ts_ms, features, TRUE
+               FROM featured""")
     return ddl, inserts

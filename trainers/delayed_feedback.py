@@ -30,3 +30,44 @@ def fnw_weights(labels: tf.Tensor, logits: tf.Tensor, delayed: tf.Tensor) -> tf.
     p = tf.stop_gradient(tf.sigmoid(logits))
     fnw = tf.where(labels > 0.5, 1.0 + p, (1.0 - p) * (1.0 + p))
     return tf.where(delayed > 0.5, fnw, tf.ones_like(p))
+
+
+class ProvisionalScores:
+    """Progressive validation under delayed feedback.
+
+    A provisional negative is trained the moment its impression is shown, long before its label
+    is known, so it cannot be scored against its label then.  Its score (and the frozen copy's)
+    is kept here under the impression's key until the impression's final sample -- the positive,
+    or the negative when the window closes -- brings the label: then the pair (score at
+    impression time, final label) is what the validator sees, as in `odl eval`.  Bounded: the
+    oldest scores go first.  Not checkpointed: after a restart, impressions provisionally scored
+    before it are left out of the figures (only of the figures: training is unaffected).
+    """
+
+    def __init__(self, capacity: int):
+        from collections import OrderedDict
+        self.capacity = capacity
+        self._scores: "OrderedDict[int, tuple[float, float]]" = OrderedDict()
+        self.unmatched = 0   # final samples whose provisional score was not (or no longer) here
+
+    def __len__(self) -> int:
+        return len(self._scores)
+
+    def remember(self, keys, scores, frozen) -> None:
+        for k, s, f in zip(keys.tolist(), scores.tolist(), frozen.tolist()):
+            self._scores[k] = (s, f)
+        while len(self._scores) > self.capacity:
+            self._scores.popitem(last=False)
+
+    def settle(self, keys, labels):
+        """(scores, frozen scores, labels) of the final samples whose provisional score is here."""
+        import numpy as np
+        got = [(self._scores.pop(k), y) for k, y in zip(keys.tolist(), labels.tolist())
+               if k in self._scores]
+        self.unmatched += len(keys) - len(got)
+        if not got:
+            empty = np.zeros(0, np.float32)
+            return empty, empty, empty
+        pairs, ys = zip(*got)
+        s, f = zip(*pairs)
+        return (np.asarray(s, np.float32), np.asarray(f, np.float32), np.asarray(ys, np.float32))

@@ -2,8 +2,8 @@
 
 A decoded sample is a ``Row`` of int64s (so ids above 2**53 survive a round trip through a
 checkpoint): user, item, position, hour, label, impression time, a 64-bit hash of its
-``sample_id`` -- the key of the duplicate window and of the checkpoint ledger -- and the
-model's real-time features (``odl.features.Features.dense``) as float32 bit patterns, so one
+``sample_id`` -- the key of the duplicate window and of the checkpoint ledger -- whether it is a
+provisional negative (``trainer.delayed_feedback``), and the model's real-time features (``odl.features.Features.dense``) as float32 bit patterns, so one
 int64 array still carries a whole sample through the aligner, the group and checkpoints.
 """
 from __future__ import annotations
@@ -18,9 +18,14 @@ import orjson
 from odl.features import NUM_DENSE, dense_of_json
 from trainers.model import Batch
 
-Row = tuple[int, ...]   # user, item, position, hour, label, ts_ms, sid, *feature bits
-ID_COLUMNS = 7
+Row = tuple[int, ...]   # user, item, position, hour, label, ts_ms, sid, provisional, *feature bits
+SID, PROVISIONAL = 6, 7
+ID_COLUMNS = 8
 ROW_WIDTH = ID_COLUMNS + NUM_DENSE
+# A provisional sample shares its impression's sample_id with the final sample that follows; its
+# key in the duplicate window (and the ledger) is the id's hash with this mask applied, so the
+# two are told apart, and ``sid ^ PROVISIONAL_MASK`` leads from either to the other.
+PROVISIONAL_MASK = 0x5A5A_5A5A_5A5A_5A5A
 
 
 def feature_bits(values) -> list[int]:
@@ -126,14 +131,15 @@ def _decode_bulk(values: list[bytes]) -> np.ndarray | None:
         if len(docs) != len(values):   # a value that was not exactly one JSON document
             return None
         ids = np.array([(d["user_id"], d["item_id"], d["position"], d.get("hour") or 0,
-                         d["label"], d["impression_ts_ms"], _sid(d))
+                         d["label"], d["impression_ts_ms"], *_sid_and_kind(d))
                         for d in docs], dtype=np.int64).reshape(-1, ID_COLUMNS)
         feats = np.array([dense_of_json(d.get("features")) for d in docs],
                          dtype=np.float32).reshape(-1, NUM_DENSE)
         cols = np.concatenate([ids, feats.view(np.int32).astype(np.int64)], axis=1)
     except (ValueError, KeyError, TypeError, OverflowError, AttributeError):
         return None
-    if not ((cols[:, 4] == 0) | (cols[:, 4] == 1)).all():
+    labels = cols[:, 4]
+    if not ((labels == 0) | (labels == 1)).all() or (labels[cols[:, PROVISIONAL] == 1] != 0).any():
         return None
     return cols
 
@@ -160,11 +166,16 @@ def decode_records(partitions: list[int], offsets: list[int], values: list[bytes
 INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
-def _sid(d: dict) -> int:
+def _sid_and_kind(d: dict) -> tuple[int, int]:
+    """(the row's key, 1 if provisional else 0)."""
     sid = d["sample_id"]
     if not isinstance(sid, str) or not sid:
         raise TypeError(f"sample_id must be a non-empty string, not {sid!r}")
-    return sample_hash(sid)
+    provisional = d.get("provisional") or False
+    if not isinstance(provisional, bool):
+        raise TypeError(f"provisional must be a boolean, not {provisional!r}")
+    h = sample_hash(sid)
+    return (h ^ PROVISIONAL_MASK, 1) if provisional else (h, 0)
 
 
 def decode(value: bytes) -> Row:
@@ -173,8 +184,10 @@ def decode(value: bytes) -> Row:
     label = int(d["label"])
     if label not in (0, 1):
         raise ValueError(f"label {label} is not 0 or 1")
+    if label and d.get("provisional"):
+        raise ValueError("a provisional sample is a negative: label must be 0")
     row = (int(d["user_id"]), int(d["item_id"]), int(d["position"]), int(d.get("hour") or 0),
-           label, int(d["impression_ts_ms"]), _sid(d))
+           label, int(d["impression_ts_ms"]), *_sid_and_kind(d))
     if not all(INT64[0] <= x <= INT64[1] for x in row):
         raise ValueError("a field is outside the 64-bit integer range")
     return row + tuple(feature_bits(dense_of_json(d.get("features"))))
@@ -184,10 +197,13 @@ def rows_array(rows) -> np.ndarray:
     return np.asarray(rows, dtype=np.int64).reshape(-1, ROW_WIDTH)
 
 
-def to_batch(rows: np.ndarray) -> Batch | None:
-    """int64 rows [n, ROW_WIDTH] -> a model Batch (None if empty)."""
+def to_batch(rows: np.ndarray, delayed: bool = False) -> Batch | None:
+    """int64 rows [n, ROW_WIDTH] -> a model Batch (None if empty); ``delayed``: every row is a
+    delayed-feedback sample (importance-weighted, ``trainers.delayed_feedback``)."""
     a = rows_array(rows)
     if not len(a):
         return None
+    delayed_mask = np.ones(len(a), np.float32) if delayed else None
     feats = a[:, ID_COLUMNS:].astype(np.int32).view(np.float32)
-    return Batch(a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4].astype(np.float32), a[:, 5], feats)
+    return Batch(a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4].astype(np.float32), a[:, 5], feats,
+                 delayed=delayed_mask)

@@ -35,7 +35,9 @@ from trainers.metrics import ProgressiveValidator
 from trainers.model import CTRModel, FrozenModel
 from trainers.kafka_source import SampleSource
 from trainers.prefetch import Prefetcher
-from trainers.samples import ROW_WIDTH, DedupWindow, Records, to_batch
+from trainers.delayed_feedback import ProvisionalScores
+from trainers.samples import (PROVISIONAL, PROVISIONAL_MASK, ROW_WIDTH, SID, DedupWindow, Records,
+                              to_batch)
 
 log = logging.getLogger("odl.trainer")
 
@@ -87,6 +89,10 @@ class StreamingTrainer:
         self.frozen_validator = ProgressiveValidator(tc.auc_window)
         self.dedup = DedupWindow(tc.dedup_window)
         self.aligner = LabelAligner(cfg.label_hold_ms) if cfg.label_alignment else None
+        # delayed feedback: provisional negatives trained at once, positives importance-weighted,
+        # final negatives only settle the figures (their impression was trained already)
+        self.provisional = ProvisionalScores(tc.dedup_window) if tc.delayed_feedback else None
+        self.settled_negatives = 0
         self.waiting = np.zeros((0, ROW_WIDTH), np.int64)   # released, not yet a full batch
         self.positions: dict[int, int] = {}    # partition -> next offset to consume
         self.ledger: list[int] = []            # sample hashes trained since the last checkpoint
@@ -135,13 +141,14 @@ class StreamingTrainer:
                 self.positions[p] = max(self.positions.get(p, 0), o)
             bad = int(n - recs.valid.sum())
             rows = recs.rows[recs.valid]
-            fresh = self.dedup.first_sightings(rows[:, 6])
+            fresh = self.dedup.first_sightings(rows[:, SID])
             dup = int(len(rows) - fresh.sum())
             rows = rows[fresh]
             self.duplicates += dup
             self.malformed += bad
             SAMPLES.labels("duplicate").inc(dup)
             SAMPLES.labels("malformed").inc(bad)
+            rows = self._route(rows)
         else:
             rows = self.waiting[:0]
         now = time.monotonic()
@@ -164,16 +171,47 @@ class StreamingTrainer:
             trained += self._train(batch)
         return trained
 
+    def _route(self, rows: np.ndarray) -> np.ndarray:
+        """The rows to train.  Without delayed feedback: the final samples (a provisional one,
+        which the job sends only in that mode, is dropped and counted).  With it: provisional
+        negatives and positives; a final negative only settles its impression's figures."""
+        provisional = rows[:, PROVISIONAL] == 1
+        if self.provisional is None:
+            if provisional.any():
+                SAMPLES.labels("provisional_ignored").inc(int(provisional.sum()))
+            return rows[~provisional]
+        negatives = ~provisional & (rows[:, 4] == 0)
+        self._settle(rows[negatives])
+        self.settled_negatives += int(negatives.sum())
+        SAMPLES.labels("settled_negative").inc(int(negatives.sum()))
+        return rows[~negatives]
+
+    def _settle(self, finals: np.ndarray) -> None:
+        scores, frozen, labels = self.provisional.settle(finals[:, SID], finals[:, 4])
+        self.validator.add(scores, labels)
+        known = ~np.isnan(frozen)
+        if known.any():
+            self.frozen_validator.add(frozen[known], labels[known])
+
     def _train(self, rows: np.ndarray) -> int:
-        batch = to_batch(rows)
-        if self.frozen is not None:
-            self.frozen_validator.add(self.frozen.predict(batch), batch.labels)
+        delayed = self.provisional is not None
+        batch = to_batch(rows, delayed=delayed)
+        frozen = self.frozen.predict(batch) if self.frozen is not None else None
         scores, self.last_loss = self.model.score_and_train(batch)
-        self.validator.add(scores, batch.labels)
+        if delayed:   # score at the impression now, judge it when its label is final
+            prov = rows[:, PROVISIONAL] == 1
+            self.provisional.remember(rows[prov, SID] ^ PROVISIONAL_MASK, scores[prov],
+                                      frozen[prov] if frozen is not None
+                                      else np.full(int(prov.sum()), np.nan, np.float32))
+            self._settle(rows[~prov])
+        else:
+            if frozen is not None:
+                self.frozen_validator.add(frozen, batch.labels)
+            self.validator.add(scores, batch.labels)
         if self.model.step % EXPIRE_EVERY_STEPS == 0:
             self.model.expire()
         if self.cfg.trainer.checkpoint.ledger:
-            self.ledger.extend(rows[:, 6].tolist())
+            self.ledger.extend(rows[:, SID].tolist())
         self.trained += len(batch)
         SAMPLES.labels("trained").inc(len(batch))
         after = self.cfg.trainer.frozen_baseline_after
@@ -304,6 +342,9 @@ class StreamingTrainer:
                 "samples_per_s": round(self.trained / max(1e-3, time.time() - self.started), 1),
                 "auc_frozen": frozen["auc"] if frozen else None,
                 "held_for_labels": len(self.aligner) if self.aligner is not None else 0,
+                "delayed_feedback": self.provisional is not None,
+                "settled_negatives": self.settled_negatives,
+                "awaiting_labels": len(self.provisional) if self.provisional is not None else 0,
                 "waiting_for_batch": len(self.waiting),
                 "frozen_at_step": self.frozen.step if self.frozen else None,
                 "scored_since_frozen": self.frozen_validator.seen,

@@ -1,0 +1,80 @@
+"""Delayed feedback in the streaming trainer: provisional negatives are trained at once, positives
+importance-weighted, final negatives only settle the figures; each impression is judged by its
+score at impression time against its final label."""
+import json
+
+import numpy as np
+import pytest
+
+from odl.config import ConfigError, load_config
+from pipeline.feature_sql import JobTopics, statements
+from tests.conftest import make_config
+from trainers.samples import PROVISIONAL, SID, decode, decode_records, sample_hash
+from trainers.streaming import StreamingTrainer
+
+
+def _rec(rid, label, provisional=False, user=1, item=2, ts=1_000):
+    return json.dumps({"sample_id": f"{rid}:{item}", "request_id": rid, "user_id": user,
+                       "item_id": item, "position": 0, "hour": 1, "label": label,
+                       "impression_ts_ms": ts, "provisional": provisional}).encode()
+
+
+def _records(values, start=0):
+    return decode_records([0] * len(values), list(range(start, start + len(values))), values)
+
+
+def test_provisional_and_final_samples_are_told_apart():
+    prov, final = decode(_rec("r", 0, True)), decode(_rec("r", 0))
+    assert prov[PROVISIONAL] == 1 and final[PROVISIONAL] == 0
+    assert final[SID] == sample_hash("r:2") and prov[SID] != final[SID]   # no false duplicate
+    recs = _records([_rec("r", 1, True), _rec("s", 0, "yes")])   # a positive cannot be provisional
+    assert recs.valid.tolist() == [False, False]
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    cfg = make_config(tmp_path, trainer={"delayed_feedback": True, "batch_size": 4,
+                                         "frozen_baseline_after": None,
+                                         "checkpoint": {"restore": False}})
+    t = StreamingTrainer(cfg)
+    yield t
+    t.close()
+
+
+def test_stream_trains_provisional_and_positives_and_settles_negatives(trainer):
+    imps = [_rec(f"r{k}", 0, True, user=k, item=k) for k in range(4)]
+    assert trainer.step(_records(imps), flush=True) == 4          # trained at once, before labels
+    assert trainer.validator.seen == 0 and len(trainer.provisional) == 4
+    finals = [_rec("r0", 1, user=0, item=0), _rec("r1", 0, user=1, item=1),
+              _rec("r2", 0, user=2, item=2), _rec("r0", 1, user=0, item=0)]   # a repeat
+    assert trainer.step(_records(finals, 4), flush=True) == 1     # only the positive is trained
+    assert trainer.duplicates == 1 and trainer.settled_negatives == 2
+    assert trainer.validator.seen == 3                              # judged with final labels
+    assert sorted(trainer.validator.labels) == [0.0, 0.0, 1.0]
+    assert len(trainer.provisional) == 1                            # r3 still awaits its label
+    m = trainer.metrics()
+    assert m["delayed_feedback"] and m["awaiting_labels"] == 1
+
+
+def test_without_delayed_feedback_provisional_samples_are_not_trained(tmp_path):
+    cfg = make_config(tmp_path, trainer={"batch_size": 2, "checkpoint": {"restore": False}})
+    t = StreamingTrainer(cfg)
+    try:
+        assert t.step(_records([_rec("a", 0, True), _rec("a", 1)]), flush=True) == 1
+    finally:
+        t.close()
+
+
+def test_job_emits_provisional_samples_only_in_delayed_mode(tmp_path):
+    topics = JobTopics("events", "samples", "dlq", "features")
+    for on in (False, True):
+        cfg = make_config(tmp_path, trainer={"delayed_feedback": on})
+        inserts = statements(cfg, topics)[1]
+        assert sum("TRUE\n" in i and "samples_sink" in i for i in inserts) == int(on)
+
+
+def test_delayed_feedback_and_alignment_exclude_each_other(tmp_path, monkeypatch):
+    monkeypatch.setenv("ODL__TRAINER__DELAYED_FEEDBACK", "true")
+    monkeypatch.setenv("ODL__TRAINER__ALIGN_LABELS", "true")
+    with pytest.raises(ConfigError, match="delayed_feedback"):
+        load_config(None)
