@@ -327,3 +327,39 @@ def test_killed_job_restarts_from_checkpoint_without_losing_samples(tmp_path, br
     labels = {k: json.loads(next(iter(v)))["label"] for k, v in by_id.items() if k in expected}
     assert all(labels[f"R{k}:1"] == (1 if k % 3 == 0 else 0) for k in range(600))
     assert all(labels[f"R{k}:2"] == 0 for k in range(600))
+
+
+def test_delayed_feedback_emits_each_impression_at_once_as_a_provisional_negative(
+        tmp_path, broker_port, redis_port):
+    """trainer.delayed_feedback: every impression leaves twice -- at once as a provisional
+    negative, later as its final sample -- with the same id and the same features."""
+    prefix = f"t{uuid.uuid4().hex[:8]}."
+    overrides = _job_env(tmp_path, broker_port, redis_port, prefix,
+                         ODL__TRAINER__DELAYED_FEEDBACK="true")
+    cfg = make_config(tmp_path, kafka={"bootstrap_servers": f"127.0.0.1:{broker_port}",
+                                       "topic_prefix": prefix}, redis={"port": redis_port})
+    ensure_topics(cfg)
+    base = int(time.time() * 1000) - 10 * 60_000
+    s = Stream()
+    labels, want_dlq = _crafted(s, base + 20_000)
+    for u in range(16):  # move every partition's watermark past the crafted window
+        s.add(Impression(f"Z{u}", 900 + u, 999, 0, base + 90_000), key=u)
+    prod = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers)
+    for key, value, ts in s.records:
+        prod.send(prefix + "events", key=key, value=value, timestamp_ms=ts)
+    prod.flush()
+    job = _start("feature-job", overrides, tmp_path / "job.log")
+    try:
+        samples, _ = _collect(cfg, prefix, want_samples=set(labels),
+                              want_dlq=sum(want_dlq.values()), job=job)
+    finally:
+        job.terminate()
+        job.wait(60)
+    finals = {x["sample_id"]: x for x in samples if not x["provisional"]}
+    prov = Counter(x["sample_id"] for x in samples if x["provisional"])
+    assert {k: finals[k]["label"] for k in labels} == labels          # the label join unchanged
+    assert all(prov[k] == 1 for k in labels), prov                     # one provisional each
+    for x in samples:
+        if x["provisional"] and x["sample_id"] in labels:
+            assert x["label"] == 0 and x["label_ts_ms"] == x["impression_ts_ms"]
+            assert x["features"] == finals[x["sample_id"]]["features"]
