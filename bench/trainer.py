@@ -94,7 +94,8 @@ def run(cfg: Config, scale: int | None = None) -> BenchResult:
                                                   "topic_prefix": f"b{uuid.uuid4().hex[:6]}."}),
             "paths": cfg.paths.model_copy(update={"state_dir": Path(tmp)}),
             "trainer": cfg.trainer.model_copy(update={
-                "frozen_baseline_after": None,
+                # final samples only (no provisional ones): every sample produced is trained
+                "frozen_baseline_after": None, "delayed_feedback": False,
                 "checkpoint": cfg.trainer.checkpoint.model_copy(update={"restore": False})})})
         _produce(bcfg, data)
 
@@ -209,7 +210,7 @@ def run_scale(cfg: Config, scale: int) -> BenchResult:
             for k, (_, n, s) in enumerate(setups):
                 tc = base.trainer.model_copy(update={
                     "group_id": f"bench-scale-{k}", "frozen_baseline_after": None,
-                    "align_labels": False, "max_batch_wait_ms": 200,
+                    "align_labels": False, "delayed_feedback": False, "max_batch_wait_ms": 200,
                     "scale": base.trainer.scale.model_copy(update={"trainers": n, "ps_shards": s})})
                 rcfg = base.model_copy(update={
                     "trainer": tc,

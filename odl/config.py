@@ -201,10 +201,11 @@ class TrainerConfig(_Section):
         "for the synthetic stream, where it costs freshness (click to served score after "
         "Config.label_hold_ms, 41 s by default, instead of ~3-4 s) and, measured, AUC; see "
         "Config.label_alignment")
-    delayed_feedback: bool = Field(
-        False, description="train each impression at once as a provisional negative and its click "
+    delayed_feedback: bool | None = Field(
+        None, description="train each impression at once as a provisional negative and its click "
         "as an importance-weighted positive (trainers/delayed_feedback.py); the feature job then "
-        "emits provisional samples, and align_labels must not be true")
+        "emits provisional samples.  None = auto: on unless align_labels is true; see "
+        "Config.delayed_feedback")
     frozen_baseline_after: int | None = Field(
         20000, ge=1, description="samples after which a frozen copy is scored beside the live model")
     dedup_window: int = Field(200_000, ge=1, description="recent sample ids remembered to drop "
@@ -319,10 +320,19 @@ class Config(_Section):
         return self
 
     @property
+    def delayed_feedback(self) -> bool:
+        """Whether impressions are trained at once as provisional negatives
+        (``trainer.delayed_feedback`` resolved: auto means on unless labels are aligned, which
+        it replaces -- the same calibration without the alignment's hold; docs/evaluation.md)."""
+        if self.trainer.delayed_feedback is not None:
+            return self.trainer.delayed_feedback
+        return self.trainer.align_labels is not True
+
+    @property
     def label_alignment(self) -> bool:
         """Whether the trainer holds samples for their final labels (``trainer.align_labels``,
         resolved: auto means on for the MovieLens replay only)."""
-        if self.trainer.delayed_feedback:
+        if self.delayed_feedback:
             return False
         if self.trainer.align_labels is not None:
             return self.trainer.align_labels

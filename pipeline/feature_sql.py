@@ -248,7 +248,7 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
                   entries
            FROM last_clicks""",
     ]
-    if cfg.trainer.delayed_feedback:
+    if cfg.delayed_feedback:
         # delayed feedback: every impression also leaves at once (as soon as its features are
         # joined) as a provisional negative under the same sample_id; its final sample follows
         inserts.append(

@@ -3,8 +3,9 @@
 A decoded sample is a ``Row`` of int64s (so ids above 2**53 survive a round trip through a
 checkpoint): user, item, position, hour, label, impression time, a 64-bit hash of its
 ``sample_id`` -- the key of the duplicate window and of the checkpoint ledger -- whether it is a
-provisional negative (``trainer.delayed_feedback``), and the model's real-time features (``odl.features.Features.dense``) as float32 bit patterns, so one
-int64 array still carries a whole sample through the aligner, the group and checkpoints.
+provisional negative (``trainer.delayed_feedback``), and the model's real-time features
+(``odl.features.Features.dense``) as float32 bit patterns, so one int64 array still carries a
+whole sample through the aligner, the group and checkpoints.
 """
 from __future__ import annotations
 

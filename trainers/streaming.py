@@ -91,7 +91,7 @@ class StreamingTrainer:
         self.aligner = LabelAligner(cfg.label_hold_ms) if cfg.label_alignment else None
         # delayed feedback: provisional negatives trained at once, positives importance-weighted,
         # final negatives only settle the figures (their impression was trained already)
-        self.provisional = ProvisionalScores(tc.dedup_window) if tc.delayed_feedback else None
+        self.provisional = ProvisionalScores(tc.dedup_window) if cfg.delayed_feedback else None
         self.settled_negatives = 0
         self.waiting = np.zeros((0, ROW_WIDTH), np.int64)   # released, not yet a full batch
         self.positions: dict[int, int] = {}    # partition -> next offset to consume

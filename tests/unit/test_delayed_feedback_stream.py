@@ -57,7 +57,8 @@ def test_stream_trains_provisional_and_positives_and_settles_negatives(trainer):
 
 
 def test_without_delayed_feedback_provisional_samples_are_not_trained(tmp_path):
-    cfg = make_config(tmp_path, trainer={"batch_size": 2, "checkpoint": {"restore": False}})
+    cfg = make_config(tmp_path, trainer={"delayed_feedback": False, "batch_size": 2,
+                                         "checkpoint": {"restore": False}})
     t = StreamingTrainer(cfg)
     try:
         assert t.step(_records([_rec("a", 0, True), _rec("a", 1)]), flush=True) == 1
@@ -71,6 +72,13 @@ def test_job_emits_provisional_samples_only_in_delayed_mode(tmp_path):
         cfg = make_config(tmp_path, trainer={"delayed_feedback": on})
         inserts = statements(cfg, topics)[1]
         assert sum("TRUE\n" in i and "samples_sink" in i for i in inserts) == int(on)
+
+
+def test_delayed_feedback_is_on_unless_labels_are_aligned(tmp_path):
+    assert make_config(tmp_path).delayed_feedback
+    aligned = make_config(tmp_path, trainer={"align_labels": True})
+    assert not aligned.delayed_feedback and aligned.label_alignment
+    assert not make_config(tmp_path).label_alignment
 
 
 def test_delayed_feedback_and_alignment_exclude_each_other(tmp_path, monkeypatch):
