@@ -39,24 +39,33 @@ class EvalResult:
     table: str = ""
 
 
+def trainer_mode(cfg: Config) -> str:
+    """The label timing the live trainer uses with this config."""
+    if cfg.delayed_feedback:
+        return "delayed"
+    return "aligned" if cfg.label_alignment else "unaligned"
+
+
 def evaluate(cfg: Config, log: EvalLog, opts: EvalOptions,
              progress: Callable[[str], None] = lambda _: None) -> EvalResult:
     tcfg = cfg.trainer.model_copy(update={"frozen_baseline_after": None})
     window_ms = cfg.feature_job.attribution_window_s * 1000 if opts.delay else 0
     peer_timing = "unaligned" if opts.delay else "immediate"
-    online = L.OnlineODL(tcfg, peer_timing)
+    mode = trainer_mode(cfg) if opts.delay else "immediate"
+    online = L.OnlineODL(tcfg, mode)
     frozen = L.FrozenODL(online)
     period = opts.period_ms or L.default_period_ms(log.span_ms)
     daily = L.DailyODL(tcfg, period, window_ms, opts.epochs)
     learners: list = [online, frozen, daily, L.Popularity(peer_timing)]
     if opts.delay:   # the trainer's other label modes, on the same rows
-        learners += [L.OnlineODL(tcfg, "aligned", "online_aligned"),
-                     L.OnlineODL(tcfg, "delayed", "online_delayed")]
+        learners += [L.OnlineODL(tcfg, m, f"online_{m}")
+                     for m in ("delayed", "aligned", "unaligned") if m != mode]
     every = f"{period / 3_600_000:,.1f} h" if period >= 3_600_000 else f"{period / 1000:,.1f} s"
     notes = [f"daily: retrained every {every} of event time "
              f"({opts.epochs} epochs, from scratch)",
              f"labels: {'click delay and a ' + str(window_ms // 1000) + ' s attribution window' if opts.delay else 'right after each batch is scored'}; "
-             f"rows are scored in batches of trainer.batch_size={tcfg.batch_size}"]
+             f"rows are scored in batches of trainer.batch_size={tcfg.batch_size}; "
+             f"online = the trainer's configured label mode ({mode})"]
     peers = []
     if opts.peers:
         peers, missing = L.optional_peers(peer_timing)
