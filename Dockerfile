@@ -47,6 +47,7 @@ RUN python3 -m venv /opt/venv \
 COPY --from=jars /jars/ /opt/flink/lib/
 COPY --chown=9999:9999 odl /opt/odl/odl
 COPY --chown=9999:9999 pipeline /opt/odl/pipeline
+COPY --chown=9999:9999 specs /opt/odl/specs
 ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/opt/odl \
     ODL__FEATURE_JOB__DEPLOYMENT=cluster ODL__PATHS__STATE_DIR=/tmp/odl
 USER 9999
@@ -64,6 +65,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY odl ./odl
 COPY pipeline ./pipeline
+COPY specs ./specs
 COPY trainers ./trainers
 COPY exporters ./exporters
 COPY serving ./serving

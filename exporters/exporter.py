@@ -31,6 +31,7 @@ from odl.config import Config
 from odl.control import ControlPlane, redis_client
 from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
 from odl.runtime import Component
+from odl.spec import running_spec
 
 ROWS_PUSHED = Counter("odl_exporter_rows_pushed_total", "embedding rows written to Redis", ["table"])
 ROWS_DELETED = Counter("odl_exporter_rows_deleted_total", "rows deleted from Redis", ["reason"])
@@ -190,7 +191,8 @@ class Exporter:
                             model_name=self.cfg.serving.model_name,
                             embedding_dim=snap["embedding_dim"],
                             cache_policy={"every_n_calls": ec.cache_every_n_calls,
-                                          "every_s": ec.cache_every_s})
+                                          "every_s": ec.cache_every_s},
+                            spec=running_spec().hash)
         dim = snap["embedding_dim"]
 
         def write(path):

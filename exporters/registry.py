@@ -37,6 +37,7 @@ class Manifest:
     embedding_rows: dict[str, int] = field(default_factory=dict)
     graph: dict[str, Any] = field(default_factory=dict)         # optimisation passes' report
     cache_policy: dict[str, Any] = field(default_factory=dict)  # how serving refreshes the cache
+    spec: str | None = None     # the feature spec's hash (odl.spec) the model was trained under
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -40,6 +40,11 @@ def main() -> None:
 def run(component: str, replica: int, no_ray: bool, config: str | None) -> None:
     """Run one long-lived component in the foreground."""
     cfg = _cfg(config)
+    from odl.spec import SpecError, running_spec
+    try:
+        running_spec()
+    except SpecError as exc:
+        raise click.ClickException(str(exc)) from None
     if component == "source":
         from pipeline.source import run as fn
         rc = fn(cfg)
@@ -388,6 +393,10 @@ def eval_(log_dir, synthetic, impressions, limit, delay, period_h, epochs, no_pe
     click.echo(f"wall time {time.perf_counter() - t0:.1f} s")
     click.echo(res.result_line)
 
+
+from odl.cli_spec import spec  # noqa: E402 -- registered beside the commands above
+
+main.add_command(spec)
 
 if __name__ == "__main__":
     main()

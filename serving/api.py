@@ -14,11 +14,18 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.json_schema import models_json_schema
 
-MAX_ID = 2**53 - 1          # ids travel as JSON numbers: keep them exact in every client
-MAX_POSITION = 10_000
+from odl.spec import running_spec
+from odl.spec.model import MAX_ID
+
+# request limits are the feature spec's event limits (specs/default.yaml): what the model may be
+# asked about is what it may have been trained on
+_SPEC = running_spec()
+_POSITION_MIN, _POSITION_MAX = _SPEC.field("position").bounds
 Id = Annotated[int, Field(ge=0, le=MAX_ID)]
-Position = Annotated[int, Field(ge=0, le=MAX_POSITION, description="slot the item is shown in")]
-Hour = Annotated[int, Field(ge=0, le=23, description="hour of day (0-23) of the request")]
+Position = Annotated[int, Field(ge=int(_POSITION_MIN), le=int(_POSITION_MAX),
+                                description="slot the item is shown in")]
+Hour = Annotated[int, Field(ge=0, le=_SPEC.field("hour").modulo - 1,
+                            description="hour of day (0-23) of the request")]
 
 
 class _Strict(BaseModel):

@@ -22,6 +22,7 @@ from exporters.graph.module import CachePolicy, CacheRefresher
 from exporters.registry import ModelStore
 from odl.features import NUM_DENSE
 from odl.control import ControlPlane
+from odl.spec import check_spec
 
 log = logging.getLogger("odl.serving.model")
 RETRY_FAILED_S = 30.0  # a version that failed to load is retried this often, not every poll
@@ -175,7 +176,9 @@ class ModelHolder:
         loaded = tf.saved_model.load(str(path))
         # Call the signature directly: the restored tf.function attribute adds ~0.1 ms per call.
         fn = loaded.signatures["serving_default"]
-        model = LoadedModel(str(version), self.store.manifest(version), fn, time.time(), loaded)
+        manifest = self.store.manifest(version)
+        check_spec(manifest.get("spec"), f"version {version}")
+        model = LoadedModel(str(version), manifest, fn, time.time(), loaded)
         model.warm()
         return model
 

@@ -28,6 +28,7 @@ from prometheus_client import Counter, Gauge
 
 from odl import names
 from odl.config import Config
+from odl.spec import check_spec, running_spec
 from trainers.align import LabelAligner
 from trainers.embedding import EXPIRE_EVERY_STEPS
 from trainers.checkpoint import CheckpointInfo, CheckpointStore, due_kind
@@ -263,7 +264,8 @@ class StreamingTrainer:
             step = self.model.step
         meta = {"step": step, "since_step": since, "positions": {str(p): o for p, o in self.positions.items()},
                 "topic": self.topic, "trained": self.trained,
-                "previous": self.last_ckpt.seq if self.last_ckpt else None}
+                "previous": self.last_ckpt.seq if self.last_ckpt else None,
+                "spec": running_spec().hash}
         if epoch is not None:
             meta["epoch"] = epoch
         info = self.store.write(kind, groups, meta, base=None if kind == "full" else self.last_ckpt.seq)
@@ -290,6 +292,9 @@ class StreamingTrainer:
         if not chain:
             return False
         for k, (info, groups) in enumerate(chain):
+            check_spec(info.meta.get("spec"), f"checkpoint {info.path}",
+                       f"Move {self.store.root} aside to start afresh under this spec, or run "
+                       "the spec it was written under")
             try:
                 self.model.load({g: a for g, a in groups.items() if g != "stream"}, increment=k > 0)
             except (ValueError, KeyError, tf.errors.InvalidArgumentError) as exc:

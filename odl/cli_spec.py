@@ -1,0 +1,118 @@
+"""``odl spec``: check a feature spec and show what it declares (``odl.spec``)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import click
+
+from odl.spec import FeatureSpec, SpecError, load_spec, running_spec
+
+
+def summary(spec: FeatureSpec) -> dict:
+    """What a spec declares, in the terms an operator checks it by."""
+    rt = spec.realtime
+    live = spec.hash == running_spec().hash
+    return {
+        "name": spec.name, "hash": spec.hash,
+        "fields": {n: f.type + (" (required)" if f.required is True else
+                                f" (required for {', '.join(f.required)})" if f.required else "")
+                   for n, f in spec.events.fields.items()},
+        "tables": {n: {"dim": t.dim, "capacity": t.capacity} for n, t in spec.tables.items()},
+        "sparse": {n: f"{'x'.join(s.inputs)} -> {s.table}" for n, s in spec.sparse.items()},
+        "numeric": {n: f"{f.field} ({f.transform})" for n, f in spec.numeric.items()},
+        "counts": {n: f"{'x'.join(c.key)}: {', '.join(c.values)} over {', '.join(c.windows)}"
+                   for n, c in rt.counts.items()},
+        "sequences": {n: f"last {s.length} {s.value} of a {s.key} -> {s.table} ({s.pooling})"
+                      for n, s in rt.sequences.items()},
+        "label": (f"join {spec.label.join.impression}/{spec.label.join.click} on "
+                  f"{'+'.join(spec.label.join.key)} within {spec.label.join.attribution_window_s} s"
+                  if spec.label.join else f"field {spec.label.field}"),
+        "live_pipeline": ("runs this spec" if live else
+                          "runs specs/default.yaml; this spec is checked and its event rules "
+                          "are generated, the stages do not derive from it yet"),
+    }
+
+
+@click.group("spec")
+def spec() -> None:
+    """Feature specs: the events, tables and features of a log (specs/*.yaml)."""
+
+
+def log_report(spec: FeatureSpec, path: str, columns: dict[str, str], examples: int = 3) -> dict:
+    """How a log reads through a spec: rows, refusals by reason (first row numbers), columns
+    the spec ignores, rows behind the log's clock."""
+    from odl.spec.logs import log_columns, read_log
+    header = log_columns(path, columns)
+    fields = spec.events.fields
+    reasons: Counter[str] = Counter()
+    first: dict[str, list[int]] = {}
+    rows = behind = 0
+    clock = None
+    tf = spec.events.time_field
+    for row in read_log(spec, path, columns):
+        rows += 1
+        if row.reason is not None:
+            reasons[row.reason] += 1
+            first.setdefault(row.reason, [])
+            if len(first[row.reason]) < examples:
+                first[row.reason].append(row.number)
+            continue
+        ts = row.values[tf]
+        behind += clock is not None and ts < clock
+        clock = ts if clock is None else max(clock, ts)
+    return {"log": path, "rows": rows, "valid": rows - sum(reasons.values()),
+            "refused": {r: {"rows": c, "first": first[r]} for r, c in reasons.most_common()},
+            "ignored_columns": [c for c in header if c not in fields],
+            "missing_required_columns": [n for n, f in fields.items()
+                                         if f.required is True and not f.path and n not in header],
+            "out_of_time_order": int(behind)}
+
+
+@spec.command("check")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--log", "log_path", type=click.Path(dir_okay=False, exists=True),
+              help="also read this CSV / Parquet log through the spec")
+@click.option("--column", "renames", multiple=True, metavar="LOG=FIELD",
+              help="a log column that carries a field under another name")
+@click.option("--json", "as_json", is_flag=True, help="print the summary as JSON")
+def check(path: str, log_path: str | None, renames: tuple[str, ...], as_json: bool) -> None:
+    """Validate a spec; every problem is named.  Exit 1 if it cannot work, or if a --log has
+    no valid row."""
+    try:
+        s = load_spec(path)
+    except SpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    out = summary(s)
+    if log_path:
+        bad = [r for r in renames if r.count("=") != 1]
+        if bad:
+            raise click.ClickException(f"--column {bad[0]!r}: give LOG=FIELD")
+        try:
+            out["log"] = log_report(s, log_path, dict(r.split("=") for r in renames))
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(out, indent=1))
+        if "log" in out and out["log"]["valid"] == 0:
+            raise SystemExit(1)
+        return
+    click.echo(f"spec {out['name']} ({out['hash']}): ok")
+    for section in ("fields", "tables", "sparse", "numeric", "counts", "sequences"):
+        if out[section]:
+            click.echo(f"  {section}:")
+            for k, v in out[section].items():
+                click.echo(f"    {k}: {v}")
+    click.echo(f"  label: {out['label']}")
+    click.echo(f"  live pipeline: {out['live_pipeline']}")
+    if "log" in out:
+        lg = out["log"]
+        click.echo(f"log {lg['log']}: {lg['rows']:,} rows, {lg['valid']:,} valid, "
+                   f"{lg['out_of_time_order']:,} behind the log's clock")
+        for reason, r in lg["refused"].items():
+            click.echo(f"  refused {reason}: {r['rows']:,} (rows {', '.join(map(str, r['first']))}...)")
+        for key in ("ignored_columns", "missing_required_columns"):
+            if lg[key]:
+                click.echo(f"  {key.replace('_', ' ')}: {', '.join(lg[key])}")
+    if "log" in out and out["log"]["valid"] == 0:
+        raise click.ClickException("no row of the log is valid under this spec")

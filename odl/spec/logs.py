@@ -1,0 +1,118 @@
+"""Logs in: a CSV or Parquet log read through a spec, row by row, bad rows named.
+
+A log's columns are the spec's field names (``columns`` maps other names onto them).  Each row
+becomes an event shaped as the spec locates its fields (``path``), is checked by the spec's
+generated rules (``odl.spec.events``) against the log's own clock -- ages are judged against
+the newest event time seen so far, not the wall clock, so history replays -- and comes out as a
+``LogRow``: its 1-based row number, the typed values, or the reason it was refused.
+
+CSV cells are text: they are converted by field type (ints, floats, ``true``/``false``/``1``/``0``,
+lists split on ``list_separator``); an empty cell is an absent field; a cell that does not
+convert is kept as text so that the rules refuse it with the field's own reason.
+"""
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from odl.spec.events import EventValidator
+from odl.spec.model import FeatureSpec, FieldSpec
+
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+@dataclass(frozen=True)
+class LogRow:
+    number: int                       # 1-based data row (the CSV header is not counted)
+    values: dict[str, Any] | None     # typed field values of a valid row
+    reason: str | None                # why a row was refused
+
+
+def _scalar(kind: str, cell: str) -> Any:
+    try:
+        if kind in ("id", "int"):
+            return int(cell)
+        if kind == "float":
+            return float(cell)
+    except ValueError:
+        return cell
+    if kind == "bool":
+        low = cell.strip().lower()
+        return True if low in _TRUE else False if low in _FALSE else cell
+    return cell
+
+
+def convert_cell(f: FieldSpec, cell: str | None, list_separator: str = "|") -> Any:
+    """A CSV cell as the field's JSON value would be (None for an empty cell)."""
+    if cell is None or cell == "":
+        return None
+    if f.type.startswith("list["):
+        return [_scalar(f.type[5:-1], c) for c in cell.split(list_separator) if c != ""]
+    if f.type == "object":
+        return cell        # refused as bad_<field>: objects do not travel in CSV cells
+    return _scalar(f.type, cell)
+
+
+def _event(spec: FeatureSpec, raw: dict[str, Any]) -> dict[str, Any]:
+    """Field values placed where the spec's rules look for them (nested ``path``s)."""
+    ev: dict[str, Any] = {}
+    for name, value in raw.items():
+        f = spec.events.fields.get(name)
+        loc = (f.location if f is not None else ()) or (name,)
+        node = ev
+        for part in loc[:-1]:
+            node = node.setdefault(part, {})
+        node[loc[-1]] = value
+    return ev
+
+
+def _records(path: Path, columns: dict[str, str]) -> Iterator[tuple[dict[str, Any], bool]]:
+    """(record, is_text) per row, columns renamed to field names."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(newline="") as fh:
+            for rec in csv.DictReader(fh):
+                yield {columns.get(k, k): v for k, v in rec.items()}, True
+    elif suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+        for batch in pq.ParquetFile(path).iter_batches():
+            for rec in batch.to_pylist():
+                yield {columns.get(k, k): v for k, v in rec.items()}, False
+    else:
+        raise ValueError(f"{path}: a log is .csv or .parquet, not {suffix or 'no suffix'!r}")
+
+
+def log_columns(path: str | Path, columns: dict[str, str] | None = None) -> list[str]:
+    """The log's column names after renaming (a CSV's header, a Parquet file's schema)."""
+    path, columns = Path(path), columns or {}
+    if path.suffix.lower() == ".csv":
+        with path.open(newline="") as fh:
+            header = next(csv.reader(fh), [])
+    else:
+        import pyarrow.parquet as pq
+        header = pq.ParquetFile(path).schema_arrow.names
+    return [columns.get(c, c) for c in header]
+
+
+def read_log(spec: FeatureSpec, path: str | Path, columns: dict[str, str] | None = None,
+             list_separator: str = "|") -> Iterator[LogRow]:
+    """Every row of the log, in file order, checked against the spec; columns the spec does not
+    declare are left out (``log_columns`` names them)."""
+    path, columns = Path(path), columns or {}
+    if not path.is_file():
+        raise FileNotFoundError(f"log not found: {path}")
+    fields = spec.events.fields
+    validator = EventValidator(spec.events)
+    clock: int | None = None
+    time_field = spec.events.time_field
+    for n, (rec, text) in enumerate(_records(path, columns), start=1):
+        rec = {k: v for k, v in rec.items() if k in fields}     # other columns: log_columns
+        if text:
+            rec = {k: convert_cell(fields[k], v, list_separator) for k, v in rec.items()}
+        ts = rec.get(time_field)
+        if isinstance(ts, int) and not isinstance(ts, bool):
+            clock = ts if clock is None else max(clock, ts)
+        reason, values = validator.check(_event(spec, rec), now_ms=clock if clock is not None else 0)
+        yield LogRow(n, values, reason)
