@@ -5,6 +5,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -333,9 +334,36 @@ def bench(name: str | None, as_json: bool, list_: bool, scale: int | None, confi
     click.echo(registry.render(name, result, as_json))
 
 
+def _spec_log(spec_path, log_path, renames, synthetic, delay, no_features):
+    """The log of ``odl eval --spec``, or a ClickException saying which option does not fit."""
+    from odl.spec import SpecError, load_spec
+    from trainers.evaluation.spec_log import load_spec_log
+    clash = [o for o, on in (("--synthetic", synthetic), ("--delay", delay),
+                             ("--no-features", no_features)) if on]
+    if clash:
+        raise click.ClickException(f"--spec: {clash[0]} does not apply (the spec declares the "
+                                   "features, and its rows carry their labels)")
+    if not log_path or not Path(log_path).is_file():
+        raise click.ClickException("--spec needs --log FILE: a CSV or Parquet log")
+    bad = [r for r in renames if r.count("=") != 1]
+    if bad:
+        raise click.ClickException(f"--column {bad[0]!r}: give LOG=FIELD")
+    try:
+        spec = load_spec(spec_path)
+    except SpecError as exc:
+        raise click.ClickException(str(exc)) from None
+    return load_spec_log(spec, log_path, dict(r.split("=") for r in renames))
+
+
 @main.command("eval")
-@click.option("--log", "log_dir", type=click.Path(file_okay=False), default=None,
-              help="a MovieLens-format directory (ratings.csv); default: source.movielens_dir")
+@click.option("--log", "log_dir", type=click.Path(exists=True), default=None,
+              help="a MovieLens-format directory (ratings.csv; default: source.movielens_dir), "
+              "or with --spec a CSV / Parquet log")
+@click.option("--spec", "spec_path", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="a feature spec whose rows carry their label (specs/movielens.yaml): the "
+              "model and the peers see the features it declares")
+@click.option("--column", "renames", multiple=True, metavar="LOG=FIELD",
+              help="--spec: a log column that carries a field under another name")
 @click.option("--synthetic", is_flag=True, help="the synthetic stream instead of a log")
 @click.option("--impressions", type=click.IntRange(1000), default=100_000, show_default=True,
               help="--synthetic: impressions to generate")
@@ -351,13 +379,12 @@ def bench(name: str | None, as_json: bool, list_: bool, scale: int | None, confi
               show_default=True, help="where the PNG and the table go")
 @click.option("--json", "as_json", is_flag=True, help="print the result as JSON")
 @config_option
-def eval_(log_dir, synthetic, impressions, limit, delay, period_h, epochs, no_peers, no_features,
-          out_dir, as_json, config) -> None:
+def eval_(log_dir, spec_path, renames, synthetic, impressions, limit, delay, period_h, epochs,
+          no_peers, no_features, out_dir, as_json, config) -> None:
     """Replay a time-ordered log through the trainer's model beside plain peers (no servers).
 
     Every row is scored before anyone learns it; prints AUC, log-loss and calibration of the
     online model, a copy frozen half-way, a periodic retrain, item popularity, River and VW."""
-    from pathlib import Path
 
     from trainers.evaluation.logs import movielens_log, synthetic_log
     from trainers.evaluation.run import EvalOptions, evaluate
@@ -365,7 +392,9 @@ def eval_(log_dir, synthetic, impressions, limit, delay, period_h, epochs, no_pe
     t0 = time.perf_counter()
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     try:
-        if synthetic:
+        if spec_path:
+            log = _spec_log(spec_path, log_dir, renames, synthetic, delay, no_features)
+        elif synthetic:
             log = synthetic_log(cfg.source, impressions)
         else:
             log = movielens_log(Path(log_dir) if log_dir else cfg.source.movielens_dir,
@@ -374,9 +403,11 @@ def eval_(log_dir, synthetic, impressions, limit, delay, period_h, epochs, no_pe
         raise click.ClickException(str(exc)) from None
     if limit:
         log = log.head(limit)
-    if not no_features:
+    if not no_features and not spec_path:
         log = log.with_features()
     say(f"odl eval: {log.name}, {len(log):,} rows, click rate {log.label.mean():.3f}")
+    if getattr(log, "refused", None):
+        say(f"  rows refused by the spec: {log.refused}")
     opts = EvalOptions(delay=delay, period_ms=int(period_h * 3_600_000) if period_h else None,
                        epochs=epochs, peers=not no_peers, per_row_peers=not no_peers,
                        out_dir=Path(out_dir))

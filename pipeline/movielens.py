@@ -87,3 +87,23 @@ class MovieLensReplay:
                 heapq.heappush(pending, Record(cts, str(user).encode(), clk.to_json(), cts, "click"))
         while pending:
             yield heapq.heappop(pending)
+
+
+def write_log(directory: Path, out: Path) -> int:
+    """The ratings as one CSV log in ``specs/movielens.yaml``'s layout (ts_ms, user_id, movie_id,
+    genres as a ``|`` list, rating), in time order; returns the rows written."""
+    genres: dict[int, str] = {}
+    movies = Path(directory) / "movies.csv"
+    if movies.is_file():
+        with movies.open(newline="") as fh:
+            for row in csv.DictReader(fh):
+                g = row.get("genres") or ""
+                if row.get("movieId", "").isdigit():
+                    genres[int(row["movieId"])] = "" if g == "(no genres listed)" else g
+    ratings = load_ratings(directory)
+    with Path(out).open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["ts_ms", "user_id", "movie_id", "genres", "rating"])
+        for ts, user, movie, rating in ratings:
+            w.writerow([ts * 1000, user, movie, genres.get(movie, ""), rating])
+    return len(ratings)

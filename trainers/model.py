@@ -59,6 +59,15 @@ def forward(w: dict[str, tf.Tensor], user: tf.Tensor, item: tf.Tensor, position:
     input (``dense_last_axis``: tensordot, which ``exporters.graph.passes`` simplifies)."""
     x0 = tf.concat([user, item, user * item, tf.gather(w["position_emb"], position),
                     tf.gather(w["hour_emb"], hour), features], axis=-1)
+    logit, moments = dcn_head(w, x0, training, dense)
+    return logit + id_terms(user, item), moments
+
+
+def dcn_head(w: dict[str, tf.Tensor], x0: tf.Tensor, training: bool = False,
+             dense=tf.matmul) -> tuple[tf.Tensor, dict[str, tuple]]:
+    """The network over the concatenated inputs ``x0`` [..., width]: DCN-v2 cross layers beside
+    a deep tower (BatchNorm where the weights have it), one output unit; logits [...] and, when
+    training, the BatchNorm batch moments.  Shared by every model shape (``trainers.spec_model``)."""
     x = x0
     for n in range(cross_layers(w)):        # DCN-v2: x <- x0 * (W x + b) + x
         x = x0 * (dense(x, w[f"cross_{n}/kernel"]) + w[f"cross_{n}/bias"]) + x
@@ -75,7 +84,7 @@ def forward(w: dict[str, tf.Tensor], user: tf.Tensor, item: tf.Tensor, position:
             h = tf.nn.batch_normalization(h, mean, var, w[f"{bn}/beta"], w[f"{bn}/gamma"], BN_EPSILON)
         h = tf.nn.relu(h)
     logit = dense(tf.concat([x, h], axis=-1), w["out/kernel"]) + w["out/bias"]
-    return tf.squeeze(logit, axis=-1) + id_terms(user, item), moments
+    return tf.squeeze(logit, axis=-1), moments
 
 
 def id_terms(user: tf.Tensor, item: tf.Tensor) -> tf.Tensor:
@@ -107,7 +116,13 @@ def init_dense(cfg: TrainerConfig) -> dict[str, np.ndarray]:
         "position_emb": rng.normal(0, 0.05, (cfg.num_positions + 1, SMALL_EMB_DIM)),
         "hour_emb": rng.normal(0, 0.05, (NUM_HOURS, SMALL_EMB_DIM)),
     }
-    width = 3 * d + 2 * SMALL_EMB_DIM + NUM_DENSE
+    w.update(init_head(cfg, 3 * d + 2 * SMALL_EMB_DIM + NUM_DENSE, rng))
+    return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+def init_head(cfg: TrainerConfig, width: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Initial weights of ``dcn_head`` over inputs of ``width``."""
+    w: dict[str, np.ndarray] = {}
     for n in range(cfg.cross_layers):
         w[f"cross_{n}/kernel"] = rng.normal(0, np.sqrt(1.0 / width), (width, width)) * 0.1
         w[f"cross_{n}/bias"] = np.zeros(width)
@@ -125,6 +140,21 @@ def init_dense(cfg: TrainerConfig) -> dict[str, np.ndarray]:
     w["out/kernel"] = rng.normal(0, np.sqrt(1.0 / out_in), (out_in, 1))
     w["out/bias"] = np.full(1, -1.5)
     return {k: v.astype(np.float32) for k, v in w.items()}
+
+
+def weighted_loss(labels: tf.Tensor, logits: tf.Tensor, delayed: tf.Tensor) -> tf.Tensor:
+    """Batch-mean log-loss, delayed-feedback samples importance-weighted (FNW)."""
+    weights = delayed_feedback.fnw_weights(labels, logits, delayed)
+    return tf.reduce_mean(weights * tf.nn.sigmoid_cross_entropy_with_logits(labels=labels,
+                                                                            logits=logits))
+
+
+def update_moving_moments(w: dict[str, tf.Variable], moments: dict[str, tuple]) -> None:
+    """BatchNorm moving averages from a training step's batch moments."""
+    for bn, (mean, var) in moments.items():
+        for stat, value in (("moving_mean", mean), ("moving_variance", var)):
+            v = w[f"{bn}/{stat}"]
+            v.assign(BN_MOMENTUM * v + (1.0 - BN_MOMENTUM) * value)
 
 
 def is_trainable(name: str) -> bool:
@@ -213,17 +243,12 @@ class CTRModel:
         with tf.GradientTape() as tape:
             tape.watch([ue, ie])
             logits, moments = forward(self.dense, ue, ie, pos, hr, ft, training=True)
-            weights = delayed_feedback.fnw_weights(labels, logits, delayed)
-            loss = tf.reduce_mean(weights * tf.nn.sigmoid_cross_entropy_with_logits(
-                labels=labels, logits=logits))
+            loss = weighted_loss(labels, logits, delayed)
         g_ue, g_ie, *g_dense = tape.gradient(loss, [ue, ie] + self._trainable)
         n = tf.cast(tf.shape(labels)[0], tf.float32)
         g_ue, g_ie = g_ue * n, g_ie * n
         self.dense_opt.apply_gradients(zip(g_dense, self._trainable))
-        for bn, (mean, var) in moments.items():
-            for stat, value in (("moving_mean", mean), ("moving_variance", var)):
-                v = self.dense[f"{bn}/{stat}"]
-                v.assign(BN_MOMENTUM * v + (1.0 - BN_MOMENTUM) * value)
+        update_moving_moments(self.dense, moments)
         return loss, g_ue, g_ie
 
     _VAL = tf.TensorSpec([None], tf.float32)

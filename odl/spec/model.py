@@ -212,11 +212,15 @@ class JoinSpec(_Strict):
 class LabelSpec(_Strict):
     join: JoinSpec | None = None
     field: str | None = Field(None, description="events that already carry their label")
+    threshold: float | None = Field(None, description="with field: a click when the field is "
+                                    "at least this (a rating >= 4, say); default: above 0")
 
     @model_validator(mode="after")
     def _one(self) -> "LabelSpec":
         if (self.join is None) == (self.field is None):
             raise ValueError("give exactly one of join or field")
+        if self.threshold is not None and self.field is None:
+            raise ValueError("threshold applies to a label field")
         return self
 
 

@@ -12,33 +12,27 @@ import math
 
 import numpy as np
 
+from typing import Any, Callable
+
 from odl.config import TrainerConfig
-from trainers.evaluation.logs import EvalLog
-from trainers.evaluation.protocol import FINAL, TrainEvents
-from trainers.model import Batch, CTRModel, FrozenModel
+from trainers.evaluation.protocol import FINAL, ReplayLog, TrainEvents
 
-
-def _batch(log: EvalLog, rows: np.ndarray, labels: np.ndarray | None = None,
-           provisional: np.ndarray | None = None) -> Batch:
-    return Batch(log.user[rows], log.item[rows], log.position[rows], log.hour[rows],
-                 labels if labels is not None else np.zeros(len(rows), np.float32),
-                 log.ts_ms[rows], None if log.features is None else log.features[rows],
-                 delayed=provisional)
+MakeModel = Callable[[], Any]    # a fresh model of the log's shape (``ReplayLog.make_model``)
 
 
 class OnlineODL:
     """The streaming trainer's model, learning each label when its timing releases it."""
 
-    def __init__(self, cfg: TrainerConfig, timing: str, name: str = "online"):
+    def __init__(self, make_model: MakeModel, timing: str, name: str = "online"):
         self.name, self.timing = name, timing
-        self.model = CTRModel(cfg)
+        self.model = make_model()
 
-    def predict(self, log: EvalLog, rows: np.ndarray) -> np.ndarray:
-        return self.model.predict(_batch(log, rows))
+    def predict(self, log: ReplayLog, rows: np.ndarray) -> np.ndarray:
+        return self.model.predict(log.batch(rows))
 
-    def learn(self, log: EvalLog, ev: TrainEvents, sel: slice) -> None:
+    def learn(self, log: ReplayLog, ev: TrainEvents, sel: slice) -> None:
         delayed = (ev.kind[sel] != FINAL).astype(np.float32) if self.timing == "delayed" else None
-        self.model.train(_batch(log, ev.row[sel], ev.label[sel], delayed))
+        self.model.train(log.batch(ev.row[sel], ev.label[sel], delayed))
 
 
 class FrozenODL:
@@ -48,15 +42,15 @@ class FrozenODL:
 
     def __init__(self, source: OnlineODL, name: str = "frozen"):
         self.name, self.source = name, source
-        self.frozen: FrozenModel | None = None
+        self.frozen: Any = None
 
     def freeze(self) -> None:
         self.frozen = self.source.model.frozen_copy()
 
-    def predict(self, log: EvalLog, rows: np.ndarray) -> np.ndarray:
+    def predict(self, log: ReplayLog, rows: np.ndarray) -> np.ndarray:
         if self.frozen is None:     # before the half-way point it is the online model itself
             return self.source.predict(log, rows)
-        return self.frozen.predict(_batch(log, rows))
+        return self.frozen.predict(log.batch(rows))
 
     def learn(self, log, ev, sel) -> None:
         pass
@@ -68,15 +62,16 @@ class DailyODL:
 
     timing = "immediate"
 
-    def __init__(self, cfg: TrainerConfig, period_ms: int, window_ms: int, epochs: int = 3,
-                 name: str = "daily"):
+    def __init__(self, make_model: MakeModel, cfg: TrainerConfig, period_ms: int, window_ms: int,
+                 epochs: int = 3, name: str = "daily"):
         self.name, self.cfg, self.period_ms, self.epochs = name, cfg, period_ms, epochs
+        self.make_model = make_model
         self.window_ms = window_ms
-        self.model: CTRModel | None = None
+        self.model: Any = None
         self.next_ms: int | None = None
         self.retrains = 0
 
-    def predict(self, log: EvalLog, rows: np.ndarray) -> np.ndarray:
+    def predict(self, log: ReplayLog, rows: np.ndarray) -> np.ndarray:
         t = int(log.ts_ms[rows[0]])
         if self.next_ms is None:
             self.next_ms = t + self.period_ms
@@ -86,23 +81,23 @@ class DailyODL:
             self._retrain(log, t)
         if self.model is None:      # nothing trained yet: the prior of an untrained model
             return np.full(len(rows), 0.5, np.float32)
-        return self.model.predict(_batch(log, rows))
+        return self.model.predict(log.batch(rows))
 
-    def _retrain(self, log: EvalLog, now_ms: int) -> None:
+    def _retrain(self, log: ReplayLog, now_ms: int) -> None:
         # rows whose attribution window has closed by now: their labels are final (a retrain
         # on rows still inside it would see their quick positives but not their negatives)
         known = np.nonzero(log.ts_ms + self.window_ms < now_ms)[0] if self.window_ms else \
             np.nonzero(log.ts_ms < now_ms)[0]
         if not len(known):
             return
-        model = CTRModel(self.cfg)
+        model = self.make_model()
         rng = np.random.default_rng(self.cfg.seed + self.retrains)
         bs = self.cfg.batch_size
         for _ in range(self.epochs):
             order = rng.permutation(known)
             for s in range(0, len(order), bs):
                 rows = order[s:s + bs]
-                model.train(_batch(log, rows, log.label[rows]))
+                model.train(log.batch(rows, log.label[rows]))
         self.model, self.retrains = model, self.retrains + 1
 
     def learn(self, log, ev, sel) -> None:
@@ -118,13 +113,13 @@ class Popularity:
         self.imps: dict[int, float] = {}
         self.total = [0.0, 0.0]   # clicks, impressions
 
-    def predict(self, log: EvalLog, rows: np.ndarray) -> np.ndarray:
+    def predict(self, log: ReplayLog, rows: np.ndarray) -> np.ndarray:
         prior = (self.total[0] + 1.0) / (self.total[1] + 2.0)
         k = self.strength
         return np.array([(self.clicks.get(i, 0.0) + k * prior) / (self.imps.get(i, 0.0) + k)
                          for i in log.item[rows].tolist()], np.float32)
 
-    def learn(self, log: EvalLog, ev: TrainEvents, sel: slice) -> None:
+    def learn(self, log: ReplayLog, ev: TrainEvents, sel: slice) -> None:
         for i, y in zip(log.item[ev.row[sel]].tolist(), ev.label[sel].tolist()):
             self.clicks[i] = self.clicks.get(i, 0.0) + y
             self.imps[i] = self.imps.get(i, 0.0) + 1.0
@@ -133,7 +128,7 @@ class Popularity:
 
 
 class RiverLR:
-    """River's online logistic regression on one-hot user and item ids (Adagrad)."""
+    """River's online logistic regression on the log's one-hot ids (Adagrad)."""
 
     def __init__(self, timing: str, name: str = "river"):
         from river import linear_model, optim
@@ -141,20 +136,22 @@ class RiverLR:
         self.model = linear_model.LogisticRegression(optimizer=optim.AdaGrad())
 
     @staticmethod
-    def _x(log: EvalLog, r: int) -> dict[str, float]:
-        return {f"u{log.user[r]}": 1.0, f"i{log.item[r]}": 1.0}
+    def _x(log: ReplayLog, r: int) -> dict[str, float]:
+        ns, numeric = log.tokens(r)
+        return {**{f"{n}={t}": 1.0 for n, toks in ns.items() for t in toks}, **numeric}
 
-    def predict(self, log: EvalLog, rows: np.ndarray) -> np.ndarray:
+    def predict(self, log: ReplayLog, rows: np.ndarray) -> np.ndarray:
         return np.array([self.model.predict_proba_one(self._x(log, r)).get(True, 0.5)
                          for r in rows.tolist()], np.float32)
 
-    def learn(self, log: EvalLog, ev: TrainEvents, sel: slice) -> None:
+    def learn(self, log: ReplayLog, ev: TrainEvents, sel: slice) -> None:
         for r, y in zip(ev.row[sel].tolist(), ev.label[sel].tolist()):
             self.model.learn_one(self._x(log, r), bool(y))
 
 
 class VowpalWabbit:
-    """Vowpal Wabbit, logistic loss, user and item namespaces, its default adaptive updates."""
+    """Vowpal Wabbit, logistic loss, a namespace per input (user and item ids for the default
+    shape, every declared sparse feature for a spec), its default adaptive updates."""
 
     def __init__(self, timing: str, name: str = "vw"):
         import vowpalwabbit
@@ -162,15 +159,24 @@ class VowpalWabbit:
         self.vw = vowpalwabbit.Workspace("--loss_function logistic --link logistic --quiet")
 
     @staticmethod
-    def _x(log: EvalLog, r: int) -> str:
-        return f"|u u{log.user[r]} |i i{log.item[r]}"
+    def _x(log: ReplayLog, r: int) -> str:
+        ns, numeric = log.tokens(r)
+        line = " ".join(f"|{_vw_name(n)} " + " ".join(toks) for n, toks in ns.items())
+        if numeric:
+            line += " |numeric " + " ".join(f"{_vw_name(k)}:{v:.6g}" for k, v in numeric.items())
+        return line
 
-    def predict(self, log: EvalLog, rows: np.ndarray) -> np.ndarray:
+    def predict(self, log: ReplayLog, rows: np.ndarray) -> np.ndarray:
         return np.array([self.vw.predict(self._x(log, r)) for r in rows.tolist()], np.float32)
 
-    def learn(self, log: EvalLog, ev: TrainEvents, sel: slice) -> None:
+    def learn(self, log: ReplayLog, ev: TrainEvents, sel: slice) -> None:
         for r, y in zip(ev.row[sel].tolist(), ev.label[sel].tolist()):
             self.vw.learn(f"{1 if y > 0 else -1} {self._x(log, r)}")
+
+
+def _vw_name(name: str) -> str:
+    """A VW namespace or feature name: no spaces, colons or pipes."""
+    return name.replace(" ", "_").replace(":", "_").replace("|", "_")
 
 
 def optional_peers(timing: str) -> tuple[list, list[str]]:

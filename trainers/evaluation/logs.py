@@ -46,6 +46,23 @@ class EvalLog:
     def __len__(self) -> int:
         return len(self.ts_ms)
 
+    def batch(self, rows: np.ndarray, labels: np.ndarray | None = None,
+              provisional: np.ndarray | None = None):
+        """The rows as the trainer's ``Batch`` (labels: zeros when only scoring)."""
+        from trainers.model import Batch
+        return Batch(self.user[rows], self.item[rows], self.position[rows], self.hour[rows],
+                     labels if labels is not None else np.zeros(len(rows), np.float32),
+                     self.ts_ms[rows], None if self.features is None else self.features[rows],
+                     delayed=provisional)
+
+    def make_model(self, cfg):
+        from trainers.model import CTRModel
+        return CTRModel(cfg)
+
+    def tokens(self, r: int) -> tuple[dict[str, list[str]], dict[str, float]]:
+        """The row for the linear peers: one-hot user and item ids."""
+        return {"u": [f"u{self.user[r]}"], "i": [f"i{self.item[r]}"]}, {}
+
     @property
     def span_ms(self) -> int:
         return int(self.ts_ms[-1] - self.ts_ms[0]) if len(self) else 0

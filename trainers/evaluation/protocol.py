@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from trainers.evaluation.logs import EvalLog
 
 TIMINGS = ("immediate", "unaligned", "aligned", "delayed")
 
@@ -38,16 +37,38 @@ class TrainEvents:
     kind: np.ndarray
 
 
+class ReplayLog(Protocol):
+    """What the protocol and the contestants read of a log: the default shape's ``EvalLog`` or
+    a spec's ``SpecLog``."""
+    name: str
+    ts_ms: np.ndarray        # int64 [n] event time, non-decreasing
+    label: np.ndarray        # float32 [n]
+    click_ts_ms: np.ndarray  # int64 [n] the click's event time; -1 without a click
+    item: np.ndarray         # int64 [n] what the popularity baseline counts
+
+    def __len__(self) -> int: ...
+
+    @property
+    def span_ms(self) -> int: ...
+
+    def batch(self, rows: np.ndarray, labels: np.ndarray | None = None,
+              provisional: np.ndarray | None = None) -> Any: ...
+
+    def make_model(self, cfg: Any) -> Any: ...
+
+    def tokens(self, r: int) -> tuple[dict[str, list[str]], dict[str, float]]: ...
+
+
 class Learner(Protocol):
     name: str
     timing: str
 
-    def predict(self, log: EvalLog, rows: np.ndarray) -> np.ndarray: ...
+    def predict(self, log: ReplayLog, rows: np.ndarray) -> np.ndarray: ...
 
-    def learn(self, log: EvalLog, events: TrainEvents, sel: slice) -> None: ...
+    def learn(self, log: ReplayLog, events: TrainEvents, sel: slice) -> None: ...
 
 
-def train_events(log: EvalLog, timing: str, window_ms: int) -> TrainEvents:
+def train_events(log: ReplayLog, timing: str, window_ms: int) -> TrainEvents:
     """When each label reaches a learner of ``timing``; ``window_ms`` is the attribution window."""
     if timing not in TIMINGS:
         raise ValueError(f"unknown label timing {timing!r}; one of {TIMINGS}")
@@ -78,7 +99,7 @@ class ReplayResult:
     seconds: dict[str, float]          # learner -> time spent predicting and learning
 
 
-def replay(log: EvalLog, learners: list[Learner], batch_size: int, window_ms: int,
+def replay(log: ReplayLog, learners: list[Learner], batch_size: int, window_ms: int,
            on_half: Callable[[], None] | None = None,
            progress: Callable[[int, int], None] | None = None) -> ReplayResult:
     """Score every row with every learner, then release the training events that are due."""

@@ -9,8 +9,7 @@ from typing import Any, Callable
 
 from odl.config import Config
 from trainers.evaluation import learners as L
-from trainers.evaluation.logs import EvalLog
-from trainers.evaluation.protocol import replay
+from trainers.evaluation.protocol import ReplayLog, replay
 from trainers.evaluation.report import figures, plot, result_line, table
 
 
@@ -46,19 +45,21 @@ def trainer_mode(cfg: Config) -> str:
     return "aligned" if cfg.label_alignment else "unaligned"
 
 
-def evaluate(cfg: Config, log: EvalLog, opts: EvalOptions,
+def evaluate(cfg: Config, log: ReplayLog, opts: EvalOptions,
              progress: Callable[[str], None] = lambda _: None) -> EvalResult:
     tcfg = cfg.trainer.model_copy(update={"frozen_baseline_after": None})
     window_ms = cfg.feature_job.attribution_window_s * 1000 if opts.delay else 0
     peer_timing = "unaligned" if opts.delay else "immediate"
     mode = trainer_mode(cfg) if opts.delay else "immediate"
-    online = L.OnlineODL(tcfg, mode)
+    def make():
+        return log.make_model(tcfg)
+    online = L.OnlineODL(make, mode)
     frozen = L.FrozenODL(online)
     period = opts.period_ms or L.default_period_ms(log.span_ms)
-    daily = L.DailyODL(tcfg, period, window_ms, opts.epochs)
+    daily = L.DailyODL(make, tcfg, period, window_ms, opts.epochs)
     learners: list = [online, frozen, daily, L.Popularity(peer_timing)]
     if opts.delay:   # the trainer's other label modes, on the same rows
-        learners += [L.OnlineODL(tcfg, m, f"online_{m}")
+        learners += [L.OnlineODL(make, m, f"online_{m}")
                      for m in ("delayed", "aligned", "unaligned") if m != mode]
     every = f"{period / 3_600_000:,.1f} h" if period >= 3_600_000 else f"{period / 1000:,.1f} s"
     notes = [f"daily: retrained every {every} of event time "

@@ -1,0 +1,207 @@
+"""The CTR model of a feature spec: one dynamic table per declared table, one input per declared
+sparse feature and sequence, the numeric features beside them.
+
+Same learning rules as the default shape's ``trainers.model.CTRModel`` (and the same network
+code, ``model.dcn_head``): component 0 of every input's vector is a first-order weight (the wide
+part), the other components meet in a factorisation machine over all inputs of the common dim,
+and everything feeds DCN-v2 cross layers beside a deep tower.  Each table row moves by the summed
+gradients of its own samples (per-sample sums, ``CTRModel._dense_step``); the network by Adam on
+the batch mean; delayed-feedback samples are importance-weighted.
+
+Inputs are ``SpecBatch``es: per input ``[n, width]`` keys (``odl.spec.encode``; key 0 = padding)
+pooled by sum, mean or, for sequences, attention against the candidate (the single-valued
+inputs on the sequence's table: e.g. the movie being scored for the user's last liked movies).
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import tensorflow as tf
+
+from odl.config import EmbeddingTableConfig, TrainerConfig
+from odl.spec import FeatureSpec
+from odl.spec.encode import PAD, list_width
+from trainers import sparse_optim
+from trainers.embedding import DynamicEmbedding
+from trainers.model import (dcn_head, init_head, is_trainable, update_moving_moments,
+                            weighted_loss)
+
+
+@dataclass(frozen=True)
+class Input:
+    name: str
+    table: str
+    width: int
+    pooling: str        # sum | mean | attention
+
+
+def spec_inputs(spec: FeatureSpec) -> list[Input]:
+    """The model's embedding inputs, in a fixed order: sparse features, then sequences."""
+    out = [Input(n, f.table, list_width(spec, f), f.pooling) for n, f in spec.sparse.items()]
+    out += [Input(n, s.table, s.length, s.pooling) for n, s in spec.realtime.sequences.items()]
+    return out
+
+
+@dataclass
+class SpecBatch:
+    keys: dict[str, np.ndarray]        # input name -> [n, width] int64 (0 = padding)
+    numeric: np.ndarray                # [n, k] float32
+    labels: np.ndarray                 # [n] float32
+    ts_ms: np.ndarray | None = None
+    delayed: np.ndarray | None = None  # [n] 1.0: a delayed-feedback sample
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def delayed_mask(self) -> np.ndarray:
+        if self.delayed is None:
+            return np.zeros(len(self.labels), np.float32)
+        return np.asarray(self.delayed, np.float32)
+
+    @property
+    def clock_ms(self) -> int:
+        return int(self.ts_ms.max()) if self.ts_ms is not None and len(self.ts_ms) else 0
+
+
+def _pool(g: tf.Tensor, mask: tf.Tensor, pooling: str, query: tf.Tensor | None) -> tf.Tensor:
+    """[B, w, d] vectors and [B, w] mask -> [B, d]."""
+    m = mask[..., None]
+    if pooling == "sum":
+        return tf.reduce_sum(g * m, axis=1)
+    if pooling == "attention" and query is not None:
+        scores = tf.reduce_sum(g * query[:, None, :], axis=-1) / tf.sqrt(tf.cast(tf.shape(g)[-1], tf.float32))
+        scores = tf.where(mask > 0, scores, tf.fill(tf.shape(scores), -1e9))
+        att = tf.nn.softmax(scores, axis=1) * mask      # an empty sequence pools to zeros
+        return tf.reduce_sum(g * att[..., None], axis=1)
+    return tf.reduce_sum(g * m, axis=1) / tf.maximum(tf.reduce_sum(m, axis=1), 1.0)
+
+
+class SpecModel:
+    def __init__(self, spec: FeatureSpec, cfg: TrainerConfig):
+        self.spec, self.cfg = spec, cfg
+        self.inputs = spec_inputs(spec)
+        self.num_numeric = len(spec.numeric) + count_columns(spec)
+        self.tables = {}
+        for k, (name, t) in enumerate(spec.tables.items()):
+            tcfg = EmbeddingTableConfig(dim=t.dim, capacity=t.capacity,
+                                        initial_rows=min(1024, t.capacity + 1),
+                                        admit_min_count=t.admit_min_count,
+                                        admit_probability=t.admit_probability, ttl_s=t.ttl_s)
+            opt = sparse_optim.make(t.optimizer or cfg.sparse_optimizer, cfg.sparse_learning_rate)
+            self.tables[name] = DynamicEmbedding(name, tcfg, opt, cfg.seed * 1000 + k)
+        dims = [spec.tables[i.table].dim for i in self.inputs]
+        self.fm_dim = max(set(dims), key=dims.count) if dims else 0
+        width = sum(dims) + self.num_numeric
+        rng = np.random.default_rng(cfg.seed)
+        self.dense = {k: tf.Variable(v, name=k.replace("/", "_"), trainable=is_trainable(k))
+                      for k, v in init_head(cfg, width, rng).items()}
+        self._trainable = [v for k, v in self.dense.items() if is_trainable(k)]
+        self.dense_opt = tf.keras.optimizers.Adam(cfg.dense_learning_rate)
+        self.dense_opt.build(self._trainable)
+        self.step, self.clock_ms = 0, 0
+        self.lock = threading.RLock()
+        rows = [tf.TensorSpec([None, i.width], tf.int64) for i in self.inputs]
+        masks = [tf.TensorSpec([None, i.width], tf.float32) for i in self.inputs]
+        num = tf.TensorSpec([None, self.num_numeric], tf.float32)
+        val = tf.TensorSpec([None], tf.float32)
+        self._predict_fn = tf.function(self._predict_impl, input_signature=[rows, masks, num])
+        self._train_fn = tf.function(self._train_impl, input_signature=[
+            rows, masks, num, val, val, tf.TensorSpec([], tf.int64)])
+
+    # --- the network -------------------------------------------------------------------------
+    def _logits(self, gathered, masks, numeric, training: bool):
+        queries: dict[str, tf.Tensor] = {}
+        for inp, g in zip(self.inputs, gathered):
+            if inp.width == 1:
+                queries[inp.table] = queries.get(inp.table, 0.0) + g[:, 0, :]
+        vecs = [_pool(g, m, inp.pooling, queries.get(inp.table))
+                for inp, g, m in zip(self.inputs, gathered, masks)]
+        first = tf.add_n([v[:, 0] for v in vecs]) if vecs else 0.0
+        fm_group = [v[:, 1:] for v in vecs if v.shape[-1] == self.fm_dim]
+        fm = 0.0
+        if len(fm_group) > 1:
+            s = tf.add_n(fm_group)
+            fm = 0.5 * tf.reduce_sum(s * s - tf.add_n([v * v for v in fm_group]), axis=-1)
+        logit, moments = dcn_head(self.dense, tf.concat(vecs + [numeric], axis=-1), training)
+        return logit + first + fm, moments
+
+    def _predict_impl(self, rows, masks, numeric):
+        gathered = [tf.gather(self.tables[i.table].var, r) for i, r in zip(self.inputs, rows)]
+        return tf.sigmoid(self._logits(gathered, masks, numeric, training=False)[0])
+
+    def _train_impl(self, rows, masks, numeric, labels, delayed, step):
+        gathered = [tf.gather(self.tables[i.table].var, r) for i, r in zip(self.inputs, rows)]
+        with tf.GradientTape() as tape:
+            tape.watch(gathered)
+            logits, moments = self._logits(gathered, masks, numeric, training=True)
+            loss = weighted_loss(labels, logits, delayed)
+        grads = tape.gradient(loss, gathered + self._trainable)
+        g_in, g_dense = grads[:len(gathered)], grads[len(gathered):]
+        self.dense_opt.apply_gradients(zip(g_dense, self._trainable))
+        update_moving_moments(self.dense, moments)
+        n = tf.cast(tf.shape(labels)[0], tf.float32)
+        for name, table in self.tables.items():
+            parts = [(tf.reshape(r, [-1]), tf.reshape(g, [-1, table.var.shape[-1]]))
+                     for i, r, g in zip(self.inputs, rows, g_in) if i.table == name]
+            if not parts:
+                continue
+            all_rows = tf.concat([p[0] for p in parts], axis=0)
+            all_grads = tf.concat([p[1] for p in parts], axis=0) * n   # per-sample sums
+            uniq, idx = tf.unique(all_rows)
+            summed = tf.math.unsorted_segment_sum(all_grads, idx, tf.shape(uniq)[0])
+            keep = uniq > 0   # row 0: padding and unknown ids, never trained
+            table.opt.apply(table.var, table.slots, tf.boolean_mask(uniq, keep),
+                            tf.boolean_mask(summed, keep), step)
+        return loss
+
+    # --- rows ----------------------------------------------------------------------------------
+    def _rows(self, batch: SpecBatch, train: bool, step: int):
+        rows, masks = [], []
+        for inp in self.inputs:
+            keys = batch.keys[inp.name]
+            r = np.zeros(keys.shape, np.int64)
+            real = keys != PAD
+            if real.any():
+                t = self.tables[inp.table]
+                r[real] = (t.lookup_train(keys[real], self.clock_ms, step) if train
+                           else t.rows_of(keys[real]))
+            rows.append(tf.constant(r))
+            masks.append(tf.constant(real.astype(np.float32)))
+        return rows, masks
+
+    # --- public API (as CTRModel's) -----------------------------------------------------------
+    def predict(self, batch: SpecBatch) -> np.ndarray:
+        with self.lock:
+            rows, masks = self._rows(batch, False, self.step)
+            return self._predict_fn(rows, masks, tf.constant(batch.numeric, tf.float32)).numpy()
+
+    def train(self, batch: SpecBatch) -> float:
+        with self.lock:
+            step = self.step + 1
+            self.clock_ms = max(self.clock_ms, batch.clock_ms)
+            rows, masks = self._rows(batch, True, step)
+            loss = self._train_fn(rows, masks, tf.constant(batch.numeric, tf.float32),
+                                  tf.constant(batch.labels, tf.float32),
+                                  tf.constant(batch.delayed_mask), tf.constant(step, tf.int64))
+            self.step = step
+            return float(loss)
+
+    def frozen_copy(self) -> "SpecModel":
+        """A copy that no longer learns (``odl eval``'s frozen baseline): weights and tables
+        duplicated, so the original may go on training."""
+        with self.lock:
+            copy = SpecModel(self.spec, self.cfg)
+            for k, v in self.dense.items():
+                copy.dense[k].assign(v)
+            for name, t in self.tables.items():
+                copy.tables[name].load(t.state())
+            copy.step, copy.clock_ms = self.step, self.clock_ms
+            return copy
+
+
+def count_columns(spec: FeatureSpec) -> int:
+    """Numeric inputs the real-time counts add: one per (count, window, value)."""
+    return sum(len(c.windows) * len(c.values) for c in spec.realtime.counts.values())
