@@ -334,15 +334,14 @@ def bench(name: str | None, as_json: bool, list_: bool, scale: int | None, confi
     click.echo(registry.render(name, result, as_json))
 
 
-def _spec_log(spec_path, log_path, renames, synthetic, delay, no_features):
+def _spec_log(spec_path, log_path, renames, synthetic, no_features, click_delay_s, seed):
     """The log of ``odl eval --spec``, or a ClickException saying which option does not fit."""
     from odl.spec import SpecError, load_spec
     from trainers.evaluation.spec_log import load_spec_log
-    clash = [o for o, on in (("--synthetic", synthetic), ("--delay", delay),
-                             ("--no-features", no_features)) if on]
+    clash = [o for o, on in (("--synthetic", synthetic), ("--no-features", no_features)) if on]
     if clash:
         raise click.ClickException(f"--spec: {clash[0]} does not apply (the spec declares the "
-                                   "features, and its rows carry their labels)")
+                                   "log and its features)")
     if not log_path or not Path(log_path).is_file():
         raise click.ClickException("--spec needs --log FILE: a CSV or Parquet log")
     bad = [r for r in renames if r.count("=") != 1]
@@ -352,7 +351,7 @@ def _spec_log(spec_path, log_path, renames, synthetic, delay, no_features):
         spec = load_spec(spec_path)
     except SpecError as exc:
         raise click.ClickException(str(exc)) from None
-    return load_spec_log(spec, log_path, dict(r.split("=") for r in renames))
+    return load_spec_log(spec, log_path, dict(r.split("=") for r in renames), click_delay_s, seed)
 
 
 @main.command("eval")
@@ -393,7 +392,8 @@ def eval_(log_dir, spec_path, renames, synthetic, impressions, limit, delay, per
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     try:
         if spec_path:
-            log = _spec_log(spec_path, log_dir, renames, synthetic, delay, no_features)
+            log = _spec_log(spec_path, log_dir, renames, synthetic, no_features,
+                            cfg.source.click_delay_s if delay else None, cfg.source.seed)
         elif synthetic:
             log = synthetic_log(cfg.source, impressions)
         else:

@@ -104,6 +104,10 @@ def test_sequences_and_counts_see_only_the_past(tmp_path: Path):
     np.testing.assert_allclose(np.expm1(imps), [0, 0, 2, 3], atol=1e-5)   # 1 s tiles
     np.testing.assert_allclose(np.expm1(clicks), [0, 0, 2, 2], atol=1e-5)
     assert log.label.tolist() == [1, 1, 0, 0]                             # rating >= 4
+    # clicks arriving a second after their rows: known from then on, not at the same instant
+    late = load_spec_log(spec, tmp_path / "log.csv", click_delay_s=(1.0, 1.0))
+    assert late.click_ts_ms.tolist() == [T0 + 1000, T0 + 1000, -1, -1]
+    assert not late.keys["liked"][2].any() and late.keys["liked"][3][:2].tolist() == liked[2][:2].tolist()
 
 
 def test_keys_padding_and_transforms():
@@ -152,8 +156,8 @@ def test_odl_eval_spec_on_a_sample_log(tmp_path: Path):
     assert out["rows"] == 2999 and set(out["overall"]) >= {"online", "frozen", "daily", "pop"}
     assert "{'bad_app': 1}" in res.output
     bad = CliRunner().invoke(main, ["eval", "--spec", str(SPECS_DIR / "adlog.yaml"), "--log",
-                                    str(log), "--delay"])
-    assert bad.exit_code != 0 and "--delay does not apply" in bad.output
+                                    str(log), "--synthetic"])
+    assert bad.exit_code != 0 and "--synthetic does not apply" in bad.output
     bad = CliRunner().invoke(main, ["eval", "--spec", str(SPECS_DIR / "default.yaml"), "--log",
                                     str(log)])
     assert bad.exit_code != 0 and "label.field" in bad.output

@@ -10,8 +10,8 @@ in event-time order.  Each row's inputs are what a stream would know at its even
 * sequences: the key's last N clicked values strictly before the row;
 * numeric features: their transforms (``standardize`` on the moments of earlier rows).
 
-Logs whose rows carry their label (``label.field``) only: a click is the row itself, so the
-label is known when the row is.  Logs that join impressions with clicks replay through the
+Logs whose rows carry their label (``label.field``) only: a click is the row itself, known
+when the row is -- or, with a click delay (``odl eval --delay``), a moment later.  Logs that join impressions with clicks replay through the
 default shape (`odl eval` without ``--spec``).
 """
 from __future__ import annotations
@@ -71,8 +71,11 @@ class SpecLog:
         return ns, dict(zip(self.numeric_names, self.numeric[r].tolist()))
 
 
-def load_spec_log(spec: FeatureSpec, path: str | Path, columns: dict[str, str] | None = None
-                  ) -> SpecLog:
+def load_spec_log(spec: FeatureSpec, path: str | Path, columns: dict[str, str] | None = None,
+                  click_delay_s: tuple[float, float] | None = None, seed: int = 7) -> SpecLog:
+    """The log as arrays.  With ``click_delay_s`` each click is taken to arrive that long after
+    its row (uniform, seeded, as ``movielens_log`` does): ``odl eval --delay`` then releases
+    labels with the stream's timing, and counts and sequences see a click only from then on."""
     if spec.label.field is None:
         raise ValueError(f"spec {spec.name}: odl eval --spec needs a log whose rows carry their "
                          "label (label.field); impression/click logs replay through the default "
@@ -92,9 +95,13 @@ def load_spec_log(spec: FeatureSpec, path: str | Path, columns: dict[str, str] |
     lab = spec.label
     raw = np.array([float(v[lab.field]) for v in rows])
     label = (raw >= lab.threshold if lab.threshold is not None else raw > 0).astype(np.float32)
-    click_ts = np.where(label > 0, ts, -1)
+    delay = np.zeros(len(ts), np.int64)
+    if click_delay_s is not None:
+        rng = np.random.default_rng(seed)
+        delay = (1000 * rng.uniform(*click_delay_s, size=len(ts))).astype(np.int64)
+    click_ts = np.where(label > 0, ts + delay, -1)
     keys = {n: sparse_keys(spec, f, rows)[0] for n, f in spec.sparse.items()}
-    keys.update(_sequences(spec, rows, ts, label))
+    keys.update(_sequences(spec, rows, ts, click_ts))
     cols, names = [], []
     for n, f in spec.numeric.items():
         cols.append(numeric_values(f, np.array([np.nan if v[f.field] is None else float(v[f.field])
@@ -143,28 +150,28 @@ def _counts(spec: FeatureSpec, rows: list[dict], ts: np.ndarray,
 
 
 def _sequences(spec: FeatureSpec, rows: list[dict], ts: np.ndarray,
-               label: np.ndarray) -> dict[str, np.ndarray]:
-    """Each row's key's last N clicked values, newest first, clicks strictly before the row."""
+               click_ts: np.ndarray) -> dict[str, np.ndarray]:
+    """Each row's key's last N clicked values, newest first: clicks whose own time is strictly
+    before the row's."""
+    clicks = np.nonzero(click_ts >= 0)[0]
+    clicks = clicks[np.argsort(click_ts[clicks], kind="stable")]
     out = {}
     for sname, s in spec.realtime.sequences.items():
         keys = np.zeros((len(rows), s.length), np.int64)
         recent: dict = {}
         cache: dict = {}
-        r = 0
-        while r < len(rows):
-            e = r
-            while e < len(rows) and ts[e] == ts[r]:
-                e += 1
-            for i in range(r, e):              # the rows of one instant see only the past
-                q = recent.get(rows[i].get(s.key))
-                if q:
-                    keys[i, :len(q)] = list(q)
-            for i in range(r, e):
-                k, v = rows[i].get(s.key), rows[i].get(s.value)
-                if label[i] > 0 and k is not None and v is not None:
+        c = 0
+        for r in range(len(rows)):
+            while c < len(clicks) and click_ts[clicks[c]] < ts[r]:
+                row = rows[clicks[c]]
+                k, v = row.get(s.key), row.get(s.value)
+                if k is not None and v is not None:
                     kv = cache.get(v) or cache.setdefault(v, key_of((s.value,), (v,)))
                     recent.setdefault(k, deque(maxlen=s.length)).appendleft(kv)
-            r = e
+                c += 1
+            q = recent.get(rows[r].get(s.key))
+            if q:
+                keys[r, :len(q)] = list(q)
         out[sname] = keys
     return out
 
