@@ -43,6 +43,9 @@ HOT_ROWS = Gauge("odl_exporter_hot_rows", "rows in the active generation", ["tab
 REDIS_MEMORY = Gauge("odl_exporter_redis_used_memory_bytes", "Redis used_memory")
 SET_LOST = Counter("odl_exporter_embedding_set_lost_total",
                    "times Redis no longer held the active generation (restarted empty, flushed)")
+DELTAS_REFUSED = Counter("odl_exporter_deltas_refused_total",
+                         "sparse deltas or embedding sets the gate refused (nothing written)")
+FROZEN = Gauge("odl_exporter_frozen", "1 while the gate holds sparse and dense publishing")
 
 
 class TrainerClient:
@@ -97,12 +100,40 @@ class Exporter:
         self.refresh_seq = 0
         self.refresh_step = -1
         self.restored_for: str | None = None   # the pinned version whose embeddings Redis holds
+        self.frozen: dict[str, Any] | None = cp.frozen()   # the gate's hold (``gate``)
+
+    # --- the gate's freeze -----------------------------------------------------------------------
+    def _freeze(self, what: str, reason: str, **extra: Any) -> None:
+        rec = {"what": what, "reason": reason, "ts": time.time(), **extra}
+        self.cp.freeze(rec)
+        self.frozen = rec
+        FROZEN.set(1)
+        self.log.warning("gate refused %s: %s; sparse and dense publishing frozen until a version "
+                         "passes or `odl resume exporter`", what, reason)
+
+    def _unfreeze(self, why: str) -> None:
+        if self.frozen is not None:
+            self.log.info("publishing unfrozen: %s", why)
+        self.cp.unfreeze()
+        self.frozen = None
+        FROZEN.set(0)
+
+    def _rows_ok(self, changes: dict[str, dict], what: str) -> bool:
+        verdict = gate.check_rows(((t, c["vectors"]) for t, c in changes.items()),
+                                  self.cfg.exporter.gate_max_row_norm)
+        if not verdict.ok:
+            DELTAS_REFUSED.inc()
+            self._freeze(what, verdict.reason)
+        return verdict.ok
 
     # --- sparse deltas -------------------------------------------------------------------------
     def resync(self, source: str = "resync") -> int:
-        """Every row into a new generation, made visible when complete; returns rows."""
-        self.hot.begin()
+        """Every row into a new generation, made visible when complete; returns rows (0, and
+        nothing written, when the gate refuses a row)."""
         mark, changes = self.trainer.changes(0)
+        if not self._rows_ok(changes, f"embedding set ({source})"):
+            return 0
+        self.hot.begin()
         n = self._write(changes)
         self.hot.enforce_bound()
         GENERATION.set(self.hot.activate(source))
@@ -110,13 +141,19 @@ class Exporter:
         return n
 
     def push_deltas(self) -> int:
-        """Rows changed since the last push, and evictions; returns rows written."""
+        """Rows changed since the last push, and evictions; returns rows written.  Frozen, or
+        when a row fails the gate, nothing is written and the mark stays: the rows go out with
+        a later push once the freeze is lifted."""
+        if self.frozen is not None:
+            return 0
         if self.hot.active is None:
             return self.resync("start")
         mark, changes = self.trainer.changes(self.mark)
         if not all(c["complete"] for c in changes.values()):
             # evictions older than the mark are forgotten, or the trainer restarted: start over
             return self.resync()
+        if not self._rows_ok(changes, "sparse delta"):
+            return 0
         n = self._write(changes)
         self.mark = mark
         ROWS_DELETED.labels("hot-set bound").inc(self.hot.enforce_bound())
@@ -137,7 +174,7 @@ class Exporter:
     # --- dense refreshes -----------------------------------------------------------------------
     def publish_dense(self) -> int | None:
         """The trainer's dense weights as a refresh of the newest version; returns its seq."""
-        if self.last_version is None:
+        if self.last_version is None or self.frozen is not None:
             return None
         snap = self.trainer.snapshot()
         if snap["step"] == self.refresh_step:
@@ -145,7 +182,7 @@ class Exporter:
         verdict = gate.check(snap, self._served_metrics(), self.cfg.exporter.gate_auc_margin)
         if not verdict.ok:
             REFRESHES.labels("refused").inc()
-            self.log.warning("dense refresh refused: %s", verdict.reason)
+            self._freeze("dense refresh", verdict.reason, step=snap["step"])
             return None
         self.refresh_seq = dense_channel.publish(self.r, self.cfg.serving.model_name,
                                                  str(self.last_version), snap["step"], snap["weights"])
@@ -172,7 +209,8 @@ class Exporter:
             return None   # nothing new, or too little, was trained
         version = self.store.next_version()
         rows = [(t, v) for t, (_, v) in (snap["embeddings"] or {}).items()]
-        verdict = gate.check(snap, self._served_metrics(), self.cfg.exporter.gate_auc_margin, rows)
+        verdict = gate.check(snap, self._served_metrics(), self.cfg.exporter.gate_auc_margin, rows,
+                             self.cfg.exporter.gate_max_row_norm)
         if not verdict.ok and not skip_gate:
             self.refused += 1
             VERSIONS.labels("refused").inc()
@@ -180,8 +218,14 @@ class Exporter:
                    "step": snap["step"], "auc": snap["metrics"].get("auc")}
             self.cp.record_refused(rec)
             self.store.record("refused", **rec)
-            self.log.warning("refused version %d: %s", version, verdict.reason)
+            self._freeze(f"version {version}", verdict.reason, step=snap["step"])
             return None
+        if self.frozen is not None:    # this version passed (or the operator skipped the gate)
+            self._unfreeze(f"version {version} {'passed the gate' if verdict.ok else 'published with --skip-gate'}")
+            if not pinned:
+                self.push_deltas()     # the held rows, checked; a bad one freezes again
+            if self.frozen is not None:
+                return None
         ec = self.cfg.exporter
         manifest = Manifest(version=str(version),
                             parent=str(self.last_version) if self.last_version else None,
@@ -257,6 +301,8 @@ class Exporter:
 
     def tick(self, schedule: Schedule, paused: bool) -> str:
         """One round of the loop; returns what it did."""
+        self.frozen = self.cp.frozen()     # `odl resume exporter` lifts it from outside
+        FROZEN.set(int(self.frozen is not None))
         lost = self.check_set()
         pinned = self.follow_pin()
         if lost and not pinned:
@@ -271,6 +317,8 @@ class Exporter:
                                  skip_gate=bool(request and request.get("skip_gate")))
         elif pinned:
             return "pinned"
+        elif self.frozen is not None:
+            return "frozen"
         elif what == "dense":
             self.publish_dense()
         else:
@@ -286,6 +334,7 @@ class Exporter:
                 "generation": self.hot.active, "refused": self.refused,
                 "refresh_seq": self.refresh_seq, "evicted": self.hot.evicted,
                 "restored_for": self.restored_for,
+                "frozen": (self.frozen or {}).get("reason"),
                 "redis_used_memory_bytes": mem["redis_used_memory_bytes"],
                 **{f"hot_rows_{t}": v["rows"] for t, v in mem["tables"].items()},
                 **{f"hot_bytes_{t}": v["bytes_estimate"] for t, v in mem["tables"].items()}}

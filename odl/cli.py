@@ -129,6 +129,7 @@ def status(as_json: bool, config: str | None) -> None:
     try:
         beats = cp.heartbeats()
         paused, served, refused = cp.paused(), cp.served_version(), cp.refused()[:3]
+        frozen = cp.frozen()
         restarts = cp.restarts()
     except Exception as exc:  # noqa: BLE001
         raise click.ClickException(f"control plane (Redis {cfg.redis.host}:{cfg.redis.port}) "
@@ -152,7 +153,8 @@ def status(as_json: bool, config: str | None) -> None:
                          "version": None, "metrics": {}})
     if as_json:
         click.echo(json.dumps({"components": rows, "served_version": served,
-                               "paused": sorted(paused), "refused": refused}, indent=1))
+                               "paused": sorted(paused), "refused": refused,
+                               "frozen": frozen}, indent=1))
         return
     click.echo(f"served version: {served or '-'}   paused: {', '.join(sorted(paused)) or '-'}")
     click.echo(f"{'INSTANCE':<14} {'STATE':<20} {'AGE':>6}  {'VERSION':<10} METRICS")
@@ -166,6 +168,10 @@ def status(as_json: bool, config: str | None) -> None:
                    f"see {cfg.paths.logs / (name + '.log')}")
     for rec in refused:
         click.echo(f"refused version {rec.get('version')}: {rec.get('reason')}")
+    if frozen:
+        click.echo(f"FROZEN: the gate refused {frozen.get('what')}: {frozen.get('reason')}; sparse "
+                   "and dense publishing held until a version passes, `odl publish --skip-gate` "
+                   "or `odl resume exporter`")
 
 
 def _set_paused(component: str, config: str | None, paused: bool) -> None:
@@ -187,7 +193,7 @@ def pause(component: str, config: str | None) -> None:
 @click.argument("component", type=click.Choice(PAUSABLE))
 @config_option
 def resume(component: str, config: str | None) -> None:
-    """Resume a paused component."""
+    """Resume a paused component (for the exporter: also lift a gate freeze)."""
     _set_paused(component, config, False)
 
 

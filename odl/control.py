@@ -54,7 +54,24 @@ class ControlPlane:
         self.r.sadd(names.CP_PAUSED, component)
 
     def resume(self, component: str) -> None:
-        self.r.srem(names.CP_PAUSED, component)
+        """Resuming the exporter is also the operator's override of a gate freeze."""
+        pipe = self.r.pipeline()
+        pipe.srem(names.CP_PAUSED, component)
+        if component == "exporter":
+            pipe.delete(names.CP_FROZEN)
+        pipe.execute()
+
+    def freeze(self, record: dict[str, Any]) -> None:
+        """The gate refused what the exporter was about to publish: hold sparse deltas and dense
+        refreshes (as a pin does) until a version passes or `odl resume exporter`."""
+        self.r.set(names.CP_FROZEN, json.dumps(record))
+
+    def unfreeze(self) -> None:
+        self.r.delete(names.CP_FROZEN)
+
+    def frozen(self) -> dict[str, Any] | None:
+        raw = self.r.get(names.CP_FROZEN)
+        return json.loads(raw) if raw else None
 
     def paused(self) -> set[str]:
         return set(self.r.smembers(names.CP_PAUSED))

@@ -28,6 +28,8 @@ CP_VERSIONS = f"{CP}:versions"              # hash version -> manifest JSON
 CP_REFUSED = f"{CP}:refused"                # list of refused export JSON records
 CP_PUBLISH_REQUEST = f"{CP}:publish_request"  # set by `odl publish`: export a version now
 CP_RESTARTS = f"{CP}:restarts"              # hash instance -> restarts its supervisor made
+CP_FROZEN = f"{CP}:frozen"                  # JSON: why the exporter holds sparse and dense
+                                            # publishing (the gate refused); absent = not frozen
 
 
 def cp_heartbeat(instance: str) -> str:

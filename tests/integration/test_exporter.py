@@ -189,3 +189,58 @@ def test_generations_switch_atomically_and_orphans_are_dropped(setup):
     again.hot.collect(force=True)
     left = {k.split(b":")[2] for k in r.scan_iter(match="{odl:emb:g*", count=1000)}
     assert left == {f"g{again.hot.active}".encode()} and again.hot.active != ex.hot.active
+
+
+def _poison(trainer, user: int, value: float) -> None:
+    """Make one trained user row poisoned (huge or NaN) and mark it changed at a new step."""
+    t = trainer.model.tables["user"]
+    row = int(t.rows_of(np.array([user]))[0])
+    assert row > 0
+    t.var[row].assign(np.full(DIM, value, np.float32))
+    trainer.model.step += 1
+    t.version[row] = trainer.model.step
+
+
+def test_gate_checks_every_delta_and_a_refusal_freezes_publishing(setup):
+    cfg, trainer, ex, r = setup
+    assert ex.publish_version() == 1
+    reader = EmbeddingReader(r, pointer_ttl_s=0)
+    served, _ = reader.fetch("user", [1, 2], DIM)
+    trainer.train()
+    _poison(trainer, 1, 1e6)                                 # a poisoned row among good ones
+    assert ex.push_deltas() == 0                             # nothing of the delta is written
+    np.testing.assert_array_equal(reader.fetch("user", [1, 2], DIM)[0], served)
+    assert "longer than exporter.gate_max_row_norm" in ex.cp.frozen()["reason"]
+    assert ex.tick(Schedule(1, 5, 30), paused=False) == "frozen"   # deltas and dense held
+    assert ex.publish_dense() is None and dense_channel.read(r, cfg.serving.model_name) is None
+    assert ex.publish_version() is None                      # the version carries the row too
+    assert ex.probe()["frozen"] and ex.store.versions() == [1]
+    # the operator lifts the freeze; the row is still poisoned: refused again, not written
+    ex.cp.resume("exporter")
+    ex.tick(Schedule(1000, 1000, 1000), paused=False)
+    assert ex.cp.frozen() is not None
+    np.testing.assert_array_equal(reader.fetch("user", [1, 2], DIM)[0], served)
+    # the trainer's row recovers (a restore, a fix): the next version passes, lifts the freeze
+    # and pushes the held rows, user 2's included
+    _poison(trainer, 1, 0.01)
+    trainer.train()
+    assert ex.publish_version() == 2 and ex.cp.frozen() is None and ex.frozen is None
+    ids, vectors = trainer.model.export_snapshot(True)["embeddings"]["user"]
+    want = {int(i): v for i, v in zip(ids, vectors)}
+    np.testing.assert_array_equal(reader.fetch("user", [2], DIM)[0], want[2][None])
+    assert ex.push_deltas() >= 0 and ex.publish_dense() is not None
+
+
+def test_a_refused_version_freezes_until_one_passes_or_skip_gate(setup):
+    cfg, trainer, ex, r = setup
+    assert ex.publish_version() == 1
+    trainer.train()
+    trainer.metrics["auc"] = 0.60                            # served version had 0.70
+    assert ex.publish_version() is None and ex.frozen["what"] == "version 2"
+    reader = EmbeddingReader(r, pointer_ttl_s=0)
+    before, _ = reader.fetch("user", [1, 2, 3], DIM)
+    trainer.train()
+    assert ex.push_deltas() == 0                             # the regressed model's rows held
+    np.testing.assert_array_equal(reader.fetch("user", [1, 2, 3], DIM)[0], before)
+    assert ex.publish_version(skip_gate=True) == 2 and ex.frozen is None
+    assert not np.allclose(reader.fetch("user", [1, 2, 3], DIM)[0], before)
