@@ -128,8 +128,7 @@ class NaiveFakeNegatives(OnlineODL):
     """Fake negatives without the importance weights: learns p/(1+p), not p."""
 
     def learn(self, log, ev, sel):
-        from trainers.evaluation.learners import _batch
-        self.model.train(_batch(log, ev.row[sel], ev.label[sel]))
+        self.model.train(log.batch(ev.row[sel], ev.label[sel]))
 
 
 @pytest.mark.slow
@@ -142,7 +141,9 @@ def test_importance_weights_undo_the_fake_negatives_bias():
     ts = np.arange(n, dtype=np.int64) * 1000
     log = _log(ts, rng.integers(0, 500, n) + 1, item + 1, label, np.where(label, ts + 5000, -1))
     cfg = Config().trainer
-    fnw, naive = OnlineODL(cfg, "delayed", "fnw"), NaiveFakeNegatives(cfg, "delayed", "naive")
+    def make():
+        return log.make_model(cfg)
+    fnw, naive = OnlineODL(make, "delayed", "fnw"), NaiveFakeNegatives(make, "delayed", "naive")
     res = replay(log, [fnw, naive], 128, window_ms=30_000)
     tail = slice(n // 2, n)
     y = log.label[tail]
