@@ -99,7 +99,7 @@ class Exporter:
         self.refused = 0
         self.refresh_seq = 0
         self.refresh_step = -1
-        self.restored_for: str | None = None   # the pinned version whose embeddings Redis holds
+        self.restored_for: str | None = None   # the held version whose embeddings Redis holds
         self.frozen: dict[str, Any] | None = cp.frozen()   # the gate's hold (``gate``)
 
     # --- the gate's freeze -----------------------------------------------------------------------
@@ -127,19 +127,6 @@ class Exporter:
         return verdict.ok
 
     # --- sparse deltas -------------------------------------------------------------------------
-    def resync(self, source: str = "resync") -> int:
-        """Every row into a new generation, made visible when complete; returns rows (0, and
-        nothing written, when the gate refuses a row)."""
-        mark, changes = self.trainer.changes(0)
-        if not self._rows_ok(changes, f"embedding set ({source})"):
-            return 0
-        self.hot.begin()
-        n = self._write(changes)
-        self.hot.enforce_bound()
-        GENERATION.set(self.hot.activate(source))
-        self.mark = mark
-        return n
-
     def push_deltas(self) -> int:
         """Rows changed since the last push, and evictions; returns rows written.  Frozen, or
         when a row fails the gate, nothing is written and the mark stays: the rows go out with
@@ -259,29 +246,63 @@ class Exporter:
             self.store.record("retired", version=v)
         self.log.info("published version %d (step %d, auc %.4f)", version, snap["step"],
                       snap["metrics"].get("auc", float("nan")))
+        if pinned and not self.cp.pinned_version():
+            self.follow_served()   # a promoted older version is replaced: the trainer's rows now
         return version
 
-    # --- rollback ------------------------------------------------------------------------------
-    def follow_pin(self) -> str | None:
-        """Make Redis hold the pinned version's embeddings, or the trainer's once unpinned;
-        returns the pinned version."""
+    # --- rollback, pin, promote ------------------------------------------------------------
+    def held_version(self) -> str | None:
+        """The version whose own embeddings serving must read: a pinned version, or one promoted
+        over this exporter's newest (``odl promote`` of an older version).  None: serving follows
+        the newest version, which reads the trainer's rows."""
         pinned = self.cp.pinned_version()
-        if pinned and pinned != self.restored_for:
+        if pinned:
+            return pinned
+        served = self.cp.served_version()
+        if served is not None and self.last_version is not None and served != str(self.last_version):
+            return served
+        return None
+
+    def follow_served(self) -> str | None:
+        """Make Redis hold the held version's embedding snapshot, or the trainer's rows once
+        nothing is held; record the outcome in the control plane (``odl rollback`` waits for
+        it).  Returns the held version."""
+        held = self.held_version()
+        if held and held != self.restored_for:
+            self.restored_for = held     # tried once per hold: a failure is recorded, not retried
             try:
-                tables = self.store.snapshot(pinned)
-            except (KeyError, FileNotFoundError) as exc:
-                self.log.error("cannot restore embeddings of pinned version %s: %s", pinned, exc)
-                self.restored_for = pinned   # do not retry every tick; dense rollback still holds
-                return pinned
-            gen = self.hot.restore(tables, source=f"rollback:{pinned}")
+                tables = self.store.snapshot(held)
+            except (KeyError, FileNotFoundError, ValueError) as exc:
+                reason = f"version {held} has no readable embedding snapshot ({exc})"
+                self.log.error("cannot restore embeddings: %s", reason)
+                self.cp.record_embeddings({"source": "trainer", "version": held, "ok": False,
+                                           "generation": self.hot.active, "reason": reason})
+                return held
+            gen = self.hot.restore(tables, source=f"rollback:{held}")
             GENERATION.set(gen)
-            self.store.record("restored", version=pinned, generation=gen,
+            self.store.record("restored", version=held, generation=gen,
                               rows={t: int(len(i)) for t, (i, _) in tables.items()})
-            self.restored_for = pinned
-        elif not pinned and self.restored_for is not None:
+            self.cp.record_embeddings({"source": "version", "version": held, "ok": True,
+                                       "generation": gen, "reason": None})
+        elif not held and self.restored_for is not None:
             self.restored_for = None
             self.resync("unpinned")
-        return pinned
+        return held
+
+    def resync(self, source: str = "resync") -> int:
+        """Every trainer row into a new generation, made visible when complete; returns rows
+        (0, and nothing written, when the gate refuses a row)."""
+        mark, changes = self.trainer.changes(0)
+        if not self._rows_ok(changes, f"embedding set ({source})"):
+            return 0
+        self.hot.begin()
+        n = self._write(changes)
+        self.hot.enforce_bound()
+        GENERATION.set(self.hot.activate(source))
+        self.mark = mark
+        self.cp.record_embeddings({"source": "trainer", "version": None, "ok": True,
+                                   "generation": self.hot.active, "reason": None})
+        return n
 
     def check_set(self) -> bool:
         """If Redis lost the active generation (restarted without persistence, flushed), forget
@@ -296,7 +317,7 @@ class Exporter:
         SET_LOST.inc()
         self.hot.active, self.hot.index = None, {}
         if self.restored_for is not None:
-            self.restored_for = None          # follow_pin restores the pinned version again
+            self.restored_for = None          # follow_served restores the held version again
         return True
 
     def tick(self, schedule: Schedule, paused: bool) -> str:
@@ -304,7 +325,7 @@ class Exporter:
         self.frozen = self.cp.frozen()     # `odl resume exporter` lifts it from outside
         FROZEN.set(int(self.frozen is not None))
         lost = self.check_set()
-        pinned = self.follow_pin()
+        pinned = self.follow_served()
         if lost and not pinned:
             self.resync("redis-restarted")
         self.hot.collect()

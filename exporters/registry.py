@@ -100,14 +100,21 @@ class ModelStore:
         return doomed
 
     def snapshot(self, version: int | str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The embedding rows a version was exported with; KeyError if it has none."""
-        rel = self.manifest(version).get("embedding_snapshot")
+        """The embedding rows a version was exported with; KeyError if it has none,
+        FileNotFoundError if a table its manifest lists is missing (never a silent empty set)."""
+        man = self.manifest(version)
+        rel = man.get("embedding_snapshot")
         if not rel:
             raise KeyError(f"version {version} has no embedding snapshot")
         out = {}
-        for f in sorted((self.path(version) / rel).glob("*.npz")):
+        for table in man.get("embedding_rows") or {}:
+            f = self.path(version) / rel / f"{table}.npz"
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} is missing")
             with np.load(f) as z:
-                out[f.stem] = (z["ids"], z["vectors"])
+                out[table] = (z["ids"], z["vectors"])
+        if not out:
+            raise KeyError(f"version {version}'s embedding snapshot lists no table")
         return out
 
     # --- the registry's log -------------------------------------------------------------------

@@ -226,13 +226,15 @@ def publish(skip_gate: bool, config: str | None) -> None:
 
 
 def _rollout(fleet, cp, target: str | None, timeout: float, wait: bool) -> None:
-    """Wait until every live serving replica reports ``target``; exit 1 naming those that did not."""
+    """Wait until every live serving replica reports ``target`` and Redis holds the rows it
+    must be served with; exit 1 naming what did not happen."""
     if target is None:
         click.echo("no version registered yet")
         return
     if not wait:
         return
-    out = fleet.wait_for(cp, target, timeout_s=timeout)
+    wanted = fleet.embeddings_wanted(cp, target)
+    out = fleet.wait_for(cp, target, timeout_s=timeout, embeddings=wanted)
     for inst, v in sorted(out.reached.items()):
         click.echo(f"  {inst:<12} serves {v}")
     for inst in out.stale:
@@ -244,7 +246,17 @@ def _rollout(fleet, cp, target: str | None, timeout: float, wait: bool) -> None:
             click.echo(f"  {inst:<12} still serves {v or '-'}", err=True)
         raise click.ClickException(f"{len(out.lagging)} replica(s) did not reach version {target} "
                                    f"within {timeout:g} s")
-    click.echo(f"every live replica serves version {target} ({out.waited_s:.1f} s)")
+    if out.embeddings is not True:
+        rec = out.embeddings_record or {}
+        why = (rec.get("reason") or "the exporter recorded a failure") if out.embeddings is False \
+            else f"the exporter did not confirm within {timeout:g} s (is it running?)"
+        raise click.ClickException(
+            f"every live replica serves version {target}, but Redis does not hold "
+            f"{'its embeddings' if wanted.source == 'version' else 'the trainer rows'}: {why}; "
+            "serving reads the rows Redis holds now")
+    held = f" with its own embeddings (generation {out.embeddings_record.get('generation')})" \
+        if wanted.source == "version" else ""
+    click.echo(f"every live replica serves version {target}{held} ({out.waited_s:.1f} s)")
 
 
 def _steer(config: str | None, timeout: float, no_wait: bool, action: str, message: str, *args) -> None:

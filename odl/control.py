@@ -61,6 +61,15 @@ class ControlPlane:
             pipe.delete(names.CP_FROZEN)
         pipe.execute()
 
+    def record_embeddings(self, record: dict[str, Any]) -> None:
+        """What the embedding generation serving reads holds: ``{"source": "trainer" |
+        "version", "version", "generation", "ok", "reason", "ts"}`` (the exporter writes it)."""
+        self.r.set(names.CP_EMBEDDINGS, json.dumps({"ts": time.time(), **record}))
+
+    def embeddings(self) -> dict[str, Any] | None:
+        raw = self.r.get(names.CP_EMBEDDINGS)
+        return json.loads(raw) if raw else None
+
     def freeze(self, record: dict[str, Any]) -> None:
         """The gate refused what the exporter was about to publish: hold sparse deltas and dense
         refreshes (as a pin does) until a version passes or `odl resume exporter`."""

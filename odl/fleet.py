@@ -4,7 +4,9 @@ replica reports the version it was told to serve.
 The control plane holds the *desired* version (a pin, or the newest registered version); each
 replica polls it, loads and warms the version in the background, swaps it in, and reports the
 version it serves in its heartbeat.  So "done" is observable: every live replica's heartbeat
-names the target.  A replica whose heartbeat is older than ``stale_after_s`` is not waited for
+names the target, and the exporter has recorded that Redis holds the rows the target must be
+served with (its own embedding snapshot when it is held -- pinned, or promoted over a newer
+version -- else the trainer's rows).  A replica whose heartbeat is older than ``stale_after_s`` is not waited for
 (it is down; it will load the desired version when it comes back) but is listed.
 """
 from __future__ import annotations
@@ -22,6 +24,25 @@ class FleetError(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class EmbeddingsWanted:
+    """Whose rows Redis must hold once the change is done: a version's snapshot (``source:
+    version``) or the trainer's (``source: trainer``).  The exporter records each restore and
+    resync as it makes it, so its newest record is what Redis holds now."""
+    source: str
+    version: str | None
+
+    def met_by(self, rec: dict | None) -> bool | None:
+        """True: done; False: the exporter tried and failed; None: not yet."""
+        if rec is None:
+            return None
+        if self.source == "version" and rec.get("version") == self.version:
+            return bool(rec.get("ok")) and rec.get("source") == "version"
+        if self.source == "trainer" and rec.get("source") == "trainer" and rec.get("ok"):
+            return True
+        return None
+
+
 @dataclass
 class Rollout:
     target: str
@@ -29,10 +50,12 @@ class Rollout:
     lagging: dict[str, str | None] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)            # no recent heartbeat: not waited for
     waited_s: float = 0.0
+    embeddings: bool | None = True   # the rows Redis must hold: True held, False failed, None not yet
+    embeddings_record: dict | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.lagging
+        return not self.lagging and self.embeddings is True
 
 
 def known_versions(cp: ControlPlane) -> list[str]:
@@ -57,6 +80,16 @@ def rollback_target(cp: ControlPlane, to: str | None = None) -> str:
     if k == 0:
         raise FleetError(f"version {served} is the oldest registered version: nothing to roll back to")
     return known[k - 1]
+
+
+def embeddings_wanted(cp: ControlPlane, target: str | None) -> EmbeddingsWanted | None:
+    """After a fleet change: a held version (pinned, or promoted over a newer one) must be
+    served with its own embedding snapshot; otherwise with the trainer's rows."""
+    if target is None:
+        return None
+    known = known_versions(cp)
+    held = cp.pinned_version() == target or (known and target != known[-1])
+    return EmbeddingsWanted("version" if held else "trainer", target if held else None)
 
 
 def pin(cp: ControlPlane, version: str) -> str:
@@ -93,8 +126,10 @@ def replicas(cp: ControlPlane) -> list[Heartbeat]:
 
 def wait_for(cp: ControlPlane, target: str, timeout_s: float = 60.0, poll_s: float = 0.5,
              stale_after_s: float | None = None,
-             progress: Callable[[Rollout], None] | None = None) -> Rollout:
-    """Until every live serving replica reports ``target`` (or ``timeout_s``)."""
+             progress: Callable[[Rollout], None] | None = None,
+             embeddings: EmbeddingsWanted | None = None) -> Rollout:
+    """Until every live serving replica reports ``target`` and, with ``embeddings``, the
+    exporter has put the wanted rows in Redis (or failed to, or ``timeout_s``)."""
     stale_after = stale_after_s if stale_after_s is not None else 3 * cp.cfg.control.heartbeat_interval_s
     t0 = time.monotonic()
     while True:
@@ -106,9 +141,12 @@ def wait_for(cp: ControlPlane, target: str, timeout_s: float = 60.0, poll_s: flo
                 out.reached[hb.instance] = hb.version
             else:
                 out.lagging[hb.instance] = hb.version
+        if embeddings is not None:
+            out.embeddings_record = cp.embeddings()
+            out.embeddings = embeddings.met_by(out.embeddings_record)
         out.waited_s = time.monotonic() - t0
         if progress:
             progress(out)
-        if out.ok or out.waited_s >= timeout_s:
-            return out
+        if (not out.lagging and out.embeddings is not None) or out.waited_s >= timeout_s:
+            return out    # done, or decided: a failed restore is final
         time.sleep(poll_s)

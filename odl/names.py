@@ -28,6 +28,9 @@ CP_VERSIONS = f"{CP}:versions"              # hash version -> manifest JSON
 CP_REFUSED = f"{CP}:refused"                # list of refused export JSON records
 CP_PUBLISH_REQUEST = f"{CP}:publish_request"  # set by `odl publish`: export a version now
 CP_RESTARTS = f"{CP}:restarts"              # hash instance -> restarts its supervisor made
+CP_EMBEDDINGS = f"{CP}:embeddings"          # JSON: whose rows the active generation holds
+                                            # (the trainer's, or a version's snapshot) and
+                                            # whether a version's restore succeeded
 CP_FROZEN = f"{CP}:frozen"                  # JSON: why the exporter holds sparse and dense
                                             # publishing (the gate refused); absent = not frozen
 

@@ -2,6 +2,7 @@
 a real model store and a real exporter fed by an in-process ``CTRModel``: the API and its
 fuzzing, the recommendation endpoint, cache freshness, dense refreshes without reload, a
 fleet-wide rollback through the CLI, and Redis killed and restarted under load."""
+import shutil
 import subprocess
 import threading
 import time
@@ -256,9 +257,10 @@ def test_cli_rollback_reaches_every_replica_with_the_recorded_predictions(tmp_pa
         cfg_file.write_text(dump_config(s.cfg))
         out = CliRunner().invoke(cli, ["rollback", "--config", str(cfg_file), "--timeout", "20"])
         assert out.exit_code == 0, out.output
-        assert "every live replica serves version 1" in out.output
+        assert "every live replica serves version 1 with its own embeddings" in out.output
         assert s.cp.pinned_version() == "1" and s.cp.is_paused("exporter")
-        deadline = time.monotonic() + 10              # the exporter restores version 1's rows
+        assert s.cp.embeddings()["version"] == "1" and s.cp.embeddings()["ok"]
+        deadline = time.monotonic() + 10              # replicas' row caches catch up
         while not all(np.abs(scores(r.url) - recorded[0]).max() < 1e-6 for r in s.replicas):
             assert time.monotonic() < deadline, "replicas do not answer version 1's predictions"
             time.sleep(0.1)
@@ -269,9 +271,17 @@ def test_cli_rollback_reaches_every_replica_with_the_recorded_predictions(tmp_pa
         out = CliRunner().invoke(cli, ["promote", "1", "--config", str(cfg_file), "--timeout", "20"])
         assert out.exit_code == 0 and "every live replica serves version 1" in out.output, out.output
         assert s.cp.pinned_version() is None and s.cp.served_version() == "1"
+        assert "with its own embeddings" in out.output         # promoted over the newer 2
         out = CliRunner().invoke(cli, ["pin", "2", "--config", str(cfg_file), "--timeout", "20"])
         assert out.exit_code == 0 and "every live replica serves version 2" in out.output, out.output
         assert s.cp.pinned_version() == "2"
+        # a version whose snapshot is gone: the replicas switch, the CLI says the rows did not
+        shutil.rmtree(s.ex.store.path(1) / "embeddings")
+        out = CliRunner().invoke(cli, ["rollback", "--to", "1", "--config", str(cfg_file),
+                                       "--timeout", "20"])
+        assert out.exit_code == 1, out.output
+        assert "Redis does not hold its embeddings: version 1 has no readable embedding snapshot" \
+            in out.output
 
 
 def test_redis_killed_and_restarted_under_load_fails_no_request(tmp_path):
