@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import redis
 import tensorflow as tf
 
 from exporters import dense_channel
@@ -168,6 +169,7 @@ class ModelHolder:
         self.store, self.cp = store, cp
         self.current: LoadedModel | None = None
         self.load_errors = 0
+        self.fallback = False   # serving the store's newest because the control plane is away
         self._failed: dict[str, float] = {}  # version -> when loading it last failed
         self._lock = threading.Lock()
 
@@ -182,12 +184,34 @@ class ModelHolder:
         model.warm()
         return model
 
+    def wanted_version(self) -> str | None:
+        """The version the control plane wants served.  With the control plane unreachable a
+        replica that serves nothing yet takes the newest version in the model store (it would
+        otherwise answer nothing until Redis is back; pins live in Redis, so this is the only
+        choice it can make), and one that serves a version keeps it."""
+        try:
+            served = self.cp.served_version()
+        except redis.RedisError as exc:
+            if self.current is not None:
+                return self.current.version
+            newest = self._newest()
+            if newest is not None and not self.fallback:
+                log.warning("control plane unreachable (%s): serving the newest version in the "
+                            "model store, %s, until it is back", exc, newest)
+            self.fallback = newest is not None
+            return newest
+        if self.fallback:
+            log.info("control plane back: serving the version it wants")
+            self.fallback = False
+        return served or self._newest()
+
+    def _newest(self) -> str | None:
+        latest = self.store.latest()
+        return str(latest) if latest is not None else None
+
     def refresh(self) -> bool:
         """Load the wanted version if it differs from the current one; True if swapped."""
-        wanted = self.cp.served_version()
-        if wanted is None:
-            latest = self.store.latest()
-            wanted = str(latest) if latest is not None else None
+        wanted = self.wanted_version()
         if wanted is None or (self.current and self.current.version == wanted):
             return False
         if time.time() - self._failed.get(wanted, 0.0) < RETRY_FAILED_S:

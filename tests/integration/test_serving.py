@@ -336,3 +336,43 @@ def test_redis_killed_and_restarted_under_load_fails_no_request(tmp_path):
         assert not results[-1][2]
     finally:
         stop(server)
+
+
+def test_a_replica_started_while_redis_is_down_serves_the_stores_newest_version(tmp_path):
+    port = free_port()
+
+    def start_redis():
+        proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                                 "--appendonly", "no", "--dir", str(tmp_path)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(port, proc, "redis-server")
+        return proc
+
+    server = start_redis()
+    late = None
+    try:
+        with Stack(tmp_path, port, replicas=0) as s:
+            s.ex.publish_version()
+            s.trainer.train()
+            s.ex.publish_version()
+            stop(server)                                    # the control plane is gone
+            late = Replica(s.cfg, free_port(), "serving-late", registry=CollectorRegistry())
+            late.start_in_thread()
+            deadline = time.monotonic() + 20
+            while late.holder.current is None:
+                assert time.monotonic() < deadline, "no model loaded while Redis is down"
+                time.sleep(0.1)
+            assert late.holder.current.version == "2" and late.holder.fallback
+            resp = predict(late.url, USERS[:5], ITEMS[:5])
+            assert resp.status_code == 200 and DEGRADED_HEADER in resp.headers
+            server = start_redis()                          # back (empty): a pin is honoured
+            s.cp.pin_version("1")
+            deadline = time.monotonic() + 20
+            while late.holder.current.version != "1":
+                assert time.monotonic() < deadline, "did not follow the control plane once back"
+                time.sleep(0.1)
+            assert not late.holder.fallback
+    finally:
+        if late is not None:
+            late.close()
+        stop(server)
