@@ -14,6 +14,7 @@ training and the moving averages (ordinary entries of the weight dict) when serv
 """
 from __future__ import annotations
 
+import secrets
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -211,6 +212,7 @@ class CTRModel:
         self.dense_opt.build(self._trainable)
         self.step = 0
         self.clock_ms = 0
+        self.incarnation = new_incarnation()
         self.lock = threading.RLock()
 
     def _make_tables(self) -> dict[str, DynamicEmbedding]:
@@ -313,13 +315,12 @@ class CTRModel:
         with self.lock:
             return {k: v.numpy() for k, v in self.dense.items()}
 
-    def embedding_changes(self, since: int) -> tuple[int, dict[str, dict]]:
-        """(mark, {table: {ids, vectors, removed, complete}}) for rows changed after step
-        ``since``; pass the returned mark next time.  Taken under the model lock: one step."""
+    def embedding_changes(self, since: Mark | int) -> tuple[Mark, dict[str, dict]]:
+        """(mark, {table: {ids, vectors, removed, complete}}) for rows changed after the mark
+        ``since`` (0: everything); pass the returned mark next time.  Taken under the model
+        lock: one step.  After a restore every row comes back with ``complete: False``."""
         with self.lock:
-            if since > self.step:  # the reader's mark predates a restore to an older step
-                since = 0
-            return self.step, table_changes(self.tables, since)
+            return table_changes(self.tables, since, self.incarnation, self.step)
 
     def export_snapshot(self, embeddings: bool = False) -> dict[str, Any]:
         """What the exporter publishes, from one step: dense weights and, with ``embeddings``,
@@ -365,18 +366,34 @@ class CTRModel:
                 t.load(state[f"table_{name}"], increment=increment)
             self.step = int(state["model"]["step"])
             self.clock_ms = int(state["model"]["clock_ms"])
+            self.incarnation = new_incarnation()
             for t in self.tables.values():
                 t.forget_history(self.step)
 
 
-def table_changes(tables: dict[str, DynamicEmbedding], since: int) -> dict[str, dict]:
-    """{table: {ids, vectors, removed, complete}} of rows changed after mark ``since``."""
+Mark = tuple[int, int]    # (incarnation, step): where a reader of embedding changes stands
+
+
+def new_incarnation() -> int:
+    """A fresh identity for a model's state: at start and at every restore (checkpoint load)."""
+    return secrets.randbits(62)
+
+
+def table_changes(tables: dict[str, DynamicEmbedding], since: Mark | int, incarnation: int,
+                  now: int) -> tuple[Mark, dict[str, dict]]:
+    """(mark, {table: {ids, vectors, removed, complete}}) of rows changed after ``since``.
+
+    A mark of another incarnation -- the state was restored since the reader last asked, so
+    rows it holds may have been rolled back, however the step numbers compare -- answers with
+    every row and ``complete: False``: the reader must replace its whole set."""
+    inc, step = since if isinstance(since, (tuple, list)) else (incarnation, since)
+    same = inc == incarnation and step <= now
     out = {}
     for name, t in tables.items():
-        ids, rows, removed, complete = t.changed_since(since)
+        ids, rows, removed, complete = t.changed_since(step if same else 0)
         out[name] = {"ids": ids, "vectors": t.vectors(rows), "removed": removed,
-                     "complete": complete}
-    return out
+                     "complete": complete and same}
+    return (incarnation, now), out
 
 
 class FrozenModel:

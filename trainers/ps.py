@@ -30,7 +30,7 @@ from odl.config import TrainerConfig
 from trainers import sparse_optim
 from trainers.checkpoint import CheckpointInfo, CheckpointStore
 from trainers.embedding import EXPIRE_EVERY_STEPS, DynamicEmbedding, splitmix64
-from trainers.model import SPARSE_TABLES, Batch, CTRModel, table_changes
+from trainers.model import SPARSE_TABLES, Batch, CTRModel, Mark, new_incarnation, table_changes
 
 Lookup = dict[str, tuple[np.ndarray, np.ndarray]]   # table -> (vectors, known before the call)
 
@@ -52,6 +52,7 @@ class EmbeddingShard:
             self.tables[name] = DynamicEmbedding(name, part, opt, cfg.seed * 1000 + k)
         self._apply = {name: self._compile(t) for name, t in self.tables.items()}
         self.version = 0       # this shard's change counter (marks for deltas and increments)
+        self.incarnation = new_incarnation()   # renewed by every load: readers' marks expire
         self.clock_ms = 0      # newest event time seen (TTL eviction)
         self._lookups = 0
         self.store = CheckpointStore(store_dir, cfg.checkpoint.keep_full) if store_dir else None
@@ -107,11 +108,10 @@ class EmbeddingShard:
                                       tf.constant(step, tf.int64))
 
     # --- reading -----------------------------------------------------------------------------
-    def changes(self, since: int) -> tuple[int, dict[str, dict]]:
-        """(mark, {table: {ids, vectors, removed, complete}}) of rows changed after ``since``."""
-        if since > self.version:   # the mark predates a restore to an older state
-            since = 0
-        return self.version, table_changes(self.tables, since)
+    def changes(self, since: Mark | int) -> tuple[Mark, dict[str, dict]]:
+        """(mark, {table: {ids, vectors, removed, complete}}) of rows changed after ``since``
+        (``model.table_changes``: a mark from before a restore gets every row, incomplete)."""
+        return table_changes(self.tables, since, self.incarnation, self.version)
 
     def occupancy(self) -> dict[str, dict[str, int]]:
         return {name: t.occupancy() for name, t in self.tables.items()}
@@ -130,6 +130,7 @@ class EmbeddingShard:
     def load(self, state: dict[str, dict[str, np.ndarray]], increment: bool = False) -> None:
         for name, t in self.tables.items():
             t.load(state[f"table_{name}"], increment=increment)
+        self.incarnation = new_incarnation()
         if "shard" in state:
             self.version = int(state["shard"]["version"])
             self.clock_ms = int(state["shard"]["clock_ms"])
@@ -234,7 +235,7 @@ class ShardedTables:
         if self.remote:
             self._unconfirmed.extend(refs)
 
-    def changes(self, since: list[int] | int) -> tuple[list[int], dict[str, dict]]:
+    def changes(self, since: list[Mark] | int) -> tuple[list[Mark], dict[str, dict]]:
         """Every shard's changes after its mark in ``since`` (0 or a list from a previous call:
         one mark per shard), merged per table; returns the new marks."""
         marks = since if isinstance(since, list) and len(since) == len(self.shards) else [0] * len(self.shards)
@@ -308,7 +309,7 @@ class ShardedCTRModel(CTRModel):
     def flush(self) -> None:
         self.remote.flush()
 
-    def embedding_changes(self, since) -> tuple[list[int], dict[str, dict]]:
+    def embedding_changes(self, since) -> tuple[list[Mark], dict[str, dict]]:
         return self.remote.changes(since)
 
     def occupancy(self) -> dict[str, dict[str, int]]:
