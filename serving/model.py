@@ -31,10 +31,9 @@ WARM_BATCHES = (1, 8, 64, 256, 1024)
 
 
 class ReadWriteLock:
-    """Many predictions at once, or one in-place weight refresh: a request never sees half of
-    a refresh's weights.  A waiting writer goes first (new readers queue behind it), so a busy
-    replica still applies its refreshes.  (The periodic cache refresh needs no lock: with the
-    weights unchanged it rewrites the cache with the values it already holds.)"""
+    """Many predictions at once, or one in-place weight or cache refresh: a request never sees
+    half of a refresh.  A waiting writer goes first (new readers queue behind it), so a busy
+    replica still applies its refreshes."""
 
     def __init__(self):
         self._cond = threading.Condition()
@@ -159,9 +158,19 @@ class LoadedModel:
             return False
         args = {k: tf.constant(given[k], specs[k].dtype) for k in specs}
         with self.lock.write():
-            fn(**args)
+            fn(**args)                 # apply_weights recomputes the cache with the weights
+            if self.cache is not None:
+                self.cache.refreshed()
         self.refresh_seq, self.refreshed_at = refresh.seq, time.time()
         return True
+
+    def maintain(self) -> bool:
+        """Run a due CallGraphOp cache refresh under the write lock (the model poll calls
+        this, the thread that also applies weight refreshes); True if it ran."""
+        if self.cache is None or not self.cache.due:
+            return False
+        with self.lock.write():
+            return self.cache.run_due()
 
 
 class ModelHolder:
@@ -227,6 +236,10 @@ class ModelHolder:
             self.current = model
         log.info("now serving version %s", wanted)
         return True
+
+    def maintain(self) -> bool:
+        m = self.current
+        return m.maintain() if m is not None else False
 
     def refresh_dense(self, r) -> bool:
         """Apply the newest dense refresh if it refines the version served now; True if applied."""

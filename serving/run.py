@@ -77,6 +77,7 @@ class Replica:
         if holder.load_errors > errors:
             metrics.model_loads.labels("error").inc()
         holder.refresh_dense(self.app.r)
+        holder.maintain()
 
     async def serve(self, started: threading.Event | None = None) -> None:
         runner = web.AppRunner(self.app.build(), access_log=None)

@@ -170,8 +170,11 @@ class OptimisedModule(tf.Module):
 
 class CacheRefresher:
     """Host-side refresh policy for a loaded optimised model: ``refresh`` (its ``refresh_cache``
-    signature) runs after ``every_n_calls`` calls or ``every_s`` seconds since the last refresh,
-    whichever comes first.  ``on_call`` is cheap (a counter and a clock read)."""
+    signature) becomes due after ``every_n_calls`` calls or ``every_s`` seconds since the last
+    refresh, whichever comes first.  Request threads only count (``on_call``: a counter and a
+    clock read); the owner runs a due refresh (``run_due``) where it serialises it with weight
+    writes -- the replica's model poll, under the model's write lock -- so a refresh computed
+    from old weights can never overwrite the cache a weight refresh just wrote."""
 
     def __init__(self, refresh: Callable[[], object], policy: CachePolicy,
                  clock: Callable[[], float] = time.monotonic):
@@ -181,15 +184,29 @@ class CacheRefresher:
         self._lock = threading.Lock()
         self.refreshes = 0
 
+    @property
+    def due(self) -> bool:
+        with self._lock:
+            return (self._calls >= self.policy.every_n_calls
+                    or self._clock() - self._at >= self.policy.every_s)
+
     def on_call(self) -> bool:
-        """Count a call; refresh if due.  True if this call refreshed."""
+        """Count a call; True if a refresh is due now."""
         with self._lock:
             self._calls += 1
-            due = (self._calls >= self.policy.every_n_calls
-                   or self._clock() - self._at >= self.policy.every_s)
-            if due:
-                self._calls, self._at = 0, self._clock()
-                self.refreshes += 1
-        if due:
-            self._refresh()
-        return due
+        return self.due
+
+    def run_due(self) -> bool:
+        """Refresh if due; True if it did.  The caller holds what serialises weight writes."""
+        if not self.due:
+            return False
+        self._refresh()
+        with self._lock:
+            self._calls, self._at = 0, self._clock()
+            self.refreshes += 1
+        return True
+
+    def refreshed(self) -> None:
+        """The cache was recomputed by other means (a weight refresh): restart the count."""
+        with self._lock:
+            self._calls, self._at = 0, self._clock()

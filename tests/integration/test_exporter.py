@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from exporters import dense_channel, savedmodel
 from exporters.exporter import Exporter, Schedule
+from exporters.graph.module import CachePolicy
 from exporters.hot_embeddings import EmbeddingReader, Pointer
 from odl.control import ControlPlane
 from odl.features import DEFAULT_DENSE
@@ -94,6 +95,15 @@ def test_deltas_and_dense_refreshes_follow_training(setup):
     got = holder.current.predict(*args)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert np.abs(got - old).max() > 1e-6
+    # the periodic cache refresh runs in the model poll under the write lock, never in a request
+    m = holder.current
+    m.cache.policy = CachePolicy(every_n_calls=2, every_s=1e9)
+    before = m.cache.refreshes
+    for _ in range(3):
+        m.predict(*args)
+    assert m.cache.refreshes == before and m.cache.due
+    assert holder.maintain() and m.cache.refreshes == before + 1 and not m.cache.due
+    np.testing.assert_allclose(m.predict(*args), want, atol=1e-5)
     ex.cp.pin_version("1")
     trainer.train()
     ex.publish_version(pinned="1")                           # version 2, refreshes now refine 2

@@ -116,10 +116,14 @@ def test_cache_refresher_by_count_and_by_time():
     calls = []
     r = CacheRefresher(lambda: calls.append(now[0]), CachePolicy(every_n_calls=5, every_s=10.0),
                        clock=lambda: now[0])
-    assert [r.on_call() for _ in range(5)] == [False] * 4 + [True]   # the 5th call
+    assert [r.on_call() for _ in range(5)] == [False] * 4 + [True]   # due at the 5th call
+    assert calls == []                        # request threads only count
+    assert r.run_due() and calls == [0.0] and not r.run_due()
     now[0] = 10.0
-    assert r.on_call() and calls == [0.0, 10.0]                       # 10 s later
+    assert r.on_call() and r.run_due() and calls == [0.0, 10.0]     # 10 s later
     assert not r.on_call()
+    r.refreshed()                             # a weight refresh recomputed it: count restarts
+    assert [r.on_call() for _ in range(4)] == [False] * 4
 
 
 FRESH_PROCESS = """
