@@ -60,6 +60,9 @@ class TrainerClient:
     def snapshot(self, embeddings: bool = False) -> dict[str, Any]:
         return self.ray.get(self.actor.snapshot.remote(embeddings), timeout=self.timeout_s)
 
+    def track_served(self, step: int) -> bool:
+        return self.ray.get(self.actor.track_served.remote(step), timeout=self.timeout_s)
+
 
 @dataclass
 class Schedule:
@@ -166,7 +169,7 @@ class Exporter:
         snap = self.trainer.snapshot()
         if snap["step"] == self.refresh_step:
             return None
-        verdict = gate.check(snap, self._served_metrics(), self.cfg.exporter.gate_auc_margin)
+        verdict = self._gate(snap)
         if not verdict.ok:
             REFRESHES.labels("refused").inc()
             self._freeze("dense refresh", verdict.reason, step=snap["step"])
@@ -178,6 +181,11 @@ class Exporter:
         return self.refresh_seq
 
     # --- versions ------------------------------------------------------------------------------
+    def _gate(self, snap: dict[str, Any], rows=()) -> "gate.Verdict":
+        ec = self.cfg.exporter
+        return gate.check(snap, self._served_metrics(), ec.gate_auc_margin, rows,
+                          ec.gate_max_row_norm, ec.gate_logloss_margin, ec.gate_min_paired)
+
     def _served_metrics(self) -> dict[str, Any] | None:
         served = self.cp.served_version()
         try:
@@ -196,8 +204,7 @@ class Exporter:
             return None   # nothing new, or too little, was trained
         version = self.store.next_version()
         rows = [(t, v) for t, (_, v) in (snap["embeddings"] or {}).items()]
-        verdict = gate.check(snap, self._served_metrics(), self.cfg.exporter.gate_auc_margin, rows,
-                             self.cfg.exporter.gate_max_row_norm)
+        verdict = self._gate(snap, rows)
         if not verdict.ok and not skip_gate:
             self.refused += 1
             VERSIONS.labels("refused").inc()
@@ -239,6 +246,10 @@ class Exporter:
                           gate="skipped" if not verdict.ok else "passed")
         self.last_version, self.last_step = version, snap["step"]
         VERSIONS.labels("published").inc()
+        try:    # the trainer scores this version beside itself from now on (the gate's shadow)
+            self.trainer.track_served(snap["step"])
+        except Exception as exc:  # noqa: BLE001 - the gate falls back to comparing windows
+            self.log.warning("trainer did not take the served version's shadow: %s", exc)
         LATEST.set(version)
         protect = {int(v) for v in [pinned] if v and v.isdigit()}
         for v in self.store.retain(ec.keep_versions, protect):

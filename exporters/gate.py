@@ -5,13 +5,16 @@ A candidate passes when
    ``exporter.gate_max_row_norm``) -- and so is every row of every sparse delta, checked
    before it is written (``check_rows``);
 2. its last training loss is finite (once it has trained at all);
-3. its recent progressive AUC (the trainer's sliding window: scored before training on each
-   sample, so it is an honest hold-out figure) is not worse than the served version's by more
-   than ``auc_margin``.  A candidate without a measurable AUC (one class seen so far) passes only
-   while the served version has none either: losing a measured figure is a regression too.
-
-Both AUCs are the trainer's window at export time; under strong drift a fresh window can be
-harder than the served version's was.
+3. on the same recent samples -- the trainer scores every batch with the live model and with a
+   frozen copy of the served version's snapshot (its *shadow*), each before training on it --
+   its AUC is not worse than the served version's by more than ``auc_margin`` and its log-loss
+   not higher by more than ``logloss_margin`` (relative), once ``min_paired`` samples were
+   scored by both;
+4. without such a comparison (a training group keeps no shadow; a trainer restart loses it;
+   too few paired samples yet) its progressive AUC window is compared with the one recorded in
+   the served version's manifest -- different samples, so under drift a fresh window can be
+   harder than the served one was.  A candidate without a measurable AUC passes only while the
+   served version has none either: losing a measured figure is a regression too.
 
 A refusal *freezes* the exporter (``ControlPlane.freeze``): sparse deltas and dense refreshes
 are held, as under a pin, so nothing of the refused model reaches serving through the
@@ -72,7 +75,8 @@ def check_finite(weights: dict[str, np.ndarray],
 
 
 def check(snapshot: dict[str, Any], served_metrics: dict[str, Any] | None, auc_margin: float,
-          rows: Iterable[tuple[str, np.ndarray]] = (), max_norm: float | None = None) -> Verdict:
+          rows: Iterable[tuple[str, np.ndarray]] = (), max_norm: float | None = None,
+          logloss_margin: float = 0.05, min_paired: int = 500) -> Verdict:
     """``snapshot``: the trainer's (weights, step, metrics); ``served_metrics``: the manifest
     metrics of the version serving uses now, or None before the first version."""
     verdict = check_finite(snapshot["weights"], rows, max_norm)
@@ -82,6 +86,9 @@ def check(snapshot: dict[str, Any], served_metrics: dict[str, Any] | None, auc_m
     loss = metrics.get("loss")
     if snapshot.get("step", 0) > 0 and loss is not None and not _finite(loss):
         return Verdict.refuse(f"non-finite training loss ({loss})")
+    shadow = metrics.get("shadow") or {}
+    if shadow.get("n", 0) >= min_paired:
+        return _paired(shadow, auc_margin, logloss_margin)
     if served_metrics is None:
         return PASS
     new, old = metrics.get("auc"), served_metrics.get("auc")
@@ -92,4 +99,20 @@ def check(snapshot: dict[str, Any], served_metrics: dict[str, Any] | None, auc_m
     if new < old - auc_margin:
         return Verdict.refuse(f"progressive AUC {new:.4f} is worse than the served version's "
                               f"{old:.4f} by more than {auc_margin}")
+    return PASS
+
+
+def _paired(s: dict[str, Any], auc_margin: float, logloss_margin: float) -> Verdict:
+    """Candidate against the served version's shadow on the same ``s["n"]`` samples."""
+    n = s["n"]
+    new, old = s.get("auc_live"), s.get("auc_served")
+    if _finite(old) and _finite(new) and new < old - auc_margin:
+        return Verdict.refuse(f"AUC {new:.4f} is worse than the served version's {old:.4f} on the "
+                              f"same {n} samples, by more than {auc_margin}")
+    if _finite(old) and not _finite(new):
+        return Verdict.refuse(f"no measurable AUC (served version has {old:.4f} on the same {n} samples)")
+    ll_new, ll_old = s.get("logloss_live"), s.get("logloss_served")
+    if _finite(ll_old) and _finite(ll_new) and ll_new > ll_old * (1 + logloss_margin):
+        return Verdict.refuse(f"log-loss {ll_new:.4f} is above the served version's {ll_old:.4f} on "
+                              f"the same {n} samples, by more than {logloss_margin:.0%}")
     return PASS

@@ -246,6 +246,10 @@ class ExporterConfig(_Section):
     hot_rows_per_table: int = Field(1_000_000, ge=100, description="hot-set bound in Redis")
     retire_generation_after_s: float = Field(10.0, gt=0)
     gate_auc_margin: float = Field(0.02, ge=0, le=1, description="allowed AUC drop vs served")
+    gate_logloss_margin: float = Field(0.05, ge=0, description="allowed relative log-loss rise vs "
+                                       "served, on the same samples (the trainer's shadow)")
+    gate_min_paired: int = Field(500, ge=1, description="samples scored by both the candidate and "
+                                 "the served version before the gate compares them on those")
     gate_max_row_norm: float | None = Field(
         1000.0, gt=0, description="an embedding row longer than this (L2) is refused like a "
         "non-finite one: a poisoned or diverged row; None: finiteness only")

@@ -58,11 +58,17 @@ class TrainerActorImpl:
         ``embeddings`` also every table's rows ({table: (ids, vectors)}) from the same step."""
         m = self.trainer.model
         with m.lock:
+            if embeddings:    # a version candidate: keep its copy for the gate's shadow
+                self.trainer.mark_candidate()
             return {**m.export_snapshot(embeddings), "metrics": self.trainer.metrics(),
                     "offsets": {f"{self.trainer.topic}:{p}": o
                                 for p, o in self.trainer.positions.items()},
                     "embedding_dim": self.cfg.trainer.embedding_dim,
                     "config": self.cfg.trainer.model_dump(mode="json")}
+
+    def track_served(self, step: int) -> bool:
+        """The exporter published the snapshot of ``step``: score it beside the live model."""
+        return self.trainer.track_served(step)
 
     def metrics(self) -> dict[str, Any]:
         return self.trainer.metrics()

@@ -188,6 +188,10 @@ class TrainingGroupImpl:
     def stop(self) -> None:
         self.stop_event.set()
 
+    def track_served(self, step: int) -> bool:
+        """No shadow in a group (the tables live in the shards): the gate compares windows."""
+        return False
+
     def embedding_changes(self, since):
         """(marks, {table: {ids, vectors, removed, complete}}) from every shard; pass the marks
         back next time (0 = everything)."""

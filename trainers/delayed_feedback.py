@@ -36,8 +36,8 @@ class ProvisionalScores:
     """Progressive validation under delayed feedback.
 
     A provisional negative is trained the moment its impression is shown, long before its label
-    is known, so it cannot be scored against its label then.  Its score (and the frozen copy's)
-    is kept here under the impression's key until the impression's final sample -- the positive,
+    is known, so it cannot be scored against its label then.  Its scores (the live model's, and
+    the frozen copy's and the served version's shadow, NaN where absent) are kept here under the impression's key until the impression's final sample -- the positive,
     or the negative when the window closes -- brings the label: then the pair (score at
     impression time, final label) is what the validator sees, as in `odl eval`.  Bounded: the
     oldest scores go first.  Not checkpointed: after a restart, impressions provisionally scored
@@ -47,27 +47,26 @@ class ProvisionalScores:
     def __init__(self, capacity: int):
         from collections import OrderedDict
         self.capacity = capacity
-        self._scores: "OrderedDict[int, tuple[float, float]]" = OrderedDict()
+        self._scores: "OrderedDict[int, tuple[float, ...]]" = OrderedDict()
         self.unmatched = 0   # final samples whose provisional score was not (or no longer) here
 
     def __len__(self) -> int:
         return len(self._scores)
 
-    def remember(self, keys, scores, frozen) -> None:
-        for k, s, f in zip(keys.tolist(), scores.tolist(), frozen.tolist()):
-            self._scores[k] = (s, f)
+    def remember(self, keys, *columns) -> None:
+        """One score column per model (the same columns every call)."""
+        for k, *s in zip(keys.tolist(), *(c.tolist() for c in columns)):
+            self._scores[k] = tuple(s)
         while len(self._scores) > self.capacity:
             self._scores.popitem(last=False)
 
-    def settle(self, keys, labels):
-        """(scores, frozen scores, labels) of the final samples whose provisional score is here."""
+    def settle(self, keys, labels, columns: int = 3):
+        """(score columns..., labels) of the final samples whose provisional scores are here."""
         import numpy as np
         got = [(self._scores.pop(k), y) for k, y in zip(keys.tolist(), labels.tolist())
                if k in self._scores]
         self.unmatched += len(keys) - len(got)
         if not got:
-            empty = np.zeros(0, np.float32)
-            return empty, empty, empty
-        pairs, ys = zip(*got)
-        s, f = zip(*pairs)
-        return (np.asarray(s, np.float32), np.asarray(f, np.float32), np.asarray(ys, np.float32))
+            return tuple(np.zeros(0, np.float32) for _ in range(columns + 1))
+        rows, ys = zip(*got)
+        return (*(np.asarray(c, np.float32) for c in zip(*rows)), np.asarray(ys, np.float32))

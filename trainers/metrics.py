@@ -68,3 +68,33 @@ class ProgressiveValidator:
         f = Figures.of(s, y)
         return {"auc": f.auc, "logloss": f.logloss, "calibration": f.calibration,
                 "ctr": float(y.mean()), "window": len(y)}
+
+
+class PairedValidator:
+    """The live model and the served version's shadow scored on the same samples, so the
+    quality gate compares a candidate with what is served on the same rows (two windows of
+    different samples differ by their samples as much as by their models).  Reset whenever the
+    served version changes."""
+
+    def __init__(self, window: int):
+        self.live: deque[float] = deque(maxlen=window)
+        self.served: deque[float] = deque(maxlen=window)
+        self.labels: deque[float] = deque(maxlen=window)
+
+    def reset(self) -> None:
+        for d in (self.live, self.served, self.labels):
+            d.clear()
+
+    def add(self, live: np.ndarray, served: np.ndarray, labels: np.ndarray) -> None:
+        known = ~np.isnan(served)
+        self.live.extend(live[known].tolist())
+        self.served.extend(served[known].tolist())
+        self.labels.extend(labels[known].tolist())
+
+    def summary(self) -> dict[str, float]:
+        if not self.labels:
+            return {"n": 0}
+        y = np.asarray(self.labels)
+        a, b = Figures.of(np.asarray(self.live), y), Figures.of(np.asarray(self.served), y)
+        return {"n": len(y), "auc_live": a.auc, "auc_served": b.auc,
+                "logloss_live": a.logloss, "logloss_served": b.logloss}

@@ -32,7 +32,7 @@ from odl.spec import check_spec, running_spec
 from trainers.align import LabelAligner
 from trainers.embedding import EXPIRE_EVERY_STEPS
 from trainers.checkpoint import CheckpointInfo, CheckpointStore, due_kind
-from trainers.metrics import ProgressiveValidator
+from trainers.metrics import PairedValidator, ProgressiveValidator
 from trainers.model import CTRModel, FrozenModel
 from trainers.kafka_source import SampleSource
 from trainers.prefetch import Prefetcher
@@ -88,6 +88,13 @@ class StreamingTrainer:
         # measured value of continuing to learn on a drifting stream.  Not checkpointed.
         self.frozen: FrozenModel | None = None
         self.frozen_validator = ProgressiveValidator(tc.auc_window)
+        # The served version's shadow: the frozen copy taken with the snapshot the exporter
+        # published (``mark_candidate`` / ``track_served``), scored on every batch beside the
+        # live model, so the gate compares both on the same samples.  Not checkpointed.
+        self.shadow_pending: tuple[int, FrozenModel] | None = None
+        self.served_shadow: FrozenModel | None = None
+        self.served_step: int | None = None
+        self.paired = PairedValidator(tc.auc_window)
         self.dedup = DedupWindow(tc.dedup_window)
         self.aligner = LabelAligner(cfg.label_hold_ms) if cfg.label_alignment else None
         # delayed feedback: provisional negatives trained at once, positives importance-weighted,
@@ -188,26 +195,48 @@ class StreamingTrainer:
         return rows[~negatives]
 
     def _settle(self, finals: np.ndarray) -> None:
-        scores, frozen, labels = self.provisional.settle(finals[:, SID], finals[:, 4])
+        scores, frozen, served, labels = self.provisional.settle(finals[:, SID], finals[:, 4])
         self.validator.add(scores, labels)
         known = ~np.isnan(frozen)
         if known.any():
             self.frozen_validator.add(frozen[known], labels[known])
+        self.paired.add(scores, served, labels)
+
+    # --- the served version's shadow ----------------------------------------------------------
+    def mark_candidate(self) -> None:
+        """The exporter is taking a snapshot that may become a version: keep a frozen copy of
+        this very step (call under the model lock).  Needs the tables in-process."""
+        if self.model.tables:
+            self.shadow_pending = (self.model.step, self.model.frozen_copy())
+
+    def track_served(self, step: int) -> bool:
+        """The snapshot of ``step`` was published: from now on it is scored beside the live
+        model.  False if no copy of that step is kept (a training group; a restart)."""
+        pending = self.shadow_pending
+        if pending is None or pending[0] != step:
+            return False
+        self.served_shadow, self.served_step, self.shadow_pending = pending[1], step, None
+        self.paired.reset()
+        return True
 
     def _train(self, rows: np.ndarray) -> int:
         delayed = self.provisional is not None
         batch = to_batch(rows, delayed=delayed)
         frozen = self.frozen.predict(batch) if self.frozen is not None else None
+        served = self.served_shadow.predict(batch) if self.served_shadow is not None else None
         scores, self.last_loss = self.model.score_and_train(batch)
         if delayed:   # score at the impression now, judge it when its label is final
             prov = rows[:, PROVISIONAL] == 1
+            none = np.full(int(prov.sum()), np.nan, np.float32)
             self.provisional.remember(rows[prov, SID] ^ PROVISIONAL_MASK, scores[prov],
-                                      frozen[prov] if frozen is not None
-                                      else np.full(int(prov.sum()), np.nan, np.float32))
+                                      frozen[prov] if frozen is not None else none,
+                                      served[prov] if served is not None else none)
             self._settle(rows[~prov])
         else:
             if frozen is not None:
                 self.frozen_validator.add(frozen, batch.labels)
+            if served is not None:
+                self.paired.add(scores, served, batch.labels)
             self.validator.add(scores, batch.labels)
         if self.model.step % EXPIRE_EVERY_STEPS == 0:
             self.model.expire()
@@ -353,6 +382,7 @@ class StreamingTrainer:
                 "waiting_for_batch": len(self.waiting),
                 "frozen_at_step": self.frozen.step if self.frozen else None,
                 "scored_since_frozen": self.frozen_validator.seen,
+                "shadow": {**self.paired.summary(), "served_step": self.served_step},
                 "checkpoint": self.last_ckpt.path.name if self.last_ckpt else None,
                 "restored_from": self.restored_from,
                 "positions": {str(p): o for p, o in sorted(self.positions.items())},

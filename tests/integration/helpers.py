@@ -27,6 +27,9 @@ class LocalTrainer:
     def changes(self, since):
         return self.model.embedding_changes(since)
 
+    def track_served(self, step: int) -> bool:
+        return False    # no shadow here: the gate compares the windows in ``metrics``
+
     def snapshot(self, embeddings: bool = False):
         return {**self.model.export_snapshot(embeddings), "metrics": dict(self.metrics),
                 "offsets": {"samples:0": self.metrics["samples_trained"]}, "embedding_dim": DIM}

@@ -86,3 +86,43 @@ def test_delayed_feedback_and_alignment_exclude_each_other(tmp_path, monkeypatch
     monkeypatch.setenv("ODL__TRAINER__ALIGN_LABELS", "true")
     with pytest.raises(ConfigError, match="delayed_feedback"):
         load_config(None)
+
+
+def test_the_served_versions_shadow_is_scored_on_the_same_samples(trainer):
+    """The gate's comparison: a copy of the published snapshot scores every later impression
+    beside the live model, judged on the same final labels."""
+    imps = [_rec(f"r{k}", 0, True, user=k, item=k) for k in range(4)]
+    trainer.step(_records(imps), flush=True)
+    with trainer.model.lock:
+        trainer.mark_candidate()                 # the exporter's version snapshot
+    step = trainer.model.step
+    assert not trainer.track_served(step + 1)    # not the step that was kept
+    assert trainer.track_served(step) and trainer.served_step == step
+    more = [_rec(f"s{k}", 0, True, user=k, item=k) for k in range(4)]
+    trainer.step(_records(more, 4), flush=True)
+    finals = [_rec("s0", 1, user=0, item=0), _rec("s1", 0, user=1, item=1),
+              _rec("r2", 0, user=2, item=2)]      # r2 was scored before the shadow existed
+    trainer.step(_records(finals, 8), flush=True)
+    shadow = trainer.metrics()["shadow"]
+    assert shadow["n"] == 2 and shadow["served_step"] == step
+    assert sorted(trainer.paired.labels) == [0.0, 1.0]
+    assert trainer.validator.seen == 3
+
+
+def test_the_gate_compares_candidate_and_served_on_the_same_samples():
+    from exporters import gate
+    snap = {"weights": {"w": np.ones(2)}, "step": 9, "metrics": {"auc": 0.5, "loss": 0.4}}
+    paired = {"n": 800, "auc_live": 0.70, "auc_served": 0.71, "logloss_live": 0.50,
+              "logloss_served": 0.49}
+    served = {"auc": 0.90}          # a window of other samples: would refuse by 0.4
+    ok = gate.check({**snap, "metrics": {**snap["metrics"], "shadow": paired}}, served, 0.02)
+    assert ok.ok
+    worse = gate.check({**snap, "metrics": {**snap["metrics"], "shadow": {**paired, "auc_live": 0.66}}},
+                       served, 0.02)
+    assert not worse.ok and "on the same 800 samples" in worse.reason
+    lossy = gate.check({**snap, "metrics": {**snap["metrics"], "shadow": {**paired, "logloss_live": 0.60}}},
+                       served, 0.02, logloss_margin=0.05)
+    assert not lossy.ok and "log-loss" in lossy.reason
+    few = gate.check({**snap, "metrics": {**snap["metrics"], "shadow": {**paired, "n": 10}}},
+                     served, 0.02)
+    assert not few.ok and "worse than the served version's 0.9000" in few.reason   # windows
