@@ -170,9 +170,9 @@ class Exporter:
         if snap["step"] == self.refresh_step:
             return None
         verdict = self._gate(snap)
-        if not verdict.ok:
+        if not verdict.ok:   # skipped, not frozen: a refresh is the next one's to make good
             REFRESHES.labels("refused").inc()
-            self._freeze("dense refresh", verdict.reason, step=snap["step"])
+            self.log.warning("dense refresh refused: %s", verdict.reason)
             return None
         self.refresh_seq = dense_channel.publish(self.r, self.cfg.serving.model_name,
                                                  str(self.last_version), snap["step"], snap["weights"])

@@ -16,10 +16,11 @@ A candidate passes when
    harder than the served one was.  A candidate without a measurable AUC passes only while the
    served version has none either: losing a measured figure is a regression too.
 
-A refusal *freezes* the exporter (``ControlPlane.freeze``): sparse deltas and dense refreshes
-are held, as under a pin, so nothing of the refused model reaches serving through the
-per-second paths either; versions are still tried on schedule, and the first that passes
-lifts the freeze.  ``odl publish --skip-gate`` (a version without the AUC test) and
+A refused version, or a delta or embedding set with a bad row, *freezes* the exporter
+(``ControlPlane.freeze``): sparse deltas and dense refreshes are held, as under a pin, so
+nothing of the refused model reaches serving through the per-second paths either; versions are
+still tried on schedule, and the first that passes lifts the freeze.  A refused dense refresh
+is only skipped: the next one, five seconds later, is judged afresh.  ``odl publish --skip-gate`` (a version without the AUC test) and
 ``odl resume exporter`` are the operator's overrides.  No override writes a non-finite row:
 deltas are checked again after it, and freeze again if they must.
 """
