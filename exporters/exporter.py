@@ -178,9 +178,17 @@ class Exporter:
                                                  str(self.last_version), snap["step"], snap["weights"])
         self.refresh_step = snap["step"]
         REFRESHES.labels("published").inc()
+        self._track_served(snap["step"])
         return self.refresh_seq
 
     # --- versions ------------------------------------------------------------------------------
+    def _track_served(self, step: int) -> None:
+        """The trainer scores what was just published beside itself (the gate's shadow)."""
+        try:
+            self.trainer.track_served(step)
+        except Exception as exc:  # noqa: BLE001 - the gate falls back to comparing windows
+            self.log.warning("trainer did not take the served weights' shadow: %s", exc)
+
     def _gate(self, snap: dict[str, Any], rows=()) -> "gate.Verdict":
         ec = self.cfg.exporter
         return gate.check(snap, self._served_metrics(), ec.gate_auc_margin, rows,
@@ -246,10 +254,7 @@ class Exporter:
                           gate="skipped" if not verdict.ok else "passed")
         self.last_version, self.last_step = version, snap["step"]
         VERSIONS.labels("published").inc()
-        try:    # the trainer scores this version beside itself from now on (the gate's shadow)
-            self.trainer.track_served(snap["step"])
-        except Exception as exc:  # noqa: BLE001 - the gate falls back to comparing windows
-            self.log.warning("trainer did not take the served version's shadow: %s", exc)
+        self._track_served(snap["step"])
         LATEST.set(version)
         protect = {int(v) for v in [pinned] if v and v.isdigit()}
         for v in self.store.retain(ec.keep_versions, protect):

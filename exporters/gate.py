@@ -5,8 +5,9 @@ A candidate passes when
    ``exporter.gate_max_row_norm``) -- and so is every row of every sparse delta, checked
    before it is written (``check_rows``);
 2. its last training loss is finite (once it has trained at all);
-3. on the same recent samples -- the trainer scores every batch with the live model and with a
-   frozen copy of the served version's snapshot (its *shadow*), each before training on it --
+3. on the same recent samples -- the trainer scores every batch with the live model and with
+   the last published dense weights over its live rows (the *shadow*: what serving runs, since
+   deltas keep Redis's rows equal to the trainer's), each before training on it --
    its AUC is not worse than the served version's by more than ``auc_margin`` and its log-loss
    not higher by more than ``logloss_margin`` (relative), once ``min_paired`` samples were
    scored by both;

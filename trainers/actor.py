@@ -58,8 +58,7 @@ class TrainerActorImpl:
         ``embeddings`` also every table's rows ({table: (ids, vectors)}) from the same step."""
         m = self.trainer.model
         with m.lock:
-            if embeddings:    # a version candidate: keep its copy for the gate's shadow
-                self.trainer.mark_candidate()
+            self.trainer.mark_candidate()   # may be published: keep it for the gate's shadow
             return {**m.export_snapshot(embeddings), "metrics": self.trainer.metrics(),
                     "offsets": {f"{self.trainer.topic}:{p}": o
                                 for p, o in self.trainer.positions.items()},

@@ -213,6 +213,11 @@ class CTRModel:
         self.step = 0
         self.clock_ms = 0
         self.incarnation = new_incarnation()
+        # the served dense weights (``set_shadow``): scored with this model's live rows, which is
+        # what serving runs -- the version's or last refresh's network over the rows in Redis
+        self.shadow = {k: tf.Variable(v.read_value(), name=f"shadow_{k.replace('/', '_')}",
+                                      trainable=False) for k, v in self.dense.items()}
+        self.has_shadow = False
         self.lock = threading.RLock()
 
     def _make_tables(self) -> dict[str, DynamicEmbedding]:
@@ -232,6 +237,28 @@ class CTRModel:
     def _predict(self, u, i, pos, hr, ft):
         return tf.sigmoid(ctr_logits(self.dense, tf.gather(self.tables["user"].var, u),
                                      tf.gather(self.tables["item"].var, i), pos, hr, ft))
+
+    @tf.function(input_signature=[_IDX, _IDX, _IDX, _IDX, _FEAT])
+    def _predict_shadow(self, u, i, pos, hr, ft):
+        return tf.sigmoid(ctr_logits(self.shadow, tf.gather(self.tables["user"].var, u),
+                                     tf.gather(self.tables["item"].var, i), pos, hr, ft))
+
+    def set_shadow(self, weights: dict[str, np.ndarray]) -> None:
+        """Install the served dense weights (a published version's or refresh's)."""
+        with self.lock:
+            for k, v in weights.items():
+                self.shadow[k].assign(v)
+            self.has_shadow = True
+
+    def predict_shadow(self, batch: Batch) -> np.ndarray | None:
+        """The served dense weights' scores over the live rows, before this batch trains (None
+        without a shadow, or with the tables in shards)."""
+        if not self.has_shadow or not self.tables:
+            return None
+        with self.lock:
+            u = self.tables["user"].rows_of(batch.user_ids)
+            i = self.tables["item"].rows_of(batch.item_ids)
+            return self._predict_shadow(u, i, *self._context(batch)).numpy()
 
     def _dense_step(self, ue, ie, pos, hr, ft, labels, delayed):
         """Forward, backward and the dense update on looked-up vectors; returns (loss, gradients

@@ -88,11 +88,11 @@ class StreamingTrainer:
         # measured value of continuing to learn on a drifting stream.  Not checkpointed.
         self.frozen: FrozenModel | None = None
         self.frozen_validator = ProgressiveValidator(tc.auc_window)
-        # The served version's shadow: the frozen copy taken with the snapshot the exporter
-        # published (``mark_candidate`` / ``track_served``), scored on every batch beside the
-        # live model, so the gate compares both on the same samples.  Not checkpointed.
-        self.shadow_pending: tuple[int, FrozenModel] | None = None
-        self.served_shadow: FrozenModel | None = None
+        # The served model's shadow: the dense weights of the snapshot the exporter published
+        # last (a version or a refresh: ``mark_candidate`` / ``track_served``) over this model's
+        # live rows -- what serving runs -- scored on every batch beside the live model, so the
+        # gate compares both on the same samples.  Not checkpointed.
+        self.shadow_pending: tuple[int, dict[str, np.ndarray]] | None = None
         self.served_step: int | None = None
         self.paired = PairedValidator(tc.auc_window)
         self.dedup = DedupWindow(tc.dedup_window)
@@ -204,18 +204,19 @@ class StreamingTrainer:
 
     # --- the served version's shadow ----------------------------------------------------------
     def mark_candidate(self) -> None:
-        """The exporter is taking a snapshot that may become a version: keep a frozen copy of
-        this very step (call under the model lock).  Needs the tables in-process."""
+        """The exporter is taking a snapshot that may be published: keep its dense weights
+        (call under the model lock, with the snapshot).  Needs the tables in-process."""
         if self.model.tables:
-            self.shadow_pending = (self.model.step, self.model.frozen_copy())
+            self.shadow_pending = (self.model.step, self.model.dense_weights())
 
     def track_served(self, step: int) -> bool:
-        """The snapshot of ``step`` was published: from now on it is scored beside the live
-        model.  False if no copy of that step is kept (a training group; a restart)."""
+        """The snapshot of ``step`` was published: from now on its dense weights are scored
+        beside the live model.  False if that step's weights are not kept (a group; a restart)."""
         pending = self.shadow_pending
         if pending is None or pending[0] != step:
             return False
-        self.served_shadow, self.served_step, self.shadow_pending = pending[1], step, None
+        self.model.set_shadow(pending[1])
+        self.served_step, self.shadow_pending = step, None
         self.paired.reset()
         return True
 
@@ -223,7 +224,7 @@ class StreamingTrainer:
         delayed = self.provisional is not None
         batch = to_batch(rows, delayed=delayed)
         frozen = self.frozen.predict(batch) if self.frozen is not None else None
-        served = self.served_shadow.predict(batch) if self.served_shadow is not None else None
+        served = self.model.predict_shadow(batch) if self.served_step is not None else None
         scores, self.last_loss = self.model.score_and_train(batch)
         if delayed:   # score at the impression now, judge it when its label is final
             prov = rows[:, PROVISIONAL] == 1
