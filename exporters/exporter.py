@@ -220,7 +220,11 @@ class Exporter:
                    "step": snap["step"], "auc": snap["metrics"].get("auc")}
             self.cp.record_refused(rec)
             self.store.record("refused", **rec)
-            self._freeze(f"version {version}", verdict.reason, step=snap["step"])
+            if verdict.integrity or self.cfg.exporter.freeze_on_regression:
+                self._freeze(f"version {version}", verdict.reason, step=snap["step"])
+            else:
+                self.log.warning("refused version %d: %s (not published; serving keeps the "
+                                 "served weights)", version, verdict.reason)
             return None
         if self.frozen is not None:    # this version passed (or the operator skipped the gate)
             self._unfreeze(f"version {version} {'passed the gate' if verdict.ok else 'published with --skip-gate'}")

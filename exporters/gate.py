@@ -17,11 +17,14 @@ A candidate passes when
    harder than the served one was.  A candidate without a measurable AUC passes only while the
    served version has none either: losing a measured figure is a regression too.
 
-A refused version, or a delta or embedding set with a bad row, *freezes* the exporter
+A refusal for integrity (non-finite or over-long values) -- of a version, a delta or an
+embedding set -- *freezes* the exporter
 (``ControlPlane.freeze``): sparse deltas and dense refreshes are held, as under a pin, so
 nothing of the refused model reaches serving through the per-second paths either; versions are
-still tried on schedule, and the first that passes lifts the freeze.  A refused dense refresh
-is only skipped: the next one, five seconds later, is judged afresh.  ``odl publish --skip-gate`` (a version without the AUC test) and
+still tried on schedule, and the first that passes lifts the freeze.  A version refused for
+quality (3, 4) freezes only with ``exporter.freeze_on_regression``; otherwise it is not
+published and serving keeps the served weights while the rows flow.  A refused dense refresh is
+only skipped: the next one, five seconds later, is judged afresh.  ``odl publish --skip-gate`` (a version without the AUC test) and
 ``odl resume exporter`` are the operator's overrides.  No override writes a non-finite row:
 deltas are checked again after it, and freeze again if they must.
 """
@@ -38,10 +41,11 @@ import numpy as np
 class Verdict:
     ok: bool
     reason: str | None = None
+    integrity: bool = False   # non-finite or over-long values: never served, always frozen on
 
     @staticmethod
-    def refuse(reason: str) -> "Verdict":
-        return Verdict(False, reason)
+    def refuse(reason: str, integrity: bool = False) -> "Verdict":
+        return Verdict(False, reason, integrity)
 
 
 PASS = Verdict(True)
@@ -59,12 +63,13 @@ def check_rows(rows: Iterable[tuple[str, np.ndarray]], max_norm: float | None = 
             continue
         finite = np.isfinite(vectors).all(axis=1)
         if not finite.all():
-            return Verdict.refuse(f"{int((~finite).sum())} non-finite embedding rows in table {table}")
+            return Verdict.refuse(f"{int((~finite).sum())} non-finite embedding rows in table {table}",
+                                  integrity=True)
         if max_norm is not None:
             long = np.linalg.norm(vectors, axis=1) > max_norm
             if long.any():
                 return Verdict.refuse(f"{int(long.sum())} embedding rows in table {table} longer "
-                                      f"than exporter.gate_max_row_norm={max_norm:g}")
+                                      f"than exporter.gate_max_row_norm={max_norm:g}", integrity=True)
     return PASS
 
 
@@ -72,7 +77,7 @@ def check_finite(weights: dict[str, np.ndarray],
                  rows: Iterable[tuple[str, np.ndarray]] = (), max_norm: float | None = None) -> Verdict:
     for k, v in weights.items():
         if not np.all(np.isfinite(v)):
-            return Verdict.refuse(f"non-finite values in dense weight {k}")
+            return Verdict.refuse(f"non-finite values in dense weight {k}", integrity=True)
     return check_rows(rows, max_norm)
 
 
@@ -87,7 +92,7 @@ def check(snapshot: dict[str, Any], served_metrics: dict[str, Any] | None, auc_m
     metrics = snapshot.get("metrics", {})
     loss = metrics.get("loss")
     if snapshot.get("step", 0) > 0 and loss is not None and not _finite(loss):
-        return Verdict.refuse(f"non-finite training loss ({loss})")
+        return Verdict.refuse(f"non-finite training loss ({loss})", integrity=True)
     shadow = metrics.get("shadow") or {}
     if shadow.get("n", 0) >= min_paired:
         return _paired(shadow, auc_margin, logloss_margin)

@@ -248,6 +248,9 @@ class ExporterConfig(_Section):
     gate_auc_margin: float = Field(0.02, ge=0, le=1, description="allowed AUC drop vs served")
     gate_logloss_margin: float = Field(0.05, ge=0, description="allowed relative log-loss rise vs "
                                        "served, on the same samples (the trainer's shadow)")
+    freeze_on_regression: bool = Field(
+        False, description="a version refused for quality (AUC / log-loss) also freezes deltas "
+        "and dense refreshes, as one refused for non-finite values always does")
     gate_min_paired: int = Field(500, ge=1, description="samples scored by both the candidate and "
                                  "the served version before the gate compares them on those")
     gate_max_row_norm: float | None = Field(
