@@ -284,17 +284,19 @@ def test_cli_rollback_reaches_every_replica_with_the_recorded_predictions(tmp_pa
             in out.output
 
 
+def _start_redis(port: int, directory) -> subprocess.Popen:
+    """A redis-server of this test's own on ``port`` (no persistence), to kill and restart."""
+    proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                             "--appendonly", "no", "--dir", str(directory)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, proc, "redis-server")
+    return proc
+
+
 def test_redis_killed_and_restarted_under_load_fails_no_request(tmp_path):
     port = free_port()
 
-    def start_redis():
-        proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                 "--appendonly", "no", "--dir", str(tmp_path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(port, proc, "redis-server")
-        return proc
-
-    server = start_redis()
+    server = _start_redis(port, tmp_path)
     try:
         with Stack(tmp_path, port) as s:
             s.ex.publish_version()
@@ -318,7 +320,7 @@ def test_redis_killed_and_restarted_under_load_fails_no_request(tmp_path):
             time.sleep(1.0)
             stop(server)                                    # Redis gone: answers from cache + defaults
             time.sleep(2.0)
-            server = start_redis()                          # back, empty: the exporter rewrites the set
+            server = _start_redis(port, tmp_path)       # back, empty: the exporter rewrites the set
             deadline = time.monotonic() + 15
             while not (results and results[-1][2] is False and not s.replicas[0].app.guard.degraded
                        and s.ex.hot.active is not None):
@@ -341,14 +343,7 @@ def test_redis_killed_and_restarted_under_load_fails_no_request(tmp_path):
 def test_a_replica_started_while_redis_is_down_serves_the_stores_newest_version(tmp_path):
     port = free_port()
 
-    def start_redis():
-        proc = subprocess.Popen(["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
-                                 "--appendonly", "no", "--dir", str(tmp_path)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_port(port, proc, "redis-server")
-        return proc
-
-    server = start_redis()
+    server = _start_redis(port, tmp_path)
     late = None
     try:
         with Stack(tmp_path, port, replicas=0) as s:
@@ -365,7 +360,7 @@ def test_a_replica_started_while_redis_is_down_serves_the_stores_newest_version(
             assert late.holder.current.version == "2" and late.holder.fallback
             resp = predict(late.url, USERS[:5], ITEMS[:5])
             assert resp.status_code == 200 and DEGRADED_HEADER in resp.headers
-            server = start_redis()                          # back (empty): a pin is honoured
+            server = _start_redis(port, tmp_path)       # back (empty): a pin is honoured
             s.cp.pin_version("1")
             deadline = time.monotonic() + 20
             while late.holder.current.version != "1":
