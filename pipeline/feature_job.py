@@ -78,6 +78,7 @@ def build_table_env(cfg: Config):
         # or mutate their inputs): 6.5k -> 8.1k events/s in one side-by-side pair of the full
         # job (docs/features.md#throughput)
         "pipeline.object-reuse": "true",
+        "pipeline.operator-chaining.enabled": str(fj.operator_chaining).lower(),
     }
     if local:
         settings.update(_local_settings(cfg))
