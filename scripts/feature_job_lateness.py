@@ -1,12 +1,12 @@
 """Replay a pre-loaded backlog through the full feature job and count valid events it sent to
 the DLQ as ``late_event`` (the watermark overtaking a partition that still had unread records).
 
-    python scripts/feature_job_lateness.py [--events N] [--idle-timeout S] [--chaining]
+    python scripts/feature_job_lateness.py [--events N] [--idle-timeout S] [--no-chaining]
 
 Uses ``odl bench feature-job``'s event set and job on a private broker; run it with a second,
 CPU-busy process beside it to reproduce a loaded machine.  Prints one ``RESULT lateness ...``
-line.  ``--chaining`` runs the job with ``feature_job.operator_chaining: true`` (the parse UDF
-then runs in the source's task thread; see docs/features.md#idleness-and-catch-up).
+line.  ``--no-chaining`` runs the job with ``feature_job.operator_chaining: false`` (the parse
+UDF then runs outside the source's task thread; see docs/features.md#idleness-and-catch-up).
 """
 from __future__ import annotations
 
@@ -29,12 +29,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--events", type=int, default=240_000)
     ap.add_argument("--idle-timeout", type=int, default=None, help="seconds (default: config)")
-    ap.add_argument("--chaining", action="store_true")
+    ap.add_argument("--no-chaining", action="store_true")
     ap.add_argument("--timeout", type=float, default=400.0)
     args = ap.parse_args()
 
     cfg = load_config()
-    fj = {"restore": False, "operator_chaining": args.chaining}
+    fj = {"restore": False, "operator_chaining": not args.no_chaining}
     if args.idle_timeout is not None:
         fj["idle_timeout_s"] = args.idle_timeout
     with private_broker(cfg) as bootstrap, tempfile.TemporaryDirectory() as tmp:
@@ -71,7 +71,7 @@ def main() -> None:
     span = times[-1] - times[0] if times else 0.0
     print(f"RESULT lateness late={late} events={args.events} expected_outputs={expected} "
           f"outputs={len(out)} final_samples={final} idle_timeout_s={bcfg.feature_job.idle_timeout_s} "
-          f"chaining={args.chaining} span_s={span:.1f}", flush=True)
+          f"chaining={not args.no_chaining} span_s={span:.1f}", flush=True)
 
 
 if __name__ == "__main__":
