@@ -14,8 +14,10 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from kafka import KafkaConsumer
@@ -148,38 +150,74 @@ def _copy_sink(name: str, topic: str, bootstrap: str) -> str:
             f"'properties.bootstrap.servers' = '{bootstrap}', 'format' = 'raw')")
 
 
-def run(cfg: Config) -> BenchResult:
+@dataclass
+class Backlog:
+    """A private broker holding a pre-loaded event set (``preloaded``), and how to start jobs
+    on it: the benchmark's three jobs and ``scripts/feature_job_lateness.py``'s replay."""
+    cfg: Config                 # the broker, a private prefix and state dir, never restored
+    bootstrap: str
+    topics: feature_sql.JobTopics
+    events: list
+    produce_s: float
+
+    @property
+    def impressions(self) -> int:
+        return sum(r.kind == "impression" for r in self.events)
+
+    @property
+    def malformed(self) -> int:
+        return sum(r.kind == "malformed" for r in self.events)
+
+    @property
+    def expected_outputs(self) -> int:
+        """What the full job emits for the pre-loaded events: a sample per impression, a DLQ
+        record per malformed event (clicks make positives of impressions' samples)."""
+        return self.impressions + self.malformed
+
+    def with_group(self, name: str) -> Config:
+        """The config of a job that reads the events from the start under its own group."""
+        return self.cfg.model_copy(update={"feature_job": self.cfg.feature_job.model_copy(
+            update={"group_id": f"bench-{name}"})})
+
+    def full_job(self, cfg: Config | None = None) -> Running:
+        """The feature job itself, its samples and DLQ records decoded as they arrive."""
+        ddl, inserts = feature_sql.statements(cfg or self.cfg, self.topics)
+        return _start(cfg or self.cfg, self.bootstrap, ddl, inserts,
+                      [self.topics.samples, self.topics.dlq], decode=True)
+
+
+@contextmanager
+def preloaded(cfg: Config, n_events: int, **feature_job_overrides) -> Iterator[Backlog]:
+    """``n_events`` synthetic events (10 min in the past) on a private broker, plus later
+    impressions on every partition that close the last attribution windows; the feature-job
+    settings given override the config's (``restore`` is always off: a stack's or an earlier
+    run's state must not leak into the measurement)."""
     with private_broker(cfg) as bootstrap, tempfile.TemporaryDirectory(prefix="odl-bench-fj-") as tmp:
         prefix = f"b{uuid.uuid4().hex[:6]}."
-        # private checkpoints, never restored: a stack's (or an earlier bench's) state must not
-        # leak into the measurement
-        state = Path(tmp)
         bcfg = cfg.model_copy(update={
             "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": bootstrap, "topic_prefix": prefix}),
-            "paths": cfg.paths.model_copy(update={"state_dir": state}),
-            "feature_job": cfg.feature_job.model_copy(update={"restore": False})})
+            "paths": cfg.paths.model_copy(update={"state_dir": Path(tmp)}),
+            "feature_job": cfg.feature_job.model_copy(update={**feature_job_overrides,
+                                                              "restore": False})})
         ensure_topics(bcfg)
-        events_topic = prefix + "events"
-        start_ms = int(time.time() * 1000) - 600_000
-        recs = _events(start_ms, EVENTS, LIVE_RATE)
-        # later events on every partition close the last attribution windows; they stay in the
-        # past so that the live phase's events are not behind the watermark
+        topics = feature_sql.JobTopics(prefix + "events", prefix + "samples",
+                                       prefix + "events.dlq", prefix + "features")
+        recs = _events(int(time.time() * 1000) - 600_000, n_events, LIVE_RATE)
+        # they stay in the past so that a live phase's events are not behind the watermark
         tail_ms = recs[-1].ts_ms + 60_000
         assert tail_ms < time.time() * 1000 - 60_000, "pre-loaded events must lie in the past"
         tail = [r for r in _events(tail_ms, 400, LIVE_RATE) if r.kind == "impression"]
-        n_imp = sum(r.kind == "impression" for r in recs)
-        n_bad = sum(r.kind == "malformed" for r in recs)
         t = time.time()
-        _produce(bcfg, events_topic, recs + tail, paced=False)
-        produce_s = time.time() - t
+        _produce(bcfg, topics.events, recs + tail, paced=False)
+        yield Backlog(bcfg, bootstrap, topics, recs, time.time() - t)
 
-        topics = feature_sql.JobTopics(events_topic, prefix + "samples", prefix + "events.dlq",
-                                       prefix + "features")
-        full_ddl, full_inserts = feature_sql.statements(bcfg, topics)
 
-        def group(name: str) -> Config:      # each job reads the events from the start
-            return bcfg.model_copy(update={"feature_job": bcfg.feature_job.model_copy(
-                update={"group_id": f"bench-{name}"})})
+def run(cfg: Config) -> BenchResult:
+    with preloaded(cfg, EVENTS) as bl:
+        bcfg, bootstrap, topics, recs = bl.cfg, bl.bootstrap, bl.topics, bl.events
+        prefix, events_topic = bcfg.kafka.topic_prefix, topics.events
+        n_imp, n_bad, produce_s = bl.impressions, bl.malformed, bl.produce_s
+        group = bl.with_group
 
         # 1) plain SQL pass-through: every event copied to a topic
         job = _start(group("pass"), bootstrap,
@@ -200,8 +238,8 @@ def run(cfg: Config) -> BenchResult:
         job.close()
 
         # 3) the full feature job on the same events
-        job = _start(bcfg, bootstrap, full_ddl, full_inserts, [topics.samples, topics.dlq], decode=True)
-        expected = n_imp + n_bad
+        job = bl.full_job()
+        expected = bl.expected_outputs
         full_rate, full_dt = job.rate(expected, len(recs), 300)
         arr = job.arrivals
         late = sum(r.get("reason") == "late_event" for r in arr.records)

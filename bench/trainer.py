@@ -3,6 +3,10 @@ decoding, de-duplicating, aligning labels, checkpointing on its schedule) vs an 
 over the same samples, pre-decoded, with the same model config and batch size, in one run.  Both
 score each batch before training on it.  Then the cost of a full and an incremental checkpoint.
 
+With ``--spec FILE`` the samples are the spec's (``odl.spec.sample`` records of a synthetic log
+of that spec, ``odl.spec.synth``, each event validated by the spec as the feature job does) and
+both sides train the spec's model (``trainers.spec_model``); without it, the default shape.
+
 The ratio says whether the stream starves the model (goal >= 0.9).  The clock starts at the
 first record, as the in-memory loop's starts at its first batch: the consumer's one-off start
 (metadata, group coordinator) is not part of either rate.
@@ -20,16 +24,17 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import orjson
 
 from bench.common import private_broker, synthetic_samples
 from bench.registry import BenchResult
 from odl import names
 from odl.config import Config
 from odl.kafka_util import ensure_topics, producer
-from trainers.model import CTRModel
-from trainers.samples import decode, to_batch
+from trainers.samples import DefaultCodec, SampleCodec
 from trainers.streaming import StreamingTrainer
 
 DESCRIPTION = "streaming trainer vs in-memory loop: samples/s, checkpoint time and size"
@@ -38,12 +43,12 @@ INCREMENT_BATCHES = 20
 RUNS = 3
 
 
-def _in_memory(cfg: Config, rows: list, warm) -> float:
-    model = CTRModel(cfg.trainer)
+def _in_memory(cfg: Config, codec: SampleCodec, rows: np.ndarray, warm) -> float:
+    model = codec.new_model(cfg.trainer)
     model.predict(warm)   # trace both functions outside the timing
     model.train(warm)
     size = cfg.trainer.batch_size
-    batches = [to_batch(rows[k:k + size]) for k in range(0, len(rows), size)]
+    batches = [codec.to_batch(rows[k:k + size]) for k in range(0, len(rows), size)]
     t0 = time.perf_counter()
     for b in batches:
         model.predict(b)
@@ -51,11 +56,12 @@ def _in_memory(cfg: Config, rows: list, warm) -> float:
     return len(rows) / (time.perf_counter() - t0)
 
 
-def _streaming(cfg: Config, n: int, warm, run: int) -> tuple[float, float, StreamingTrainer]:
+def _streaming(cfg: Config, codec: SampleCodec, n: int, warm,
+               run: int) -> tuple[float, float, StreamingTrainer]:
     """(samples/s, share of the time the trainer waited for records, the trainer)."""
     cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
         update={"group_id": f"bench-trainer-{run}"})})
-    tr = StreamingTrainer(cfg, shard=f"bench-{run}")
+    tr = StreamingTrainer(cfg, shard=f"bench-{run}", codec=codec)
     tr.model.predict(warm)
     tr.model.train(warm)
     tr.checkpoint("full")   # what a fresh trainer writes first, outside the timing
@@ -82,12 +88,42 @@ def _streaming(cfg: Config, n: int, warm, run: int) -> tuple[float, float, Strea
     return n / elapsed, (tr.prefetcher().waited_s - waited0) / elapsed, tr
 
 
-def run(cfg: Config, scale: int | None = None) -> BenchResult:
+def _records(spec_path: str | None) -> tuple[list[tuple[bytes, bytes]], Callable[[], SampleCodec], str]:
+    """(key, value) sample records, a maker of fresh codecs for them, and what they are."""
+    if spec_path is None:
+        data = synthetic_samples(SAMPLES)
+        return ([(d["sample_id"].encode(), json.dumps(d).encode()) for d in data], DefaultCodec,
+                "default shape")
+    from odl.spec import EventValidator, load_spec
+    from odl.spec.sample import sample_record
+    from odl.spec.synth import synthetic_rows
+    from trainers.spec_samples import SpecCodec
+    spec = load_spec(spec_path)
+    check = EventValidator(spec.events).check
+    lab, out = spec.label, []
+    for k, row in enumerate(synthetic_rows(spec, SAMPLES, seed=11)):
+        reason, ev = check(row, now_ms=row[spec.events.time_field])
+        if reason is not None:
+            raise RuntimeError(f"synthetic row {k} refused by spec {spec.name}: {reason}")
+        v = float(ev[lab.field])
+        label = int(v >= lab.threshold if lab.threshold is not None else v > 0)
+        rec = sample_record(spec, f"{spec.name}-{k}", ev[spec.events.time_field], label, ev)
+        out.append((rec["sample_id"].encode(), orjson.dumps(rec)))
+    return out, lambda: SpecCodec(spec), f"spec {spec.name}"
+
+
+def run(cfg: Config, scale: int | None = None, spec: str | None = None) -> BenchResult:
     if scale is not None:
+        if spec is not None:
+            raise TypeError("--scale runs the default shape; give --scale or --spec")
         return run_scale(cfg, scale)
-    data = synthetic_samples(SAMPLES)
-    rows = [decode(json.dumps(d).encode()) for d in data]
-    warm = to_batch(rows[:cfg.trainer.batch_size])
+    records, make_codec, shape = _records(spec)
+    values = [v for _, v in records]
+    decoded = make_codec().decode_records([0] * len(values), list(range(len(values))), values)
+    if not decoded.valid.all():
+        raise RuntimeError(f"{int((~decoded.valid).sum())} benchmark samples did not decode")
+    rows = decoded.rows
+    warm = make_codec().to_batch(rows[:cfg.trainer.batch_size])
     with private_broker(cfg) as bootstrap, tempfile.TemporaryDirectory(prefix="odl-bench-tr-") as tmp:
         bcfg = cfg.model_copy(update={
             "kafka": cfg.kafka.model_copy(update={"bootstrap_servers": bootstrap,
@@ -97,13 +133,14 @@ def run(cfg: Config, scale: int | None = None) -> BenchResult:
                 # final samples only (no provisional ones): every sample produced is trained
                 "frozen_baseline_after": None, "delayed_feedback": False,
                 "checkpoint": cfg.trainer.checkpoint.model_copy(update={"restore": False})})})
-        _produce(bcfg, data)
+        _produce(bcfg, records)
 
         # best of RUNS each, alternating: this VM's neighbours make single runs vary by +-30%
         mem, stream, starved = [], [], []
         for run in range(RUNS):
-            mem.append(_in_memory(bcfg, rows, warm))
-            rate, waited, tr = _streaming(bcfg, len(rows), warm, run)
+            codec = make_codec()
+            mem.append(_in_memory(bcfg, codec, rows, warm))
+            rate, waited, tr = _streaming(bcfg, codec, len(rows), warm, run)
             stream.append(rate)
             starved.append(waited)
             if run < RUNS - 1:
@@ -116,7 +153,7 @@ def run(cfg: Config, scale: int | None = None) -> BenchResult:
         full_s = time.perf_counter() - t
         rng = np.random.default_rng(0)
         for _ in range(INCREMENT_BATCHES):
-            tr.model.train(to_batch([rows[k] for k in rng.integers(0, len(rows), bcfg.trainer.batch_size)]))
+            tr.model.train(codec.to_batch(rows[rng.integers(0, len(rows), bcfg.trainer.batch_size)]))
         t = time.perf_counter()
         inc = tr.checkpoint("incr")
         inc_s = time.perf_counter() - t
@@ -125,8 +162,8 @@ def run(cfg: Config, scale: int | None = None) -> BenchResult:
         tr.close()
 
     ratio = stream_rate / mem_rate
-    lines = [f"{SAMPLES:,} samples, batch {bcfg.trainer.batch_size}, "
-             f"{occ['user']['rows']:,} user rows, {occ['item']['rows']:,} item rows, "
+    lines = [f"{SAMPLES:,} samples ({shape}), batch {bcfg.trainer.batch_size}, "
+             f"{sum(o['rows'] for o in occ.values()):,} embedding rows in {len(occ)} tables, "
              f"sparse optimizer {bcfg.trainer.sparse_optimizer}",
              f"in-memory loop:    {mem_rate:,.0f} samples/s (best of "
              f"{', '.join(f'{x:,.0f}' for x in mem)})",
@@ -143,15 +180,15 @@ def run(cfg: Config, scale: int | None = None) -> BenchResult:
                         "in_memory_samples_per_s": round(mem_rate),
                         "full_ckpt_ms": round(full_s * 1000, 1), "full_ckpt_mb": round(full_mb, 2),
                         "incr_ckpt_ms": round(inc_s * 1000, 1), "incr_ckpt_mb": round(inc_mb, 3),
-                        "samples": SAMPLES}, lines)
+                        "samples": SAMPLES, "shape": shape}, lines)
 
 
-def _produce(cfg: Config, data: list[dict]) -> None:
+def _produce(cfg: Config, records: list[tuple[bytes, bytes]]) -> None:
     ensure_topics(cfg)
     prod = producer(cfg, linger_ms=20, batch_size=256 * 1024)
     topic = names.topic(names.SAMPLES, cfg.kafka.topic_prefix)
-    for d in data:
-        prod.send(topic, key=d["sample_id"].encode(), value=json.dumps(d).encode())
+    for key, value in records:
+        prod.send(topic, key=key, value=value)
     prod.flush()
     prod.close()
 
@@ -187,7 +224,6 @@ def run_scale(cfg: Config, scale: int) -> BenchResult:
     import os
     from bench.common import private_redis
     from odl.ray_util import LOOPBACK_ENV
-    data = synthetic_samples(SAMPLES)
     setups = [("1 trainer, in-process tables", 1, 0), ("1 trainer + 1 ps shard", 1, 1),
               (f"{scale} trainers + {scale} ps shards", scale, scale)]
     partitions = max(4, scale)
@@ -206,7 +242,7 @@ def run_scale(cfg: Config, scale: int) -> BenchResult:
                                                       "topic_prefix": f"s{uuid.uuid4().hex[:6]}."}),
                 "redis": cfg.redis.model_copy(update={"port": redis_port}),
                 "metrics": cfg.metrics.model_copy(update={"enabled": False})})
-            _produce(base, data)
+            _produce(base, _records(None)[0])
             for k, (_, n, s) in enumerate(setups):
                 tc = base.trainer.model_copy(update={
                     "group_id": f"bench-scale-{k}", "frozen_baseline_after": None,

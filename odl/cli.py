@@ -334,20 +334,25 @@ def demo(duration: float, config: str | None) -> None:
 @click.option("--list", "list_", is_flag=True, help="list the benchmarks")
 @click.option("--scale", type=click.IntRange(2, 16), default=None,
               help="trainer: N trainers (with N parameter-server shards) vs 1 on the same samples")
+@click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="trainer: samples and model of this feature spec (a log whose rows carry "
+                   "their label), e.g. specs/criteo.yaml")
 @config_option
-def bench(name: str | None, as_json: bool, list_: bool, scale: int | None, config: str | None) -> None:
+def bench(name: str | None, as_json: bool, list_: bool, scale: int | None,
+          spec_path: str | None, config: str | None) -> None:
     """Run a benchmark under bench/ (ratios measured side by side in one run)."""
     from bench import registry
+    from odl.spec import SpecError
     if list_ or not name:
         for n, doc in registry.available().items():
             click.echo(f"{n:<20} {doc}")
         return
     try:
-        options = {"scale": scale} if scale is not None else {}
+        options = {k: v for k, v in (("scale", scale), ("spec", spec_path)) if v is not None}
         result = registry.run(name, _cfg(config), **options)
     except KeyError:
         raise click.ClickException(f"unknown benchmark {name!r}; `odl bench --list`") from None
-    except (TypeError, RuntimeError) as exc:   # bad options, or what it needs is not running
+    except (TypeError, RuntimeError, SpecError) as exc:   # bad options or spec, or what it needs is not running
         raise click.ClickException(f"{name}: {exc}") from None
     click.echo(registry.render(name, result, as_json))
 

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainers.samples import ROW_WIDTH
-
-TS = 5   # the impression-time column of a row
+from trainers.samples import DEFAULT_LAYOUT, RowLayout
 
 
 class LabelAligner:
-    def __init__(self, hold_ms: int):
+    def __init__(self, hold_ms: int, layout: RowLayout = DEFAULT_LAYOUT):
         self.hold_ms = hold_ms
+        self.layout = layout
         self._parts: list[np.ndarray] = []   # arrival order
         self._min_ts: list[int] = []
         self._n = 0
@@ -38,9 +37,9 @@ class LabelAligner:
         if not len(rows):
             return
         self._parts.append(rows)
-        self._min_ts.append(int(rows[:, TS].min()))
+        self._min_ts.append(int(rows[:, self.layout.ts].min()))
         self._n += len(rows)
-        self.clock_ms = max(self.clock_ms, int(rows[:, TS].max()))
+        self.clock_ms = max(self.clock_ms, int(rows[:, self.layout.ts].max()))
 
     def release(self, flush: bool = False) -> np.ndarray:
         """Rows whose window has closed (all of them with ``flush``), oldest impression first."""
@@ -51,22 +50,22 @@ class LabelAligner:
                 parts.append(part)
                 mins.append(low)
                 continue
-            due = np.ones(len(part), bool) if flush else part[:, TS] <= limit
+            due = np.ones(len(part), bool) if flush else part[:, self.layout.ts] <= limit
             out.append(part[due])
             rest = part[~due]
             if len(rest):
                 parts.append(rest)
-                mins.append(int(rest[:, TS].min()))
+                mins.append(int(rest[:, self.layout.ts].min()))
         if not out:
-            return np.zeros((0, ROW_WIDTH), np.int64)
+            return self.layout.empty()
         self._parts, self._min_ts = parts, mins
         rows = np.concatenate(out)
         self._n -= len(rows)
-        return rows[np.argsort(rows[:, TS], kind="stable")]
+        return rows[np.argsort(rows[:, self.layout.ts], kind="stable")]
 
     def snapshot(self) -> np.ndarray:
         """The held rows in arrival order (for a checkpoint)."""
-        return np.concatenate(self._parts) if self._parts else np.zeros((0, ROW_WIDTH), np.int64)
+        return np.concatenate(self._parts) if self._parts else self.layout.empty()
 
     def restore(self, rows: np.ndarray, clock_ms: int) -> None:
         self._parts, self._min_ts, self._n = [], [], 0

@@ -200,7 +200,81 @@ class Batch:
         return int(self.ts_ms.max()) if self.ts_ms is not None and len(self.ts_ms) else 0
 
 
-class CTRModel:
+class LearnedState:
+    """What every in-process model shares (``CTRModel``, ``trainers.spec_model.SpecModel``):
+    progressive scoring, TTL expiry, the exporter's change feed, occupancy, and the checkpoint
+    state -- dense weights, dense optimiser slots, every table, step and clock, all from one
+    moment.  Needs ``tables``, ``dense``, ``dense_opt``, ``step``, ``clock_ms``,
+    ``incarnation`` and ``lock``; ``predict`` and ``train`` are the model's own."""
+
+    def score_and_train(self, batch: Batch) -> tuple[np.ndarray, float]:
+        """Progressive validation: the batch's scores before the update, then the update."""
+        with self.lock:
+            return self.predict(batch), self.train(batch)
+
+    def export_snapshot(self, embeddings: bool = False) -> dict[str, Any]:
+        """What the exporter publishes, from one step: dense weights and, with ``embeddings``,
+        every table's rows ({table: (ids, vectors)})."""
+        with self.lock:
+            rows = ({t: (c["ids"], c["vectors"]) for t, c in self.embedding_changes(0)[1].items()}
+                    if embeddings else None)
+            return {"weights": self.dense_weights(), "step": self.step, "embeddings": rows}
+
+    def flush(self) -> None:
+        """Make every update so far visible to other readers (a no-op for in-process tables)."""
+
+    def expire(self) -> int:
+        """Evict rows past their tables' TTL at the model's event-time clock."""
+        with self.lock:
+            return sum(t.expire(self.clock_ms, self.step) for t in self.tables.values())
+
+    def dense_weights(self) -> dict[str, np.ndarray]:
+        with self.lock:
+            return {k: v.numpy() for k, v in self.dense.items()}
+
+    def embedding_changes(self, since: Mark | int) -> tuple[Mark, dict[str, dict]]:
+        """(mark, {table: {ids, vectors, removed, complete}}) for rows changed after the mark
+        ``since`` (0: everything); pass the returned mark next time.  Taken under the model
+        lock: one step.  After a restore every row comes back with ``complete: False``."""
+        with self.lock:
+            return table_changes(self.tables, since, self.incarnation, self.step)
+
+    def occupancy(self) -> dict[str, dict[str, int]]:
+        return {name: t.occupancy() for name, t in self.tables.items()}
+
+    # --- state (checkpoints) -----------------------------------------------------------------
+    def state(self, since: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """Dense weights, dense optimiser slots and every table (or, with ``since``, the rows
+        changed after that step), all from one moment: the caller holds ``lock``."""
+        with self.lock:
+            out = {"dense": self.dense_weights(),
+                   "dense_opt": {str(k): v.numpy() for k, v in enumerate(self.dense_opt.variables)},
+                   "model": {"step": np.array(self.step, np.int64),
+                             "clock_ms": np.array(self.clock_ms, np.int64)}}
+            for name, t in self.tables.items():
+                out[f"table_{name}"] = t.state(since)
+            return out
+
+    def load(self, state: dict[str, dict[str, np.ndarray]], increment: bool = False) -> None:
+        with self.lock:
+            for k, v in state["dense"].items():
+                self.dense[k].assign(v)
+            opt_vars = self.dense_opt.variables
+            if len(state["dense_opt"]) != len(opt_vars):
+                raise ValueError(f"checkpoint has {len(state['dense_opt'])} dense optimiser "
+                                 f"variables, the model {len(opt_vars)}: a different network")
+            for k, v in enumerate(opt_vars):
+                v.assign(state["dense_opt"][str(k)])
+            for name, t in self.tables.items():
+                t.load(state[f"table_{name}"], increment=increment)
+            self.step = int(state["model"]["step"])
+            self.clock_ms = int(state["model"]["clock_ms"])
+            self.incarnation = new_incarnation()
+            for t in self.tables.values():
+                t.forget_history(self.step)
+
+
+class CTRModel(LearnedState):
     def __init__(self, cfg: TrainerConfig):
         self.cfg = cfg
         self.sparse_opt = sparse_optim.make(cfg.sparse_optimizer, cfg.sparse_learning_rate)
@@ -314,14 +388,6 @@ class CTRModel:
             i = self.tables["item"].rows_of(batch.item_ids)
             return self._predict(u, i, *self._context(batch)).numpy()
 
-    def flush(self) -> None:
-        """Make every update so far visible to other readers (a no-op for in-process tables)."""
-
-    def score_and_train(self, batch: Batch) -> tuple[np.ndarray, float]:
-        """Progressive validation: the batch's scores before the update, then the update."""
-        with self.lock:
-            return self.predict(batch), self.train(batch)
-
     def train(self, batch: Batch) -> float:
         with self.lock:
             step = self.step + 1
@@ -333,69 +399,11 @@ class CTRModel:
             self.step = step
             return float(loss)
 
-    def expire(self) -> int:
-        """Evict rows past their tables' TTL at the model's event-time clock."""
-        with self.lock:
-            return sum(t.expire(self.clock_ms, self.step) for t in self.tables.values())
-
-    def dense_weights(self) -> dict[str, np.ndarray]:
-        with self.lock:
-            return {k: v.numpy() for k, v in self.dense.items()}
-
-    def embedding_changes(self, since: Mark | int) -> tuple[Mark, dict[str, dict]]:
-        """(mark, {table: {ids, vectors, removed, complete}}) for rows changed after the mark
-        ``since`` (0: everything); pass the returned mark next time.  Taken under the model
-        lock: one step.  After a restore every row comes back with ``complete: False``."""
-        with self.lock:
-            return table_changes(self.tables, since, self.incarnation, self.step)
-
-    def export_snapshot(self, embeddings: bool = False) -> dict[str, Any]:
-        """What the exporter publishes, from one step: dense weights and, with ``embeddings``,
-        every table's rows ({table: (ids, vectors)})."""
-        with self.lock:
-            rows = ({t: (c["ids"], c["vectors"]) for t, c in self.embedding_changes(0)[1].items()}
-                    if embeddings else None)
-            return {"weights": self.dense_weights(), "step": self.step, "embeddings": rows}
-
     def frozen_copy(self) -> "FrozenModel":
         """An immutable copy of the model as it is now (a baseline that stops learning)."""
         with self.lock:
             tables = {n: (dict(t._rows), t.var.numpy()) for n, t in self.tables.items()}
             return FrozenModel(self.dense_weights(), tables, self.cfg.num_positions, self.step)
-
-    def occupancy(self) -> dict[str, dict[str, int]]:
-        return {name: t.occupancy() for name, t in self.tables.items()}
-
-    # --- state (checkpoints) -----------------------------------------------------------------
-    def state(self, since: int | None = None) -> dict[str, dict[str, np.ndarray]]:
-        """Dense weights, dense optimiser slots and every table (or, with ``since``, the rows
-        changed after that step), all from one moment: the caller holds ``lock``."""
-        with self.lock:
-            out = {"dense": self.dense_weights(),
-                   "dense_opt": {str(k): v.numpy() for k, v in enumerate(self.dense_opt.variables)},
-                   "model": {"step": np.array(self.step, np.int64),
-                             "clock_ms": np.array(self.clock_ms, np.int64)}}
-            for name, t in self.tables.items():
-                out[f"table_{name}"] = t.state(since)
-            return out
-
-    def load(self, state: dict[str, dict[str, np.ndarray]], increment: bool = False) -> None:
-        with self.lock:
-            for k, v in state["dense"].items():
-                self.dense[k].assign(v)
-            opt_vars = self.dense_opt.variables
-            if len(state["dense_opt"]) != len(opt_vars):
-                raise ValueError(f"checkpoint has {len(state['dense_opt'])} dense optimiser "
-                                 f"variables, the model {len(opt_vars)}: a different network")
-            for k, v in enumerate(opt_vars):
-                v.assign(state["dense_opt"][str(k)])
-            for name, t in self.tables.items():
-                t.load(state[f"table_{name}"], increment=increment)
-            self.step = int(state["model"]["step"])
-            self.clock_ms = int(state["model"]["clock_ms"])
-            self.incarnation = new_incarnation()
-            for t in self.tables.values():
-                t.forget_history(self.step)
 
 
 Mark = tuple[int, int]    # (incarnation, step): where a reader of embedding changes stands

@@ -18,17 +18,20 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from trainers.samples import Records, decode_records
+from trainers.samples import ROW_WIDTH, Records, decode_records
 
 log = logging.getLogger("odl.trainer.prefetch")
 
 
 class Prefetcher:
-    def __init__(self, make_source: Callable[[], Any], max_chunks: int = 64, poll_records: int = 2000):
+    def __init__(self, make_source: Callable[[], Any], max_chunks: int = 64, poll_records: int = 2000,
+                 decode: Callable[..., Records] = decode_records, width: int = ROW_WIDTH):
         self._make = make_source
+        self._decode = decode      # the sample shape's (``SampleCodec.decode_records``)
+        self._width = width
         self._chunks: queue.Queue[Records] = queue.Queue(maxsize=max_chunks)
         self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()
-        self._carry = Records.empty()
+        self._carry = Records.empty(width)
         self.waited_s = 0.0   # time take() spent waiting for records: the trainer starved
         self._poll_records = poll_records
         self._stop = threading.Event()
@@ -53,7 +56,7 @@ class Prefetcher:
                     time.sleep(0.02)
                     continue
                 fetched = source.fetch(self._poll_records, 0.1)
-                chunk = decode_records(*zip(*fetched)) if fetched else None
+                chunk = self._decode(*zip(*fetched)) if fetched else None
                 while chunk is not None and not self._stop.is_set():
                     try:
                         self._chunks.put(chunk, timeout=0.1)
@@ -113,7 +116,8 @@ class Prefetcher:
             out.append(chunk[:need])
             self._carry = chunk[need:]
             have += len(out[-1])
-        return Records.concat([r for r in out if len(r)])
+        parts = [r for r in out if len(r)]
+        return Records.concat(parts) if parts else Records.empty(self._width)
 
     def close(self) -> None:
         self._stop.set()

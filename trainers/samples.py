@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import orjson
@@ -23,6 +24,24 @@ Row = tuple[int, ...]   # user, item, position, hour, label, ts_ms, sid, provisi
 SID, PROVISIONAL = 6, 7
 ID_COLUMNS = 8
 ROW_WIDTH = ID_COLUMNS + NUM_DENSE
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where the columns the stream itself reads sit in a row of some sample shape: the label,
+    the impression time (label alignment), the sample-id hash (duplicate window, ledger) and
+    the provisional flag (delayed feedback).  Every other column is the model's business."""
+    width: int
+    label: int
+    ts: int
+    sid: int
+    provisional: int
+
+    def empty(self) -> np.ndarray:
+        return np.zeros((0, self.width), np.int64)
+
+
+DEFAULT_LAYOUT = RowLayout(ROW_WIDTH, label=4, ts=5, sid=SID, provisional=PROVISIONAL)
 # A provisional sample shares its impression's sample_id with the final sample that follows; its
 # key in the duplicate window (and the ledger) is the id's hash with this mask applied, so the
 # two are told apart, and ``sid ^ PROVISIONAL_MASK`` leads from either to the other.
@@ -101,16 +120,16 @@ class Records:
         return Records(self.partitions[s], self.offsets[s], self.rows[s], self.valid[s])
 
     @staticmethod
-    def empty() -> "Records":
+    def empty(width: int = ROW_WIDTH) -> "Records":
         return Records(np.zeros(0, np.int32), np.zeros(0, np.int64),
-                       np.zeros((0, ROW_WIDTH), np.int64), np.zeros(0, bool))
+                       np.zeros((0, width), np.int64), np.zeros(0, bool))
 
     @staticmethod
     def concat(parts: list["Records"]) -> "Records":
         if len(parts) == 1:
             return parts[0]
         if not parts:
-            return Records.empty()
+            return Records.empty(0)
         return Records(np.concatenate([p.partitions for p in parts]),
                        np.concatenate([p.offsets for p in parts]),
                        np.concatenate([p.rows for p in parts]),
@@ -208,3 +227,45 @@ def to_batch(rows: np.ndarray, delayed: bool = False) -> Batch | None:
     feats = a[:, ID_COLUMNS:].astype(np.int32).view(np.float32)
     return Batch(a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4].astype(np.float32), a[:, 5], feats,
                  delayed=delayed_mask)
+
+
+class SampleCodec(Protocol):
+    """What the streaming trainer needs to know about a sample shape: how records become int64
+    rows (``layout``), rows a model batch, and which model learns from them.  The default shape
+    is ``DefaultCodec``; a feature spec's is ``trainers.spec_samples.SpecCodec``."""
+    layout: RowLayout
+    spec_hash: str
+
+    def decode_records(self, partitions: list[int], offsets: list[int],
+                       values: list[bytes]) -> Records: ...
+
+    def to_batch(self, rows: np.ndarray, delayed: bool = False) -> Any: ...
+
+    def new_model(self, cfg: Any) -> Any: ...
+
+
+class DefaultCodec:
+    """The default shape (``specs/default.yaml``): ``Row``s, ``trainers.model.CTRModel``."""
+    layout = DEFAULT_LAYOUT
+
+    def __init__(self) -> None:
+        from odl.spec import default_spec
+        self.spec_hash = default_spec().hash
+
+    decode_records = staticmethod(decode_records)
+    to_batch = staticmethod(to_batch)
+
+    @staticmethod
+    def new_model(cfg):
+        from trainers.model import CTRModel
+        return CTRModel(cfg)
+
+
+def codec_for_running_spec() -> SampleCodec:
+    """The sample shape of the spec the pipeline runs (``odl.spec.running_spec``)."""
+    from odl.spec import default_spec, running_spec
+    spec = running_spec()
+    if spec.hash == default_spec().hash:
+        return DefaultCodec()
+    from trainers.spec_samples import SpecCodec
+    return SpecCodec(spec)

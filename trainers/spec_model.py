@@ -22,11 +22,11 @@ import tensorflow as tf
 
 from odl.config import EmbeddingTableConfig, TrainerConfig
 from odl.spec import FeatureSpec
-from odl.spec.encode import PAD, list_width
+from odl.spec.encode import PAD, count_names, list_width
 from trainers import sparse_optim
 from trainers.embedding import DynamicEmbedding
-from trainers.model import (dcn_head, init_head, is_trainable, update_moving_moments,
-                            weighted_loss)
+from trainers.model import (LearnedState, dcn_head, init_head, is_trainable, new_incarnation,
+                            update_moving_moments, weighted_loss)
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,11 @@ def _pool(g: tf.Tensor, mask: tf.Tensor, pooling: str, query: tf.Tensor | None) 
     return tf.reduce_sum(g * m, axis=1) / tf.maximum(tf.reduce_sum(m, axis=1), 1.0)
 
 
-class SpecModel:
+class SpecModel(LearnedState):
     def __init__(self, spec: FeatureSpec, cfg: TrainerConfig):
         self.spec, self.cfg = spec, cfg
         self.inputs = spec_inputs(spec)
-        self.num_numeric = len(spec.numeric) + count_columns(spec)
+        self.num_numeric = len(spec.numeric) + len(count_names(spec))
         self.tables = {}
         for k, (name, t) in enumerate(spec.tables.items()):
             tcfg = EmbeddingTableConfig(dim=t.dim, capacity=t.capacity,
@@ -102,6 +102,7 @@ class SpecModel:
         self.dense_opt = tf.keras.optimizers.Adam(cfg.dense_learning_rate)
         self.dense_opt.build(self._trainable)
         self.step, self.clock_ms = 0, 0
+        self.incarnation = new_incarnation()
         self.lock = threading.RLock()
         rows = [tf.TensorSpec([None, i.width], tf.int64) for i in self.inputs]
         masks = [tf.TensorSpec([None, i.width], tf.float32) for i in self.inputs]
@@ -201,7 +202,3 @@ class SpecModel:
             copy.step, copy.clock_ms = self.step, self.clock_ms
             return copy
 
-
-def count_columns(spec: FeatureSpec) -> int:
-    """Numeric inputs the real-time counts add: one per (count, window, value)."""
-    return sum(len(c.windows) * len(c.values) for c in spec.realtime.counts.values())

@@ -28,17 +28,16 @@ from prometheus_client import Counter, Gauge
 
 from odl import names
 from odl.config import Config
-from odl.spec import check_spec, running_spec
+from odl.spec import check_spec
 from trainers.align import LabelAligner
 from trainers.embedding import EXPIRE_EVERY_STEPS
 from trainers.checkpoint import CheckpointInfo, CheckpointStore, due_kind
 from trainers.metrics import PairedValidator, ProgressiveValidator
-from trainers.model import CTRModel, FrozenModel
+from trainers.model import FrozenModel
 from trainers.kafka_source import SampleSource
 from trainers.prefetch import Prefetcher
 from trainers.delayed_feedback import ProvisionalScores
-from trainers.samples import (PROVISIONAL, PROVISIONAL_MASK, ROW_WIDTH, SID, DedupWindow, Records,
-                              to_batch)
+from trainers.samples import PROVISIONAL_MASK, DedupWindow, Records, SampleCodec, codec_for_running_spec
 
 log = logging.getLogger("odl.trainer")
 
@@ -72,17 +71,23 @@ def checkpoint_dir(cfg: Config, shard: str) -> Path:
 class StreamingTrainer:
     """One trainer.  Alone it owns its tables and checkpoints on its own schedule; in a training
     group (``model`` a ``ShardedCTRModel``, ``group=True``) the group decides when it checkpoints
-    and which epoch it restores (``group_epoch``; None = the group has committed nothing)."""
+    and which epoch it restores (``group_epoch``; None = the group has committed nothing).
+
+    ``codec`` is the sample shape (``trainers.samples.SampleCodec``): the running spec's by
+    default.  The loop itself reads only the layout's label, time, id and provisional columns."""
 
     def __init__(self, cfg: Config, partitions: list[int] | None = None, shard: str = "trainer-0",
-                 model: CTRModel | None = None, group: bool = False, group_epoch: int | None = None):
+                 model=None, group: bool = False, group_epoch: int | None = None,
+                 codec: SampleCodec | None = None):
         self.cfg = cfg
         tc = cfg.trainer
+        self.codec = codec if codec is not None else codec_for_running_spec()
+        self.layout = lay = self.codec.layout
         self.topic = names.topic(names.SAMPLES, cfg.kafka.topic_prefix)
         self.partitions = partitions
         self.shard = shard
         self.group = group
-        self.model = model if model is not None else CTRModel(tc)
+        self.model = model if model is not None else self.codec.new_model(tc)
         self.validator = ProgressiveValidator(tc.auc_window)
         # A copy frozen after `frozen_baseline_after` samples, scored on the same batches: the
         # measured value of continuing to learn on a drifting stream.  Not checkpointed.
@@ -96,12 +101,12 @@ class StreamingTrainer:
         self.served_step: int | None = None
         self.paired = PairedValidator(tc.auc_window)
         self.dedup = DedupWindow(tc.dedup_window)
-        self.aligner = LabelAligner(cfg.label_hold_ms) if cfg.label_alignment else None
+        self.aligner = LabelAligner(cfg.label_hold_ms, lay) if cfg.label_alignment else None
         # delayed feedback: provisional negatives trained at once, positives importance-weighted,
         # final negatives only settle the figures (their impression was trained already)
         self.provisional = ProvisionalScores(tc.dedup_window) if cfg.delayed_feedback else None
         self.settled_negatives = 0
-        self.waiting = np.zeros((0, ROW_WIDTH), np.int64)   # released, not yet a full batch
+        self.waiting = lay.empty()   # released, not yet a full batch
         self.positions: dict[int, int] = {}    # partition -> next offset to consume
         self.ledger: list[int] = []            # sample hashes trained since the last checkpoint
         self.store = CheckpointStore(checkpoint_dir(cfg, shard), tc.checkpoint.keep_full)
@@ -132,7 +137,8 @@ class StreamingTrainer:
 
     def prefetcher(self) -> Prefetcher:
         if self._prefetch is None:
-            self._prefetch = Prefetcher(self._open_source)
+            self._prefetch = Prefetcher(self._open_source, decode=self.codec.decode_records,
+                                        width=self.layout.width)
         return self._prefetch
 
     def poll_batch(self, timeout_s: float | None = None) -> Records:
@@ -149,7 +155,7 @@ class StreamingTrainer:
                 self.positions[p] = max(self.positions.get(p, 0), o)
             bad = int(n - recs.valid.sum())
             rows = recs.rows[recs.valid]
-            fresh = self.dedup.first_sightings(rows[:, SID])
+            fresh = self.dedup.first_sightings(rows[:, self.layout.sid])
             dup = int(len(rows) - fresh.sum())
             rows = rows[fresh]
             self.duplicates += dup
@@ -183,19 +189,21 @@ class StreamingTrainer:
         """The rows to train.  Without delayed feedback: the final samples (a provisional one,
         which the job sends only in that mode, is dropped and counted).  With it: provisional
         negatives and positives; a final negative only settles its impression's figures."""
-        provisional = rows[:, PROVISIONAL] == 1
+        lay = self.layout
+        provisional = rows[:, lay.provisional] == 1
         if self.provisional is None:
             if provisional.any():
                 SAMPLES.labels("provisional_ignored").inc(int(provisional.sum()))
             return rows[~provisional]
-        negatives = ~provisional & (rows[:, 4] == 0)
+        negatives = ~provisional & (rows[:, lay.label] == 0)
         self._settle(rows[negatives])
         self.settled_negatives += int(negatives.sum())
         SAMPLES.labels("settled_negative").inc(int(negatives.sum()))
         return rows[~negatives]
 
     def _settle(self, finals: np.ndarray) -> None:
-        scores, frozen, served, labels = self.provisional.settle(finals[:, SID], finals[:, 4])
+        scores, frozen, served, labels = self.provisional.settle(finals[:, self.layout.sid],
+                                                                 finals[:, self.layout.label])
         self.validator.add(scores, labels)
         known = ~np.isnan(frozen)
         if known.any():
@@ -222,14 +230,15 @@ class StreamingTrainer:
 
     def _train(self, rows: np.ndarray) -> int:
         delayed = self.provisional is not None
-        batch = to_batch(rows, delayed=delayed)
+        lay = self.layout
+        batch = self.codec.to_batch(rows, delayed=delayed)
         frozen = self.frozen.predict(batch) if self.frozen is not None else None
         served = self.model.predict_shadow(batch) if self.served_step is not None else None
         scores, self.last_loss = self.model.score_and_train(batch)
         if delayed:   # score at the impression now, judge it when its label is final
-            prov = rows[:, PROVISIONAL] == 1
+            prov = rows[:, lay.provisional] == 1
             none = np.full(int(prov.sum()), np.nan, np.float32)
-            self.provisional.remember(rows[prov, SID] ^ PROVISIONAL_MASK, scores[prov],
+            self.provisional.remember(rows[prov, lay.sid] ^ PROVISIONAL_MASK, scores[prov],
                                       frozen[prov] if frozen is not None else none,
                                       served[prov] if served is not None else none)
             self._settle(rows[~prov])
@@ -242,7 +251,7 @@ class StreamingTrainer:
         if self.model.step % EXPIRE_EVERY_STEPS == 0:
             self.model.expire()
         if self.cfg.trainer.checkpoint.ledger:
-            self.ledger.extend(rows[:, SID].tolist())
+            self.ledger.extend(rows[:, lay.sid].tolist())
         self.trained += len(batch)
         SAMPLES.labels("trained").inc(len(batch))
         after = self.cfg.trainer.frozen_baseline_after
@@ -268,7 +277,7 @@ class StreamingTrainer:
 
     def _stream_state(self, incremental: bool) -> dict[str, np.ndarray]:
         return {"held_rows": self.aligner.snapshot() if self.aligner is not None
-                else np.zeros((0, ROW_WIDTH), np.int64),
+                else self.layout.empty(),
                 "aligner_clock_ms": np.array(self.aligner.clock_ms if self.aligner else 0, np.int64),
                 "waiting_rows": self.waiting,
                 # an increment stores the ids added since the previous checkpoint only
@@ -295,7 +304,7 @@ class StreamingTrainer:
         meta = {"step": step, "since_step": since, "positions": {str(p): o for p, o in self.positions.items()},
                 "topic": self.topic, "trained": self.trained,
                 "previous": self.last_ckpt.seq if self.last_ckpt else None,
-                "spec": running_spec().hash}
+                "spec": self.codec.spec_hash}
         if epoch is not None:
             meta["epoch"] = epoch
         info = self.store.write(kind, groups, meta, base=None if kind == "full" else self.last_ckpt.seq)
@@ -324,7 +333,7 @@ class StreamingTrainer:
         for k, (info, groups) in enumerate(chain):
             check_spec(info.meta.get("spec"), f"checkpoint {info.path}",
                        f"Move {self.store.root} aside to start afresh under this spec, or run "
-                       "the spec it was written under")
+                       "the spec it was written under", expected=self.codec.spec_hash)
             try:
                 self.model.load({g: a for g, a in groups.items() if g != "stream"}, increment=k > 0)
             except (ValueError, KeyError, tf.errors.InvalidArgumentError) as exc:

@@ -93,10 +93,14 @@ class SpecMismatch(RuntimeError):
     """State (a checkpoint, a served version) written under another spec than the one running."""
 
 
-def check_spec(recorded: str | None, what: str, remedy: str = "") -> None:
-    """Refuse ``what`` when it records a spec hash other than the running spec's.  State
-    written before specs existed records none and is accepted (it has the default shape)."""
+def check_spec(recorded: str | None, what: str, remedy: str = "",
+               expected: str | None = None) -> None:
+    """Refuse ``what`` when it records a spec hash other than ``expected`` (default: the running
+    spec's).  State written before specs existed records none and is accepted (it has the
+    default shape)."""
     running = running_spec()
-    if recorded is not None and recorded != running.hash:
+    want = expected or running.hash
+    if recorded is not None and recorded != want:
+        name = f"spec {running.name!r} ({want})" if want == running.hash else f"spec {want}"
         raise SpecMismatch(f"{what} was written under feature spec {recorded}; this process runs "
-                           f"spec {running.name!r} ({running.hash}). {remedy}".rstrip())
+                           f"{name}. {remedy}".rstrip())

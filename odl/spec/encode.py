@@ -22,6 +22,7 @@ from odl.spec.model import FeatureSpec, NumericFeature, SparseFeature
 
 PAD = 0
 _MASK63 = (1 << 63) - 1
+CACHE_LIMIT = 1 << 20       # keys a stream's per-feature cache holds before it starts afresh
 
 
 def key_of(fields: Sequence[str], values: Sequence[Any]) -> int:
@@ -39,36 +40,85 @@ def list_width(spec: FeatureSpec, feature: SparseFeature) -> int:
     return (f.max_len or 8) if f.type.startswith("list[") else 1
 
 
-def sparse_keys(spec: FeatureSpec, feature: SparseFeature,
-                rows: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+def sparse_keys(spec: FeatureSpec, feature: SparseFeature, rows: Sequence[dict[str, Any]],
+                cache: dict[Any, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """([n, width] int64 keys, [n, width] float32 mask) of one sparse feature over rows of
-    typed values (``odl.spec.events``); an absent value is all padding."""
+    typed values (``odl.spec.events``); an absent value is all padding.  ``cache`` (value ->
+    key) may be kept across calls by a stream that encodes batch after batch: hashing is the
+    costly part, and categorical values repeat.  Raises TypeError on a value that is not a
+    scalar (a list for a list field), so a reader can find and refuse the record."""
     width = list_width(spec, feature)
-    keys = np.zeros((len(rows), width), np.int64)
+    cache = _bounded(cache)
     if feature.cross is not None:
         names = tuple(feature.cross)
-        for r, row in enumerate(rows):
-            vals = [row.get(f) for f in names]
-            if all(v is not None for v in vals):
-                keys[r, 0] = key_of(names, vals)
+        col = list(zip(*([row.get(f) for row in rows] for f in names))) if rows else []
+        keys = scalar_keys(names, col, cache, cross=True)[:, None]
+    elif width == 1 and not spec.field(feature.field).type.startswith("list["):
+        keys = scalar_keys((feature.field,), [row.get(feature.field) for row in rows], cache)[:, None]
     else:
-        name = (feature.field,)
-        cache: dict[Any, int] = {}
-        for r, row in enumerate(rows):
-            v = row.get(feature.field)
-            if v is None:
-                continue
-            for c, x in enumerate(v[:width] if isinstance(v, list) else (v,)):
-                k = cache.get(x)
-                if k is None:
-                    k = cache[x] = key_of(name, (x,))
-                keys[r, c] = k
+        col = [row.get(feature.field) for row in rows]
+        keys = list_keys(feature.field, [v if isinstance(v, list) or v is None else [v]
+                                         for v in col], width, cache)
     return keys, (keys != PAD).astype(np.float32)
 
 
-def numeric_values(feature: NumericFeature, raw: np.ndarray) -> np.ndarray:
+SCALARS = (str, int, float, bool)
+
+
+def _bounded(cache: dict | None) -> dict:
+    """A stream's key cache, emptied in place once it outgrows ``CACHE_LIMIT``."""
+    if cache is None:
+        return {}
+    if len(cache) > CACHE_LIMIT:
+        cache.clear()
+    return cache
+
+
+def scalar_keys(names: tuple[str, ...], col: Sequence[Any], cache: dict[Any, int],
+                cross: bool = False) -> np.ndarray:
+    """[n] keys of single values (tuples of the parts for a cross); None (any part None) -> PAD.
+    Each distinct value is hashed once: the column goes through a lookup table at C speed."""
+    try:
+        fresh = set(col).difference(cache)
+    except TypeError:
+        raise TypeError(f"{'x'.join(names)}: a value is not a single value") from None
+    for v in fresh:
+        parts = v if cross else (v,)
+        if any(x is None for x in parts):
+            cache[v] = PAD
+        elif not all(isinstance(x, SCALARS) for x in parts):
+            raise TypeError(f"{'x'.join(names)}: {v!r} is not a single value")
+        else:
+            cache[v] = key_of(names, parts)
+    return np.fromiter(map(cache.__getitem__, col), np.int64, len(col))
+
+
+def list_keys(name: str, lists: Sequence[Sequence[Any] | None], width: int,
+              cache: dict[Any, int]) -> np.ndarray:
+    """[n, width] keys of each row's values (the first ``width``; padding after)."""
+    keys = np.zeros((len(lists), width), np.int64)
+    field = (name,)
+    for r, vals in enumerate(lists):
+        if vals is None:
+            continue
+        if not isinstance(vals, list):
+            raise TypeError(f"{name}: {vals!r} is not a list")
+        for c, v in enumerate(vals[:width]):
+            k = cache.get(v)
+            if k is None:
+                if v is None or not isinstance(v, SCALARS):
+                    raise TypeError(f"{name}: {v!r} is not a single value")
+                k = cache[v] = key_of(field, (v,))
+            keys[r, c] = k
+    return keys
+
+
+def numeric_values(feature: NumericFeature, raw: np.ndarray,
+                   moments: list[float] | None = None) -> np.ndarray:
     """[n] float32: the transform of one numeric column (``nan`` = missing).  ``standardize``
-    uses the running moments of the rows *before* each row (what a stream knows then)."""
+    uses the running moments of the rows *before* each row (what a stream knows then):
+    ``moments`` ([count, sum, sum of squares] of earlier batches, updated in place) carries them
+    from one batch of a stream to the next."""
     x = np.asarray(raw, np.float64)
     missing = ~np.isfinite(x)
     if feature.transform == "log1p":       # signed, so that -1 "unknown" codes stay finite
@@ -76,10 +126,39 @@ def numeric_values(feature: NumericFeature, raw: np.ndarray) -> np.ndarray:
     elif feature.transform == "clip":
         x = np.clip(x, *feature.clip)
     elif feature.transform == "standardize":
+        m0, a0, b0 = moments if moments is not None else (0.0, 0.0, 0.0)
         v = np.where(missing, 0.0, x)
-        seen = np.cumsum(~missing) - (~missing)
-        s1, s2 = np.cumsum(v) - v, np.cumsum(v * v) - v * v
+        seen = m0 + np.cumsum(~missing) - (~missing)
+        s1, s2 = a0 + np.cumsum(v) - v, b0 + np.cumsum(v * v) - v * v
+        if moments is not None and len(v):
+            moments[:] = [m0 + float((~missing).sum()), a0 + float(v.sum()),
+                          b0 + float((v * v).sum())]
         mean = np.divide(s1, seen, out=np.zeros_like(s1), where=seen > 0)
         var = np.where(seen > 1, np.divide(s2, np.maximum(seen, 1)) - mean ** 2, 1.0)
         x = (x - mean) / np.sqrt(np.maximum(var, 1e-6))
     return np.where(missing | ~np.isfinite(x), feature.default, x).astype(np.float32)
+
+
+def count_input(value: str, raw: np.ndarray) -> np.ndarray:
+    """A real-time count as the model reads it: impressions and clicks as log1p of the count,
+    a CTR (already smoothed, ``odl.features.smoothed_ctr``) as it is."""
+    x = np.asarray(raw, np.float64)
+    x = np.where(np.isfinite(x), x, 0.0)
+    return (x.clip(0.0, 1.0) if value == "ctr" else np.log1p(np.maximum(x, 0.0))).astype(np.float32)
+
+
+def count_inputs(spec: FeatureSpec) -> list[tuple[str, str]]:
+    """The real-time count inputs in the model's order: (``<count>.<value>_<window>``, value)."""
+    return [(f"{cname}.{v}_{w}", v) for cname, c in spec.realtime.counts.items()
+            for w in c.windows for v in c.values]
+
+
+def count_names(spec: FeatureSpec) -> list[str]:
+    return [name for name, _ in count_inputs(spec)]
+
+
+def sequence_keys(value_field: str, lists: Sequence[Sequence[Any] | None], length: int,
+                  cache: dict[Any, int] | None = None) -> np.ndarray:
+    """[n, length] keys of each row's last clicked values (newest first; padding after)."""
+    cache = _bounded(cache)
+    return list_keys(value_field, lists, length, cache)

@@ -25,7 +25,7 @@ import numpy as np
 from odl.config import TrainerConfig
 from odl.features import smoothed_ctr
 from odl.spec import FeatureSpec
-from odl.spec.encode import key_of, numeric_values, sparse_keys
+from odl.spec.encode import count_input, count_names, key_of, numeric_values, sparse_keys
 from odl.spec.logs import read_log
 from trainers.evaluation.features import _window_counts
 from trainers.spec_model import SpecBatch, SpecModel, spec_inputs
@@ -142,10 +142,10 @@ def _counts(spec: FeatureSpec, rows: list[dict], ts: np.ndarray,
             clicks = _window_counts(ent[has & clicked], click_ts[has & clicked], ent, lo, end
                                     ).astype(np.float64)
             imps[~has], clicks[~has] = 0, 0
-            values = {"impressions": np.log1p(imps), "clicks": np.log1p(clicks),
-                      "ctr": smoothed_ctr(imps, clicks)}
+            values = {"impressions": imps, "clicks": clicks, "ctr": smoothed_ctr(imps, clicks)}
             for v in c.values:
-                out[f"{cname}.{v}_{w}"] = values[v].astype(np.float32)
+                out[f"{cname}.{v}_{w}"] = count_input(v, values[v])
+    assert list(out) == count_names(spec)
     return out
 
 
