@@ -26,6 +26,7 @@ from odl.features import NUM_DENSE
 from trainers.model import init_dense
 
 DESCRIPTION = "optimised serving graph vs plain Keras SavedModel: throughput, p50/p99 at 1/64/512"
+SPEC_HIDDEN = (512, 256, 128)     # --spec: a network of production width
 BATCHES = (1, 64, 512)
 ROUNDS = 7
 CALLS = 150
@@ -35,7 +36,11 @@ CAND_USERS, CANDIDATES = 4, 100
 
 def _weights(cfg: Config) -> dict[str, np.ndarray]:
     """The configured network with trained-looking BatchNorm statistics."""
-    w = init_dense(cfg.trainer)
+    return _trained_looking(init_dense(cfg.trainer))
+
+
+def _trained_looking(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """BatchNorm statistics moved off their initial values (else folding them is trivial)."""
     rng = np.random.default_rng(0)
     for k in w:
         if k.startswith("bn_"):
@@ -91,7 +96,9 @@ def _measure(models: dict, req, rounds: int = ROUNDS, min_s: float = 0.0,
                    "p99_ms": float(np.percentile(lat[name], 99)) * 1000} for name in models}
 
 
-def run(cfg: Config) -> BenchResult:
+def run(cfg: Config, spec: str | None = None) -> BenchResult:
+    if spec is not None:
+        return run_spec(cfg, spec)
     weights = _weights(cfg)
     dim = cfg.trainer.embedding_dim
     with tempfile.TemporaryDirectory(prefix="odl-bench-graph-") as tmp:
@@ -175,4 +182,79 @@ def run(cfg: Config) -> BenchResult:
             result[f"{name}{b}_rows_per_s"] = round(figures[b][name]["rows_per_s"])
             result[f"{name}{b}_p99_ms"] = round(figures[b][name]["p99_ms"], 3)
     result["max_abs_diff"] = diff
+    return BenchResult(result, lines)
+
+
+def _spec_request(net, batch: int, seed: int) -> dict[str, tf.Tensor]:
+    """A spec model's request: vectors per input, every single-valued input present, list and
+    sequence inputs partly filled, numeric inputs."""
+    from exporters.spec_savedmodel import request_specs
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((batch, net.width), np.float32)
+    for a, b in net.spans:
+        mask[:, a] = 1.0
+        if b - a > 1:
+            mask[:, a + 1:b] = rng.random((batch, b - a - 1)) < 0.5
+    out = {}
+    for name, spec in request_specs(net).items():
+        if name == "mask":
+            out[name] = tf.constant(mask)
+        else:
+            shape = [batch] + spec.shape.as_list()[1:]
+            out[name] = tf.constant(rng.normal(size=shape).astype(np.float32))
+    return out
+
+
+def run_spec(cfg: Config, spec_path: str) -> BenchResult:
+    """The spec's serving graph (``exporters.spec_savedmodel``): optimised vs the project's own
+    plain export of the same weights, both loaded from disk, at batch 64 and 512."""
+    from exporters import spec_savedmodel
+    from odl.spec import load_spec
+    from trainers.spec_model import SpecModel
+    spec = load_spec(spec_path)
+    tc = cfg.trainer.model_copy(update={"hidden_units": list(SPEC_HIDDEN)})
+    model = SpecModel(spec, tc)
+    net, weights = model.net, _trained_looking(model.dense_weights())
+    with tempfile.TemporaryDirectory(prefix="odl-bench-graph-") as tmp:
+        report = spec_savedmodel.save_optimised(net, weights, Path(tmp) / "optimised")
+        spec_savedmodel.save(net, weights, Path(tmp) / "plain")
+        spec_savedmodel.save_optimised(net, weights, Path(tmp) / "other", jit=not report["xla"])
+        bf16 = spec_savedmodel.save_optimised(net, weights, Path(tmp) / "bf16",
+                                              precision="bfloat16")
+        other = "optimised-xla" if not report["xla"] else "optimised-noxla"
+        models = {name: tf.saved_model.load(str(Path(tmp) / d)).signatures["serving_default"]
+                  for name, d in (("plain", "plain"), ("optimised", "optimised"), (other, "other"),
+                                  ("optimised-bf16", "bf16"))}
+        check = _spec_request(net, 512, 99)
+        ref = models["plain"](**check)["probability"].numpy()
+        diff = float(np.abs(ref - models["optimised"](**check)["probability"].numpy()).max())
+        diff16 = float(np.abs(ref - models["optimised-bf16"](**check)["probability"].numpy()).max())
+        lines, result = [], {}
+        for b in (64, 512):
+            m = _measure(models, _spec_request(net, b, b), rows=b)
+            ratio = m["optimised"]["rows_per_s"] / m["plain"]["rows_per_s"]
+            result[f"ratio{b}"] = round(ratio, 3)
+            result[f"ratio{b}_{other}"] = round(m[other]["rows_per_s"] / m["plain"]["rows_per_s"], 3)
+            result[f"ratio{b}_bf16"] = round(m["optimised-bf16"]["rows_per_s"]
+                                             / m["plain"]["rows_per_s"], 3)
+            for name in models:
+                lines.append(f"batch {b:>3} {name:<15} {m[name]['rows_per_s']:>12,.0f} rows/s  "
+                             f"p50 {m[name]['p50_ms']:.3f} ms  p99 {m[name]['p99_ms']:.3f} ms")
+                result[f"{name.replace('-', '_')}{b}_rows_per_s"] = round(m[name]["rows_per_s"])
+            lines.append(f"batch {b:>3} ratio optimised/plain {ratio:.2f}, bfloat16 dense "
+                         f"layers/plain {result[f'ratio{b}_bf16']:.2f}")
+    lines.append(f"bfloat16 dense layers: {len(bf16['cached_tensors'])} cached tensors (the "
+                 f"bfloat16 kernels); max |bf16 - plain| probability = {diff16:.2e} over "
+                 f"{len(ref)} rows (mean probability {ref.mean():.3f})")
+    lines.insert(0, f"spec {spec.name}: {len(net.inputs)} embedding inputs (dims "
+                    f"{sorted(set(net.dims))}), {net.num_numeric} numeric; network: hidden "
+                    f"{list(SPEC_HIDDEN)}, {tc.cross_layers} cross layers; passes: "
+                    f"{report['folded_batchnorms']} BatchNorms and {report['folded_constants']} "
+                    f"constants folded, {report['simplified_dense']} dense layers simplified, "
+                    f"{len(report['cached_tensors'])} cached tensors; XLA "
+                    f"{'on' if report['xla'] else 'off'} (on with a GPU); "
+                    f"max |optimised - plain| = {diff:.2e}")
+    result["max_abs_diff"] = diff
+    result["max_abs_diff_bf16"] = diff16
+    result["spec"] = spec.name
     return BenchResult(result, lines)

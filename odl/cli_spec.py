@@ -29,8 +29,10 @@ def summary(spec: FeatureSpec) -> dict:
                   f"{'+'.join(spec.label.join.key)} within {spec.label.join.attribution_window_s} s"
                   if spec.label.join else f"field {spec.label.field}"),
         "live_pipeline": ("runs this spec" if live else
-                          "runs specs/default.yaml; this spec is checked and its event rules "
-                          "are generated, the stages do not derive from it yet"),
+                          "runs specs/default.yaml; this spec is checked"
+                          + (", evaluates in odl eval --spec" if spec.label.field else "")
+                          + " and its sample records train in the streaming trainer; the "
+                          "feature job, exporter and serving do not derive from it yet"),
     }
 
 

@@ -44,6 +44,87 @@ def spec_inputs(spec: FeatureSpec) -> list[Input]:
     return out
 
 
+@dataclass(frozen=True)
+class SpecNet:
+    """The shape of a spec's network: its inputs, where each sits in the [n, W] row matrix,
+    their dims and the FM group's dim -- what the trainer and the exported serving graph share
+    (``spec_logits``)."""
+    inputs: tuple[Input, ...]
+    spans: tuple[tuple[int, int], ...]
+    dims: tuple[int, ...]
+    fm_dim: int
+    num_numeric: int
+
+    @staticmethod
+    def of(spec: FeatureSpec) -> "SpecNet":
+        inputs = tuple(spec_inputs(spec))
+        spans, at = [], 0
+        for i in inputs:
+            spans.append((at, at + i.width))
+            at += i.width
+        dims = tuple(spec.tables[i.table].dim for i in inputs)
+        fm_dim = max(set(dims), key=dims.count) if dims else 0
+        return SpecNet(inputs, tuple(spans), dims, fm_dim,
+                       len(spec.numeric) + len(count_names(spec)))
+
+    @property
+    def width(self) -> int:
+        """Columns of the row matrix (all inputs side by side)."""
+        return self.spans[-1][1] if self.spans else 0
+
+    @property
+    def head_width(self) -> int:
+        """Inputs of the DCN head: every pooled vector and the numeric features."""
+        return sum(self.dims) + self.num_numeric
+
+
+def spec_logits(net: SpecNet, w: dict, gathered: list, mask, numeric,
+                training: bool = False, dense=tf.matmul) -> tuple[tf.Tensor, dict]:
+    """Logits [B] (and BatchNorm moments when training) from each input's looked-up vectors
+    ``gathered`` ([B, width, dim] each), the [B, W] mask of real keys and the numeric inputs:
+    first-order weights + FM over the inputs of the common dim + the DCN head, whose input is
+    the single-valued inputs (grouped by dim, in input order), then the pooled list and
+    sequence inputs, then the numeric ones."""
+    # Single-valued inputs of one dim are stacked into one [B, k, d] tensor and handled by a
+    # few ops, not a few per input: with 26 inputs (Criteo) per-input ops dominated a request.
+    singles = [k for k, i in enumerate(net.inputs) if i.width == 1]
+    groups: dict[int, list[int]] = {}
+    for k in singles:
+        groups.setdefault(net.dims[k], []).append(k)
+    queries: dict[str, tf.Tensor] = {}
+    for k in singles:
+        t = net.inputs[k].table
+        queries[t] = queries.get(t, 0.0) + gathered[k][:, 0, :]
+    vecs, firsts, fm_sums, fm_squares, fm_members = [], [], [], [], 0
+    for d, idx in groups.items():
+        stacked = gathered[idx[0]] if len(idx) == 1 else tf.concat([gathered[k] for k in idx], 1)
+        v = stacked * tf.gather(mask, [net.spans[k][0] for k in idx], axis=1)[..., None]
+        vecs.append(tf.reshape(v, [-1, len(idx) * d]))
+        firsts.append(tf.reduce_sum(v[..., 0], axis=1))
+        if d == net.fm_dim:
+            fm_sums.append(tf.reduce_sum(v[..., 1:], axis=1))
+            fm_squares.append(tf.reduce_sum(tf.square(v[..., 1:]), axis=[1, 2]))
+            fm_members += len(idx)
+    for k, inp in enumerate(net.inputs):
+        if inp.width == 1:
+            continue
+        a, b = net.spans[k]
+        v = _pool(gathered[k], mask[:, a:b], inp.pooling, queries.get(inp.table))
+        vecs.append(v)
+        firsts.append(v[:, 0])
+        if net.dims[k] == net.fm_dim:
+            fm_sums.append(v[:, 1:])
+            fm_squares.append(tf.reduce_sum(tf.square(v[:, 1:]), axis=-1))
+            fm_members += 1
+    first = tf.add_n(firsts) if firsts else 0.0
+    fm = 0.0
+    if fm_members > 1:
+        s = tf.add_n(fm_sums)
+        fm = 0.5 * (tf.reduce_sum(s * s, axis=-1) - tf.add_n(fm_squares))
+    logit, moments = dcn_head(w, tf.concat(vecs + [numeric], axis=-1), training, dense=dense)
+    return logit + first + fm, moments
+
+
 @dataclass
 class SpecBatch:
     keys: dict[str, np.ndarray]        # input name -> [n, width] int64 (0 = padding)
@@ -82,8 +163,8 @@ def _pool(g: tf.Tensor, mask: tf.Tensor, pooling: str, query: tf.Tensor | None) 
 class SpecModel(LearnedState):
     def __init__(self, spec: FeatureSpec, cfg: TrainerConfig):
         self.spec, self.cfg = spec, cfg
-        self.inputs = spec_inputs(spec)
-        self.num_numeric = len(spec.numeric) + len(count_names(spec))
+        self.net = net = SpecNet.of(spec)
+        self.inputs, self.spans, self.num_numeric = net.inputs, net.spans, net.num_numeric
         self.tables = {}
         for k, (name, t) in enumerate(spec.tables.items()):
             tcfg = EmbeddingTableConfig(dim=t.dim, capacity=t.capacity,
@@ -92,20 +173,25 @@ class SpecModel(LearnedState):
                                         admit_probability=t.admit_probability, ttl_s=t.ttl_s)
             opt = sparse_optim.make(t.optimizer or cfg.sparse_optimizer, cfg.sparse_learning_rate)
             self.tables[name] = DynamicEmbedding(name, tcfg, opt, cfg.seed * 1000 + k)
-        dims = [spec.tables[i.table].dim for i in self.inputs]
-        self.fm_dim = max(set(dims), key=dims.count) if dims else 0
-        width = sum(dims) + self.num_numeric
         rng = np.random.default_rng(cfg.seed)
         self.dense = {k: tf.Variable(v, name=k.replace("/", "_"), trainable=is_trainable(k))
-                      for k, v in init_head(cfg, width, rng).items()}
+                      for k, v in init_head(cfg, net.head_width, rng).items()}
         self._trainable = [v for k, v in self.dense.items() if is_trainable(k)]
         self.dense_opt = tf.keras.optimizers.Adam(cfg.dense_learning_rate)
         self.dense_opt.build(self._trainable)
         self.step, self.clock_ms = 0, 0
         self.incarnation = new_incarnation()
         self.lock = threading.RLock()
-        rows = [tf.TensorSpec([None, i.width], tf.int64) for i in self.inputs]
-        masks = [tf.TensorSpec([None, i.width], tf.float32) for i in self.inputs]
+        # all inputs' rows side by side in one [n, W] matrix (and its mask): one tensor per
+        # call instead of two per input -- with 26 inputs the per-tensor conversions and
+        # signature checks cost more than the network itself
+        at = net.width
+        self.table_columns = {
+            name: np.concatenate([np.arange(a, b) for i, (a, b) in zip(self.inputs, self.spans)
+                                  if i.table == name]) for name in self.tables
+            if any(i.table == name for i in self.inputs)}
+        rows = tf.TensorSpec([None, at], tf.int64)
+        masks = tf.TensorSpec([None, at], tf.float32)
         num = tf.TensorSpec([None, self.num_numeric], tf.float32)
         val = tf.TensorSpec([None], tf.float32)
         self._predict_fn = tf.function(self._predict_impl, input_signature=[rows, masks, num])
@@ -113,28 +199,18 @@ class SpecModel(LearnedState):
             rows, masks, num, val, val, tf.TensorSpec([], tf.int64)])
 
     # --- the network -------------------------------------------------------------------------
-    def _logits(self, gathered, masks, numeric, training: bool):
-        queries: dict[str, tf.Tensor] = {}
-        for inp, g in zip(self.inputs, gathered):
-            if inp.width == 1:
-                queries[inp.table] = queries.get(inp.table, 0.0) + g[:, 0, :]
-        vecs = [_pool(g, m, inp.pooling, queries.get(inp.table))
-                for inp, g, m in zip(self.inputs, gathered, masks)]
-        first = tf.add_n([v[:, 0] for v in vecs]) if vecs else 0.0
-        fm_group = [v[:, 1:] for v in vecs if v.shape[-1] == self.fm_dim]
-        fm = 0.0
-        if len(fm_group) > 1:
-            s = tf.add_n(fm_group)
-            fm = 0.5 * tf.reduce_sum(s * s - tf.add_n([v * v for v in fm_group]), axis=-1)
-        logit, moments = dcn_head(self.dense, tf.concat(vecs + [numeric], axis=-1), training)
-        return logit + first + fm, moments
+    def _logits(self, gathered, mask, numeric, training: bool):
+        return spec_logits(self.net, self.dense, gathered, mask, numeric, training)
+
+    def _gather(self, rows):
+        return [tf.gather(self.tables[i.table].var, rows[:, a:b])
+                for i, (a, b) in zip(self.inputs, self.spans)]
 
     def _predict_impl(self, rows, masks, numeric):
-        gathered = [tf.gather(self.tables[i.table].var, r) for i, r in zip(self.inputs, rows)]
-        return tf.sigmoid(self._logits(gathered, masks, numeric, training=False)[0])
+        return tf.sigmoid(self._logits(self._gather(rows), masks, numeric, training=False)[0])
 
     def _train_impl(self, rows, masks, numeric, labels, delayed, step):
-        gathered = [tf.gather(self.tables[i.table].var, r) for i, r in zip(self.inputs, rows)]
+        gathered = self._gather(rows)
         with tf.GradientTape() as tape:
             tape.watch(gathered)
             logits, moments = self._logits(gathered, masks, numeric, training=True)
@@ -145,8 +221,8 @@ class SpecModel(LearnedState):
         update_moving_moments(self.dense, moments)
         n = tf.cast(tf.shape(labels)[0], tf.float32)
         for name, table in self.tables.items():
-            parts = [(tf.reshape(r, [-1]), tf.reshape(g, [-1, table.var.shape[-1]]))
-                     for i, r, g in zip(self.inputs, rows, g_in) if i.table == name]
+            parts = [(tf.reshape(rows[:, a:b], [-1]), tf.reshape(g, [-1, table.var.shape[-1]]))
+                     for i, (a, b), g in zip(self.inputs, self.spans, g_in) if i.table == name]
             if not parts:
                 continue
             all_rows = tf.concat([p[0] for p in parts], axis=0)
@@ -160,18 +236,19 @@ class SpecModel(LearnedState):
 
     # --- rows ----------------------------------------------------------------------------------
     def _rows(self, batch: SpecBatch, train: bool, step: int):
-        rows, masks = [], []
-        for inp in self.inputs:
-            keys = batch.keys[inp.name]
-            r = np.zeros(keys.shape, np.int64)
-            real = keys != PAD
-            if real.any():
-                t = self.tables[inp.table]
-                r[real] = (t.lookup_train(keys[real], self.clock_ms, step) if train
-                           else t.rows_of(keys[real]))
-            rows.append(tf.constant(r))
-            masks.append(tf.constant(real.astype(np.float32)))
-        return rows, masks
+        """The batch's table rows [n, W] and mask, one lookup per table for all its inputs."""
+        keys = np.concatenate([batch.keys[i.name] for i in self.inputs], axis=1)
+        real = keys != PAD
+        rows = np.zeros(keys.shape, np.int64)
+        for name, cols in self.table_columns.items():
+            sub, ok = keys[:, cols], real[:, cols]
+            if ok.any():
+                t = self.tables[name]
+                r = np.zeros(sub.shape, np.int64)
+                r[ok] = (t.lookup_train(sub[ok], self.clock_ms, step) if train
+                         else t.rows_of(sub[ok]))
+                rows[:, cols] = r
+        return tf.constant(rows), tf.constant(real.astype(np.float32))
 
     # --- public API (as CTRModel's) -----------------------------------------------------------
     def predict(self, batch: SpecBatch) -> np.ndarray:

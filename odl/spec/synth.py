@@ -68,6 +68,14 @@ def synthetic_rows(spec: FeatureSpec, n: int, seed: int = 0, vocab: int = 5000,
     pos = lab.threshold if lab.threshold is not None else (hi if hi is not None else 1)
     neg = (lo if lo is not None else 0) if lab.threshold is not None else 0
     cast = {"bool": bool, "int": int}.get(spec.field(lab.field).type, float)
+    # a field feeding a small table draws from a vocabulary that fits it (genres: 64 rows)
+    vocabs = {name: vocab for name in ev.fields}
+    for f in spec.sparse.values():
+        if f.field is not None:
+            cap = spec.tables[f.table].capacity
+            vocabs[f.field] = min(vocabs[f.field], max(2, cap // 2))
+    for sq in spec.realtime.sequences.values():
+        vocabs[sq.value] = min(vocabs[sq.value], max(2, spec.tables[sq.table].capacity // 2))
     ts, rows = start_ms, []
     for _ in range(n):
         ts += rng.randint(*gap_ms)
@@ -80,7 +88,7 @@ def synthetic_rows(spec: FeatureSpec, n: int, seed: int = 0, vocab: int = 5000,
                 continue
             if not (f.required or name in inputs) and rng.random() < 0.5:
                 continue
-            v = row[name] = _value(name, f, rng, vocab)
+            v = row[name] = _value(name, f, rng, vocabs[name])
             if name in numeric:
                 logit += scale * _weight(name, "") * math.log1p(abs(float(v)))
             elif name in inputs:
