@@ -201,7 +201,7 @@ def _actor_rate(ray, cfg: Config, n: int) -> float:
     scale = cfg.trainer.scale
     impl = TrainingGroupImpl if scale.grouped else TrainerActorImpl
     actor = ray.remote(impl).options(max_concurrency=4,
-                                     num_cpus=0 if scale.grouped else 1).remote(cfg.model_dump_json(), None)
+                                     num_cpus=0 if scale.grouped else 1).remote(cfg.model_dump_json())
     run_ref = actor.run.remote()
     try:
         t0 = None

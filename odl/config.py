@@ -303,7 +303,7 @@ class SupervisionConfig(_Section):
 class MetricsConfig(_Section):
     enabled: bool = True
     host: str = Field("127.0.0.1", description="Prometheus endpoints bind here (0.0.0.0 in containers)")
-    # Each component instance gets base_port + offset (see odl.launcher.COMPONENT_PORT_OFFSETS).
+    # Each component instance gets base_port + offset (odl.runtime.metrics_port).
     base_port: int = Field(9300, ge=1024, le=65000)
 
 

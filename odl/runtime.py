@@ -17,6 +17,12 @@ METRICS_PORT_OFFSETS = {"source": 0, "feature-job": 1, "trainer": 2, "exporter":
                          "feature-store": 4, "serving": 10}
 
 
+def metrics_port(cfg: Config, component: str, replica: int = 0) -> int:
+    """The Prometheus port of a component instance: the one place the port table is applied
+    (components, the trainer's driver, the deployment files' tests)."""
+    return cfg.metrics.base_port + METRICS_PORT_OFFSETS[component] + replica
+
+
 def setup_logging(instance: str) -> logging.Logger:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s {instance} %(levelname)s %(name)s: %(message)s")

@@ -20,7 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from exporters.registry import ModelStore
 from odl.config import Config
 from odl.control import ControlPlane, Heartbeater, redis_client
-from odl.runtime import METRICS_PORT_OFFSETS, Component
+from odl.runtime import Component, metrics_port
 from serving.app import ServingApp
 from serving.guard import Unavailable
 from serving.model import ModelHolder
@@ -128,7 +128,7 @@ def run(cfg: Config, replica: int = 0) -> int:
     # a pod name on Kubernetes (ODL_INSTANCE), where every replica is --replica 0 on its own pod
     instance = os.environ.get("ODL_INSTANCE") or f"serving-{replica}"
     comp = Component(cfg, "serving", instance,
-                     metrics_port=cfg.metrics.base_port + METRICS_PORT_OFFSETS["serving"] + replica)
+                     metrics_port=metrics_port(cfg, "serving", replica))
     rep = Replica(cfg, cfg.serving.ports[replica], instance, comp.cp, registry=REGISTRY)
     rep.stop = comp.stop
     comp.start_heartbeat(rep.probe)

@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from odl.config import Config
-from odl.runtime import METRICS_PORT_OFFSETS, setup_logging
+from odl.runtime import metrics_port, setup_logging
 from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
 from odl.supervision import RunOnce
 
@@ -22,21 +22,18 @@ if TYPE_CHECKING:
 
 
 
-def serve_metrics(port: int | None, log) -> None:
-    if port:
-        from prometheus_client import start_http_server
-        try:
-            start_http_server(port, addr="127.0.0.1")
-        except OSError as exc:  # a restarted actor may find the port still taken
-            log.warning("metrics port %d unavailable: %s", port, exc)
+def registry_text() -> str:
+    """This process's Prometheus metrics in the exposition format: what the actor hands its
+    driver, which serves them where probes and Prometheus reach (``trainers.metrics_relay``)."""
+    from prometheus_client import generate_latest
+    return generate_latest().decode()
 
 
 class TrainerActorImpl:
-    def __init__(self, cfg_json: str, metrics_port: int | None, member: "GroupMember | None" = None):
+    def __init__(self, cfg_json: str, member: "GroupMember | None" = None):
         from trainers.loop import TrainerLoop
         self.cfg = Config.model_validate_json(cfg_json)
         self.log = setup_logging(member.name if member else "trainer")
-        serve_metrics(metrics_port, self.log)
         self.loop = TrainerLoop(self.cfg, member)   # restores its checkpoint
         self.trainer = self.loop.trainer
         self._run_once = RunOnce()
@@ -72,6 +69,11 @@ class TrainerActorImpl:
     def metrics(self) -> dict[str, Any]:
         return self.trainer.metrics()
 
+    def metrics_text(self) -> str:
+        publish_gauges = self.trainer.metrics   # refreshes the table gauges before the scrape
+        publish_gauges()
+        return registry_text()
+
     def samples_trained(self) -> int:
         """A cheap progress probe (``metrics`` asks the tables for their occupancy)."""
         return self.trainer.trained
@@ -104,7 +106,8 @@ def run(cfg: Config) -> int:
     Ray restarts the actor process whenever it dies (``max_restarts=-1``); this driver decides
     when to give up, by the restart *rate* (``supervision``), counting one death per new actor
     process however many "unavailable" answers the restart produces."""
-    # The actor publishes the trainer's heartbeat and metrics itself; the driver only supervises.
+    # The actor publishes the trainer's heartbeat itself; the driver supervises it and serves
+    # its metrics and probes (the actor may run on another node: trainers.metrics_relay).
     from odl.control import ControlPlane
     from odl.supervision import BudgetExhausted, RestartBudget, note_restart, wait_for_incarnation
     ray = connect(cfg)
@@ -113,7 +116,6 @@ def run(cfg: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     gpus = ray.cluster_resources().get("GPU", 0)
-    metrics_port = cfg.metrics.base_port + METRICS_PORT_OFFSETS["trainer"] if cfg.metrics.enabled else None
     scale, sup = cfg.trainer.scale, cfg.supervision
     if scale.grouped:   # the coordinator answers as the trainer; its members ask for the CPUs/GPUs
         from trainers.coordinator import TrainingGroupImpl
@@ -124,9 +126,16 @@ def run(cfg: Config) -> int:
         Actor = ray.remote(TrainerActorImpl).options(
             name=TRAINER_ACTOR, namespace=NAMESPACE, max_concurrency=4, max_restarts=-1,
             num_cpus=1, num_gpus=1 if gpus >= 1 else 0, get_if_exists=False)
-    actor = Actor.remote(cfg.model_dump_json(), metrics_port)
+    actor = Actor.remote(cfg.model_dump_json())
     log.info("trainer actor started (gpu=%s, %d trainers, %d ps shards)", gpus >= 1,
              scale.trainers, scale.ps_shards)
+    relay = None
+    if cfg.metrics.enabled:
+        from trainers.metrics_relay import MetricsRelay
+        relay = MetricsRelay(cfg.metrics.host, metrics_port(cfg, "trainer"),
+                             lambda: ray.get(actor.metrics_text.remote(), timeout=10),
+                             stale_s=max(60.0, sup.reconnect_timeout_s))
+        log.info("trainer metrics and probes on %s:%d", cfg.metrics.host, relay.port)
     budget = RestartBudget(sup.max_restarts, sup.window_s)
     cp = ControlPlane(cfg)
     rc, run_ref = 0, None
@@ -150,6 +159,8 @@ def run(cfg: Config) -> int:
                     incarnation = pid
                     budget.record(why)
                     note_restart(cp, "trainer", log)
+                    if relay is not None:
+                        relay.restarts = budget.total
                     log.error("trainer actor restarted as pid %d (%d within %.0f s, %d in all): %s",
                               pid, budget.in_window, sup.window_s, budget.total, why)
                 # same process: the call was lost, not the actor; run() joins a loop still running
@@ -157,6 +168,8 @@ def run(cfg: Config) -> int:
     except BudgetExhausted as exc:
         log.error("trainer restart budget exhausted, giving up: %s", exc)
         rc = 2
+        if relay is not None:
+            relay.ended = f"restart budget exhausted: {exc}"
     except ray.exceptions.RayTaskError as exc:  # run() raised: a group out of budget, a bug
         log.error("trainer run failed, giving up: %s", exc)
         rc = 2
@@ -173,4 +186,6 @@ def run(cfg: Config) -> int:
             rc = rc or 1
         ray.kill(actor)
         ray.shutdown()
+        if relay is not None:
+            relay.close()
     return rc

@@ -22,23 +22,23 @@ from odl.config import Config
 from odl.control import ControlPlane, Heartbeater
 from odl.runtime import setup_logging
 from odl.supervision import RestartBudget, RunOnce, note_restart
-from trainers.actor import TrainerActorImpl, serve_metrics
+from trainers.actor import TrainerActorImpl, registry_text
 from trainers.checkpoint import due_kind
 from trainers.group import DenseAverager, GroupCommit, GroupMember, average_weights, partitions_for
 from trainers.ps import EmbeddingShard, ShardedTables
 from trainers.streaming import checkpoint_dir, publish_occupancy
 
-MEMBER_METRICS_OFFSET = 30      # trainer i of a group serves Prometheus on base_port + 30 + i
+# what the coordinator's own registry contributes to the group's metrics (the rest are members')
+COORDINATOR_FAMILIES = ("odl_trainer_group_", "odl_trainer_embedding_", "process_", "python_")
 EPOCH = Gauge("odl_trainer_group_epoch", "newest committed group checkpoint epoch")
 RESTARTS = Gauge("odl_trainer_group_restarts", "times the group restarted from its last epoch")
 
 
 class TrainingGroupImpl:
-    def __init__(self, cfg_json: str, metrics_port: int | None):
+    def __init__(self, cfg_json: str):
         self.cfg = Config.model_validate_json(cfg_json)
         self.scale = self.cfg.trainer.scale
         self.log = setup_logging("trainer-group")
-        serve_metrics(metrics_port, self.log)
         self.stop_event = threading.Event()
         self.trainers: list[Any] = []
         self.shards: list[Any] = []
@@ -74,9 +74,8 @@ class TrainingGroupImpl:
         Trainer = ray.remote(TrainerActorImpl).options(
             max_concurrency=4, max_restarts=0, num_cpus=self.scale.trainer_cpus,
             num_gpus=1 if gpu else 0)
-        base = cfg.metrics.base_port + MEMBER_METRICS_OFFSET if cfg.metrics.enabled else None
         self.trainers = [
-            Trainer.remote(cfg.model_dump_json(), base + i if base else None,
+            Trainer.remote(cfg.model_dump_json(),
                            GroupMember(i, n, partitions_for(i, n, cfg.kafka.partitions),
                                        self.shards, self.averager, epoch))
             for i in range(n)]
@@ -238,6 +237,16 @@ class TrainingGroupImpl:
                 **{f"rows_{k}": v["rows"] for k, v in occ.items()}, "tables": occ,
                 "members": [{k: x[k] for k in ("samples_trained", "step", "auc", "positions")}
                             for x in members]}
+
+    def metrics_text(self) -> str:
+        """The coordinator's metrics and each member's, labelled ``member``."""
+        import ray
+
+        from trainers.metrics_relay import merge
+        self.metrics()          # refreshes the occupancy gauges
+        texts = ray.get([t.metrics_text.remote() for t in self.trainers]) if self.tables else []
+        return merge([(registry_text(), {})] + [(t, {"member": str(i)}) for i, t in enumerate(texts)],
+                     only={0: COORDINATOR_FAMILIES})
 
     def samples_trained(self) -> int:
         import ray

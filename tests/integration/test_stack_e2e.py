@@ -19,6 +19,7 @@ from odl.cli import main as cli
 from odl.config import load_config
 from odl.control import ControlPlane
 from odl.launcher import LocalStack
+from odl.runtime import metrics_port
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -164,6 +165,13 @@ def test_stack_end_to_end(stack_config):
         # one SIGKILL is one restart to the supervisor, however many "restarting" errors it took
         _wait(lambda: cp.restarts().get("trainer") == 1, 10)
         assert "restarts=1" in runner.invoke(cli, ["status", "--config", str(stack_config)]).output
+        # the driver serves the actor's metrics and the probes (trainers/metrics_relay.py)
+        relay = f"http://127.0.0.1:{metrics_port(cfg, 'trainer')}"
+        _wait(lambda: "odl_trainer_restarts_total 1" in requests.get(f"{relay}/metrics", timeout=5).text, 15)
+        scraped = requests.get(f"{relay}/metrics", timeout=5).text
+        assert "odl_trainer_up 1" in scraped and "odl_trainer_step " in scraped
+        assert requests.get(f"{relay}/healthz", timeout=5).status_code == 200
+        assert requests.get(f"{relay}/ready", timeout=5).status_code == 200
         assert stack.crashed() == []
 
         # every socket of every stack process is on loopback

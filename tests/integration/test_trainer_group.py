@@ -103,7 +103,7 @@ def test_group_trains_every_sample_once_through_member_kills(tmp_path, redis_por
 
     from trainers.coordinator import TrainingGroupImpl
     group = ray.remote(TrainingGroupImpl).options(max_concurrency=4, num_cpus=0).remote(
-        cfg.model_dump_json(), None)
+        cfg.model_dump_json())
     run_ref = group.run.remote()
 
     def metrics() -> dict:
@@ -147,6 +147,13 @@ def test_group_trains_every_sample_once_through_member_kills(tmp_path, redis_por
         assert len(marks) == 2 and len(changes["user"]["ids"]) == m["rows_user"]
         snap = ray.get(group.snapshot.remote(), timeout=60)
         assert all(np.isfinite(w).all() for w in snap["weights"].values())
+        # what the driver relays to Prometheus: the coordinator's families once, members labelled
+        from prometheus_client.parser import text_string_to_metric_families
+        text = ray.get(group.metrics_text.remote(), timeout=60)
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        assert fams["odl_trainer_group_epoch"].samples[0].value >= 1
+        assert {s.labels.get("member") for s in fams["odl_trainer_step"].samples} == {"0", "1"}
+        assert text.count("# TYPE odl_trainer_step gauge") == 1
         last = epoch()
         wait_for(lambda: epoch() > last, 60, "a commit after the last sample")
     finally:

@@ -18,7 +18,7 @@ import yaml
 
 from odl.cli import COMPONENTS
 from odl.config import Config, ConfigError, load_config
-from odl.runtime import METRICS_PORT_OFFSETS
+from odl.runtime import metrics_port
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Config().paths.cache_dir
@@ -118,13 +118,12 @@ def _code_metric_names() -> set[str]:
 
 def test_prometheus_scrapes_every_component_on_its_metrics_port(compose):
     prom = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
-    base = Config().metrics.base_port
     targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
     for name, svc in compose["services"].items():
         argv = _odl_argv(svc)
         if argv and argv[:2] == ["odl", "run"]:
             replica = int(argv[argv.index("--replica") + 1]) if "--replica" in argv else 0
-            port = base + METRICS_PORT_OFFSETS[argv[2]] + replica
+            port = metrics_port(Config(), argv[2], replica)
             assert f"{name}:{port}" in targets, (name, port)
     assert {t.split(":")[0] for t in targets} <= set(compose["services"])
 
@@ -219,7 +218,6 @@ def test_containers_commands_ports_probes_and_resources_agree_with_the_code(rend
     cm = next(d for d in rendered if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "odl-config")
     secret = next(d for d in rendered if d["kind"] == "Secret" and d["metadata"]["name"] == "odl-secrets")
     cfg = load_config(env={**cm["data"], **secret["stringData"]})   # every variable is understood
-    base = cfg.metrics.base_port
     seen = set()
     for name, tpl in _pod_specs(rendered):
         for c in tpl["spec"]["containers"]:
@@ -235,8 +233,7 @@ def test_containers_commands_ports_probes_and_resources_agree_with_the_code(rend
             args = c["args"]
             assert args[0] == "run" and args[1] in COMPONENTS, (name, args)
             seen.add(args[1])
-            offset = METRICS_PORT_OFFSETS[args[1]]
-            assert ports["metrics"] == base + offset, (name, ports)
+            assert ports["metrics"] == metrics_port(cfg, args[1]), (name, ports)
             if args[1] == "serving":
                 assert ports["http"] == cfg.serving.ports[0]
                 assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
