@@ -1,17 +1,26 @@
-# ODL images.  Two targets from one file:
-#   odl    (default) every `odl run <component>` process, and the Ray head/worker nodes
-#   flink  the Flink JobManager/TaskManager that run the feature job (PyFlink + Kafka connector)
+# ODL images.  Three targets from one file:
+#   odl      (default) every `odl run <component>` process, and the Ray head/worker nodes
+#   odl-gpu  the same with CUDA TensorFlow, for the Ray GPU workers (tensorflow[and-cuda]: CUDA
+#            and cuDNN as wheels; the node's NVIDIA container runtime supplies the driver)
+#   flink    the Flink JobManager/TaskManager that run the feature job (PyFlink + Kafka connector)
 # Layers go from least to most often changed: OS packages, Python dependencies (keyed on
 # pyproject.toml only), then the source tree, so editing code rebuilds only the last layers.
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG FLINK_IMAGE=flink:2.0.0-scala_2.12-java17
 
-# --- Python dependencies, built once per pyproject.toml --------------------------------------
+# --- Python dependencies, built once per pyproject.toml; one TensorFlow build each ------------
 FROM ${PYTHON_IMAGE} AS deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /build
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+COPY deploy/requirements.py ./deploy/
+
+FROM deps AS deps-cpu
+RUN python deploy/requirements.py cpu > requirements.txt \
+ && pip install --prefix=/install -r requirements.txt
+
+FROM deps AS deps-gpu
+RUN python deploy/requirements.py gpu > requirements.txt \
  && pip install --prefix=/install -r requirements.txt
 
 # --- the Flink Kafka connector jars, verified (DESIGN.md: from a PyPI wheel) -------------------
@@ -52,28 +61,38 @@ ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/opt/odl \
     ODL__FEATURE_JOB__DEPLOYMENT=cluster ODL__PATHS__STATE_DIR=/tmp/odl
 USER 9999
 
-# --- odl: every other process -----------------------------------------------------------------
-FROM ${PYTHON_IMAGE} AS odl
+# --- odl and odl-gpu: every other process -----------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 odl \
  && useradd --system --uid 10001 --gid odl --home-dir /app --shell /usr/sbin/nologin odl \
  && mkdir -p /app /var/lib/odl \
  && chown odl:odl /var/lib/odl \
  && printf '#!/bin/sh\nexec python -m odl.cli "$@"\n' > /usr/local/bin/odl \
  && chmod 0755 /usr/local/bin/odl
-COPY --from=deps /install /usr/local
 WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY odl ./odl
-COPY pipeline ./pipeline
-COPY specs ./specs
-COPY trainers ./trainers
-COPY exporters ./exporters
-COPY serving ./serving
-COPY bench ./bench
 ENV PYTHONPATH=/app PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=2 \
     ODL__PATHS__STATE_DIR=/var/lib/odl \
     ODL__METRICS__HOST=0.0.0.0 ODL__SERVING__HOST=0.0.0.0 ODL__RAY__LOOPBACK=false
-USER 10001
 EXPOSE 8501 8502 9300-9312
 ENTRYPOINT ["odl"]
 CMD ["--help"]
+
+FROM scratch AS src
+COPY pyproject.toml README.md /app/
+COPY odl /app/odl
+COPY pipeline /app/pipeline
+COPY specs /app/specs
+COPY trainers /app/trainers
+COPY exporters /app/exporters
+COPY serving /app/serving
+COPY bench /app/bench
+
+FROM runtime AS odl-gpu
+COPY --from=deps-gpu /install /usr/local
+COPY --from=src /app /app
+USER 10001
+
+FROM runtime AS odl
+COPY --from=deps-cpu /install /usr/local
+COPY --from=src /app /app
+USER 10001

@@ -18,11 +18,15 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 stamp=.venv/.odl-installed
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+# TensorFlow: ODL_TF=cpu (default) or gpu (CUDA); never both (deploy/requirements.py says why)
+tf=${ODL_TF:-cpu}
+case "$tf" in cpu) other=tensorflow ;; gpu) other=tensorflow-cpu ;; *) echo "ODL_TF must be cpu or gpu" >&2; exit 1 ;; esac
+want="$(sha256sum pyproject.toml | cut -d' ' -f1) $tf"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-  log "installing Python packages (first run takes a few minutes)"
+  log "installing Python packages, TensorFlow $tf (first run takes a few minutes)"
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e '.[test,eval]'
+  .venv/bin/python -m pip uninstall -q -y "$other" >/dev/null 2>&1 || true
+  .venv/bin/python -m pip install -q -e ".[$tf,test,eval]"
   echo "$want" > "$stamp"
 else
   log "Python packages up to date"

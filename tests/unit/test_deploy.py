@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 import shutil
 import subprocess
 from pathlib import Path
@@ -276,6 +277,37 @@ def test_dockerfile_copy_sources_exist_and_it_runs_as_non_root():
                 assert (REPO / src).exists(), f"COPY source {src} does not exist"
     stages = re.split(r"^FROM ", text, flags=re.M)[1:]
     final = {s.split()[2]: s for s in stages if " AS " in s.split("\n")[0]}
-    for target in ("odl", "flink"):
+
+    def last_user(target: str) -> str | None:
+        """The user a target runs as: its own last USER, else its parent stage's."""
         users = re.findall(r"^USER (\S+)", final[target], flags=re.M)
-        assert users and users[-1] not in ("0", "root"), target
+        parent = final[target].split()[0]
+        return users[-1] if users else (last_user(parent) if parent in final else None)
+
+    for target in ("odl", "odl-gpu", "flink"):
+        assert last_user(target) not in (None, "0", "root"), target
+    assert stages[-1].split()[2] == "odl", "odl must stay the default (last) target"
+
+
+def test_each_image_and_venv_gets_exactly_one_tensorflow_build():
+    """tensorflow-cpu and tensorflow own one module: the core dependencies carry neither, the
+    `cpu` and `gpu` extras one each, and every installer takes exactly one extra."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("reqs", REPO / "deploy/requirements.py")
+    reqs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reqs)
+
+    def tf_dists(lines):
+        return {re.split(r"[\[<>=;]", r)[0].strip() for r in lines} & {"tensorflow", "tensorflow-cpu"}
+
+    core = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert tf_dists(core) == set()
+    assert tf_dists(reqs.requirements("cpu")) == {"tensorflow-cpu"}
+    assert tf_dists(reqs.requirements("gpu")) == {"tensorflow"}
+    assert any("[and-cuda]" in r for r in reqs.requirements("gpu"))
+    docker = (REPO / "Dockerfile").read_text()
+    assert re.findall(r"deploy/requirements.py (\w+)", docker) == ["cpu", "gpu"]
+    assert "COPY --from=deps-gpu" in docker.split("AS odl-gpu")[1].split("FROM")[0]
+    assert "COPY --from=deps-cpu" in docker.split("AS odl\n")[1]
+    setup = (REPO / "scripts/setup.sh").read_text()
+    assert '.[$tf,test,eval]' in setup and "pip uninstall" in setup
