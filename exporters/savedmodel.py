@@ -97,7 +97,19 @@ def save_optimised(weights: dict[str, np.ndarray], embedding_dim: int, path: Pat
     the passes' report per signature."""
     module = optimised_module(weights, embedding_dim, jit)
     module.warm()
-    tf.saved_model.save(module, str(path), signatures={
-        "serving_default": module.serve, "score_candidates": module.score_candidates,
-        "apply_weights": module.apply_weights, "refresh_cache": module.refresh_cache})
-    return {"signatures": {k: r.to_dict() for k, r in module.reports.items()}, "xla": module.jit}
+    tf.saved_model.save(module, str(path), signatures=exported_signatures(module, {
+        "serving_default": "serve", "score_candidates": "score_candidates"}))
+    return {"signatures": {k: r.to_dict() for k, r in module.reports.items()}, "xla": module.jit,
+            "xla_twins": bool(module.xla_twins)}
+
+
+def exported_signatures(module, names: dict[str, str]) -> dict:
+    """The SavedModel signatures of an optimised module: each request signature (exported name
+    -> module attribute), its XLA twin (``<exported>_xla``, where the module has twins; a
+    replica chooses, ``serving.model.xla_choice``), ``apply_weights`` and ``refresh_cache``."""
+    out = {exported: getattr(module, attr) for exported, attr in names.items()}
+    if module.xla_twins:
+        prefix = {"serving_default": "serving"}
+        out.update({f"{prefix.get(e, e)}_xla": getattr(module, f"{a}_xla") for e, a in names.items()})
+    out.update(apply_weights=module.apply_weights, refresh_cache=module.refresh_cache)
+    return out

@@ -76,7 +76,8 @@ def save_optimised(net: SpecNet, weights: dict[str, np.ndarray], path: Path,
     module = OptimisedModule({"serve": Signature(serving_fn(net, precision), request_specs(net),
                                                  "probability")}, weights, jit=jit)
     module.warm()
-    tf.saved_model.save(module, str(path), signatures={
-        "serving_default": module.serve, "apply_weights": module.apply_weights,
-        "refresh_cache": module.refresh_cache})
-    return {**module.reports["serve"].to_dict(), "xla": module.jit, "precision": precision}
+    from exporters.savedmodel import exported_signatures
+    tf.saved_model.save(module, str(path),
+                        signatures=exported_signatures(module, {"serving_default": "serve"}))
+    return {**module.reports["serve"].to_dict(), "xla": module.jit,
+            "xla_twins": bool(module.xla_twins), "precision": precision}

@@ -267,6 +267,9 @@ class ServingConfig(_Section):
     host: str = "127.0.0.1"
     ports: tuple[int, ...] = (8501, 8502)
     model_name: str = "ctr"
+    xla: Literal["auto", "on", "off"] = Field(
+        "auto", description="serve the optimised graph's XLA twins (compiled per batch bucket "
+        "when the model loads): auto = when this replica sees a GPU")
     max_instances: int = Field(1000, ge=1)
     max_candidates: int = Field(1000, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)

@@ -234,4 +234,5 @@ class ServingApp:
                  "dense_refresh": m.refresh_seq if m else 0,
                  "cache_refreshes": m.cache.refreshes if m and m.cache else 0,
                  "cache_rows": self.cache.rows("user") + self.cache.rows("item"),
-                 "degraded": self.guard.degraded, "model_age_s": round(time.time() - m.created_at, 1) if m else None})
+                 "degraded": self.guard.degraded, "xla": bool(m and m.xla),
+                 "model_age_s": round(time.time() - m.created_at, 1) if m else None})

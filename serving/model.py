@@ -82,10 +82,11 @@ class LoadedModel:
     refreshed_at: float = 0.0
     lock: ReadWriteLock = field(default_factory=ReadWriteLock)
     cache: CacheRefresher | None = None   # the CallGraphOp cache policy of an optimised model
+    xla: bool = False              # serving the XLA twins (``xla_choice``)
 
     def __post_init__(self):
         sigs = getattr(self.saved, "signatures", {}) if self.saved is not None else {}
-        self.candidates_fn = sigs.get("score_candidates")
+        self.candidates_fn = sigs.get("score_candidates_xla" if self.xla else "score_candidates")
         # versions exported before the model took real-time features have no such input
         self.takes_features = "features" in self.fn.structured_input_signature[1]
         if "refresh_cache" in sigs:
@@ -173,9 +174,19 @@ class LoadedModel:
             return self.cache.run_due()
 
 
+def xla_choice(setting: str) -> bool:
+    """Whether this replica serves XLA-compiled graphs: ``serving.xla`` on / off, or auto =
+    when this process sees a GPU (on these CPUs XLA is slower than TensorFlow's kernels,
+    docs/serving-graph.md).  Decided where the graph runs, not where it was exported."""
+    if setting == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    return setting == "on"
+
+
 class ModelHolder:
-    def __init__(self, store: ModelStore, cp: ControlPlane):
+    def __init__(self, store: ModelStore, cp: ControlPlane, xla: str = "auto"):
         self.store, self.cp = store, cp
+        self.xla = xla_choice(xla)
         self.current: LoadedModel | None = None
         self.load_errors = 0
         self.fallback = False   # serving the store's newest because the control plane is away
@@ -186,10 +197,12 @@ class ModelHolder:
         path = self.store.path(version)
         loaded = tf.saved_model.load(str(path))
         # Call the signature directly: the restored tf.function attribute adds ~0.1 ms per call.
-        fn = loaded.signatures["serving_default"]
+        # This replica's XLA choice picks the optimised graph's compiled twins where it has them.
+        xla = self.xla and "serving_xla" in loaded.signatures
+        fn = loaded.signatures["serving_xla" if xla else "serving_default"]
         manifest = self.store.manifest(version)
         check_spec(manifest.get("spec"), f"version {version}")
-        model = LoadedModel(str(version), manifest, fn, time.time(), loaded)
+        model = LoadedModel(str(version), manifest, fn, time.time(), loaded, xla=xla)
         model.warm()
         return model
 

@@ -35,7 +35,8 @@ class Replica:
         self.cp = cp or ControlPlane(cfg)
         self.log = logging.getLogger(f"odl.{instance}")
         self.stop = threading.Event()
-        self.holder = ModelHolder(ModelStore(cfg.paths.model_store, cfg.serving.model_name), self.cp)
+        self.holder = ModelHolder(ModelStore(cfg.paths.model_store, cfg.serving.model_name), self.cp,
+                                  xla=cfg.serving.xla)
         self.app = ServingApp(cfg, self.holder,
                               redis_client(cfg, decode=False, timeout_s=cfg.serving.redis_timeout_s),
                               instance, registry=registry)

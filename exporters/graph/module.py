@@ -12,8 +12,12 @@ function (weight-only work) and a per-request function (XLA-compiled, padded to 
   the request.  With ``jit`` it is compiled with XLA (so on a GPU it could be captured as a CUDA
   graph) while the cache function stays outside it, and requests are padded up to the next batch
   bucket (beyond the largest, to a multiple of it) so XLA compiles a few shapes once (``warm``),
-  not one per batch size.  ``jit=None`` (the default) uses XLA when a GPU is visible: on these
-  CPUs XLA measured slower than TensorFlow's own kernels (docs/serving-graph.md).
+  not one per batch size.  The choice belongs to the machine that runs the graph, not the
+  exporter's: with ``jit=None`` (the default) every signature ``X`` runs TensorFlow's own
+  kernels (on these CPUs XLA measured slower, docs/serving-graph.md) and an ``X_xla`` twin,
+  sharing its weights and caches, is exported beside it, uncompiled; a replica that sees a GPU
+  (``serving.xla``) serves the twins and compiles their buckets when it warms the model.
+  ``jit=True`` / ``False`` builds only the one kind (the benchmark's comparisons).
 """
 from __future__ import annotations
 
@@ -111,11 +115,14 @@ class OptimisedModule(tf.Module):
         self.refreshes = tf.Variable(0, dtype=tf.int64, trainable=False)
         self.buckets = tf.constant(sorted(buckets), tf.int32)
         self._max_bucket = max(buckets)
-        self.jit = bool(tf.config.list_physical_devices("GPU")) if jit is None else jit
+        self.jit = bool(jit)
+        self.xla_twins = [f"{name}_xla" for name in self._compiled] if jit is None else []
         for name, c in self._compiled.items():
-            request = tf.function(c.request_fn, jit_compile=True) if self.jit else c.request_fn
-            setattr(self, name, tf.function(self._bind(name, request),
-                                            input_signature=list(c.sig.specs.values())))
+            kinds = [(name, self.jit)] + ([(f"{name}_xla", True)] if jit is None else [])
+            for attr, compiled in kinds:
+                request = tf.function(c.request_fn, jit_compile=True) if compiled else c.request_fn
+                setattr(self, attr, tf.function(self._bind(name, request, compiled),
+                                                input_signature=list(c.sig.specs.values())))
         self.apply_weights = tf.function(self._apply_weights, input_signature=[
             tf.TensorSpec(v.shape, v.dtype, name=k.replace("/", "_"))
             for k, v in zip(self.keys, self.weights)])
@@ -142,16 +149,16 @@ class OptimisedModule(tf.Module):
         beyond = (n + self._max_bucket - 1) // self._max_bucket * self._max_bucket
         return tf.where(i < tf.size(self.buckets), tf.gather(self.buckets, tf.minimum(i, tf.size(self.buckets) - 1)), beyond)
 
-    def _bind(self, name: str, request):
+    def _bind(self, name: str, request, compiled: bool):
         def serve(*inputs):
-            return self._serve(name, request, *inputs)
+            return self._serve(name, request, compiled, *inputs)
         return serve
 
-    def _serve(self, name: str, request, *inputs):
+    def _serve(self, name: str, request, compiled: bool, *inputs):
         c = self._compiled[name]
         args = ([self.weights[i].read_value() for i in c.direct]
                 + [v.read_value() for v in self.caches[name]])
-        if not self.jit:   # TensorFlow's kernels take any batch size: no padding
+        if not compiled:   # TensorFlow's kernels take any batch size: no padding
             return {c.sig.output: request(*args, *inputs)[0]}
         n = tf.shape(inputs[0])[0]
         size = self._pad_to(n)

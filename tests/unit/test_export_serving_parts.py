@@ -11,6 +11,7 @@ from exporters import savedmodel
 from exporters import gate
 from exporters.registry import Manifest, ModelStore
 from tests.unit.helpers import small_cfg
+from odl.features import NUM_DENSE
 from odl.plot import svg_line_chart
 from trainers.model import Batch, CTRModel
 
@@ -120,3 +121,29 @@ def test_a_version_exported_before_features_still_serves(tmp_path):
     cands = m.score_candidates(ones[:1], np.ones((1, 3, 4), np.float32), np.zeros((1, 3), np.int64),
                                np.zeros(1, np.int64), np.zeros((1, 3, 7), np.float32))
     assert cands.shape == (1, 3)
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_the_replica_chooses_xla_where_the_graph_runs(setting, tmp_path):
+    """The exporter writes each request signature and its XLA twin; the replica's own
+    ``serving.xla`` picks (auto: a GPU in the replica's process), and both score alike."""
+    from exporters.graph.module import DEFAULT_BUCKETS
+    from serving.model import ModelHolder, xla_choice
+    model = CTRModel(small_cfg(64, 8, (16,)))
+    store = ModelStore(tmp_path, "ctr")
+    report = {}
+    m = manifest(1)
+    m.embedding_dim = 8
+    store.publish(1, lambda p: report.update(savedmodel.save_optimised(model.dense_weights(), 8, p)), m)
+    assert report["xla"] is False and report["xla_twins"] is True
+    sigs = tf.saved_model.load(str(store.path(1))).signatures
+    assert {"serving_default", "serving_xla", "score_candidates", "score_candidates_xla"} <= set(sigs)
+    loaded = ModelHolder(store, cp=None, xla=setting).load("1")
+    assert loaded.xla is (setting == "on")
+    rng = np.random.default_rng(1)
+    n = DEFAULT_BUCKETS[2] + 3          # between buckets: the XLA twin pads and slices back
+    args = (rng.normal(size=(n, 8)).astype(np.float32), rng.normal(size=(n, 8)).astype(np.float32),
+            rng.integers(0, 5, n), rng.integers(0, 24, n), np.zeros((n, NUM_DENSE), np.float32))
+    want = sigs["serving_default"](**loaded._inputs(*args))["probability"].numpy()
+    np.testing.assert_allclose(loaded.predict(*args), want, atol=1e-5)
+    assert xla_choice("auto") == bool(tf.config.list_physical_devices("GPU"))
