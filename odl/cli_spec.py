@@ -65,7 +65,8 @@ def log_report(spec: FeatureSpec, path: str, columns: dict[str, str], examples: 
         clock = ts if clock is None else max(clock, ts)
     return {"log": path, "rows": rows, "valid": rows - sum(reasons.values()),
             "refused": {r: {"rows": c, "first": first[r]} for r, c in reasons.most_common()},
-            "ignored_columns": [c for c in header if c not in fields],
+            "ignored_columns": [c for c in header if c not in fields
+                                and c not in (spec.events.type_field, spec.events.version_field)],
             "missing_required_columns": [n for n, f in fields.items()
                                          if f.required is True and not f.path and n not in header],
             "out_of_time_order": int(behind)}

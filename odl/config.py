@@ -86,7 +86,7 @@ class RayConfig(_Section):
 
 
 class SourceConfig(_Section):
-    kind: Literal["synthetic", "movielens"] = "synthetic"
+    kind: Literal["synthetic", "movielens", "log"] = "synthetic"
     rate: float = Field(400.0, gt=0, description="impressions per second")
     num_users: int = Field(500, ge=1)
     num_items: int = Field(500, ge=2)
@@ -99,6 +99,18 @@ class SourceConfig(_Section):
     movielens_speedup: float = Field(2_000_000.0, gt=0, description="dataset seconds per wall second")
     max_events: int | None = Field(None, ge=1, description="stop after this many impressions")
     seed: int = 7
+    # kind log (pipeline/replay.py): a CSV or Parquet log replayed through a feature spec
+    log_path: Path | None = Field(None, description="the log to replay (kind: log)")
+    log_spec: Path = Field(REPO_ROOT / "specs" / "default.yaml",
+                           description="the spec the log's rows are read and checked by")
+    log_columns: dict[str, str] = Field(default_factory=dict, description="log column -> field")
+    log_speedup: float = Field(1000.0, gt=0, description="log seconds per wall second")
+
+    @model_validator(mode="after")
+    def _log_needs_a_path(self) -> "SourceConfig":
+        if self.kind == "log" and self.log_path is None:
+            raise ValueError("source.kind log needs source.log_path (a .csv or .parquet log)")
+        return self
 
 
 class FeatureJobConfig(_Section):

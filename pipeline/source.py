@@ -11,14 +11,20 @@ from odl.kafka_util import producer
 from odl.runtime import Component
 from pipeline.generator import SyntheticSource
 from pipeline.movielens import MovieLensReplay
+from pipeline.replay import REFUSED
 
 EVENTS_SENT = Counter("odl_source_events_total", "events produced", ["kind"])
 
 
 def build_source(cfg: Config, start_ms: int):
-    if cfg.source.kind == "movielens":
-        return MovieLensReplay(cfg.source, start_ms)
-    return SyntheticSource(cfg.source, start_ms)
+    src = cfg.source
+    if src.kind == "movielens":
+        return MovieLensReplay(src, start_ms)
+    if src.kind == "log":
+        from pipeline.replay import LogReplay
+        return LogReplay(src.log_spec, src.log_path, src.log_columns, start_ms, src.log_speedup,
+                         src.max_events)
+    return SyntheticSource(src, start_ms)
 
 
 def run(cfg: Config) -> int:
@@ -30,9 +36,11 @@ def run(cfg: Config) -> int:
                                   {**counts, "events_per_s": round(sum(counts.values()) /
                                                                    max(1e-3, time.time() - started), 1)}))
     topic = names.topic(names.EVENTS, cfg.kafka.topic_prefix)
+    dlq = names.topic(names.EVENTS_DLQ, cfg.kafka.topic_prefix)   # a log replay's refused rows
     prod = producer(cfg)
     paused_ms = 0
     source = build_source(cfg, int(time.time() * 1000))
+    time_field = getattr(source, "time_field", "ts_ms")
     comp.log.info("producing %s events to %s", cfg.source.kind, topic)
     try:
         for rec in source.records():
@@ -48,9 +56,13 @@ def run(cfg: Config) -> int:
             if comp.stop.is_set():
                 break
             ts = rec.ts_ms + paused_ms
-            value = rec.value if paused_ms == 0 or rec.kind == "malformed" else _shift(rec.value, paused_ms)
-            prod.send(topic, key=rec.key, value=value, timestamp_ms=ts)
-            counts[rec.kind] += 1
+            if rec.kind == REFUSED:
+                prod.send(dlq, value=rec.value, timestamp_ms=ts)
+            else:
+                value = (rec.value if paused_ms == 0 or rec.kind == "malformed"
+                         else _shift(rec.value, paused_ms, time_field))
+                prod.send(topic, key=rec.key or None, value=value, timestamp_ms=ts)
+            counts[rec.kind] = counts.get(rec.kind, 0) + 1
             EVENTS_SENT.labels(rec.kind).inc()
         else:
             comp.log.info("source exhausted after %s", counts)
@@ -61,8 +73,8 @@ def run(cfg: Config) -> int:
     return 0
 
 
-def _shift(value: bytes, delta_ms: int) -> bytes:
+def _shift(value: bytes, delta_ms: int, time_field: str = "ts_ms") -> bytes:
     import json
     d = json.loads(value)
-    d["ts_ms"] += delta_ms
+    d[time_field] += delta_ms
     return json.dumps(d, separators=(",", ":")).encode()

@@ -6,6 +6,9 @@ generated rules (``odl.spec.events``) against the log's own clock -- ages are ju
 the newest event time seen so far, not the wall clock, so history replays -- and comes out as a
 ``LogRow``: its 1-based row number, the typed values, or the reason it was refused.
 
+A log need not carry the events' ``version_field`` (it versions the wire format, not history):
+an absent one reads as the spec's version; a different one is refused.
+
 CSV cells are text: they are converted by field type (ints, floats, ``true``/``false``/``1``/``0``,
 lists split on ``list_separator``); an empty cell is an absent field; a cell that does not
 convert is kept as text so that the rules refuse it with the field's own reason.
@@ -28,6 +31,7 @@ class LogRow:
     number: int                       # 1-based data row (the CSV header is not counted)
     values: dict[str, Any] | None     # typed field values of a valid row
     reason: str | None                # why a row was refused
+    raw: dict[str, Any] | None = None  # the row as read (columns renamed, cells converted)
 
 
 def _scalar(kind: str, cell: str) -> Any:
@@ -107,12 +111,20 @@ def read_log(spec: FeatureSpec, path: str | Path, columns: dict[str, str] | None
     validator = EventValidator(spec.events)
     clock: int | None = None
     time_field = spec.events.time_field
+    ev = spec.events
+    envelope = {f for f in (ev.type_field, ev.version_field) if f is not None and f not in fields}
     for n, (rec, text) in enumerate(_records(path, columns), start=1):
-        rec = {k: v for k, v in rec.items() if k in fields}     # other columns: log_columns
+        # other columns are left out (log_columns names them)
+        rec = {k: v for k, v in rec.items() if k in fields or k in envelope}
         if text:
-            rec = {k: convert_cell(fields[k], v, list_separator) for k, v in rec.items()}
+            rec = {k: convert_cell(fields[k], v, list_separator) if k in fields
+                   else _scalar("int" if k == ev.version_field else "string", v) if v != "" else None
+                   for k, v in rec.items()}
+        vf = spec.events.version_field
+        if vf is not None and rec.get(vf) is None:      # a log need not carry the wire version
+            rec[vf] = spec.events.version
         ts = rec.get(time_field)
         if isinstance(ts, int) and not isinstance(ts, bool):
             clock = ts if clock is None else max(clock, ts)
         reason, values = validator.check(_event(spec, rec), now_ms=clock if clock is not None else 0)
-        yield LogRow(n, values, reason)
+        yield LogRow(n, values, reason, rec)
