@@ -6,7 +6,12 @@ The log (CSV or Parquet, ``odl.spec.logs``) is read through a feature spec -- co
 replayed in event-time order (a stable sort: rows of one millisecond keep their file order).
 Time is compressed onto now: a row ``t`` after the log's first is due ``t / log_speedup`` after
 the replay starts, and its event time (the spec's time field, and the Kafka record timestamp,
-which the feature job judges) is that due time, so windows, joins and ages behave as live.
+which the feature job judges) is that due time, so windows, joins and ages behave as live.  A
+row strictly later than the one before stays at least 1 ms later (compression would otherwise
+put a click on its impression's millisecond, which the join refuses), so where the log holds
+more than 1,000 distinct times per replayed second the replay runs slower than ``log_speedup``.
+The job's windows (attribution, counts) are in replayed time: ``log_speedup`` scales them in
+the log's.
 
 A refused row is not dropped: it goes to the DLQ topic with its reason, as the feature job's
 refusals do (``source_partition`` -1: not a Kafka record; ``source_offset``: its 1-based row
@@ -57,9 +62,15 @@ class LogReplay:
             return
         t0 = rows[0].values[ev.time_field]
         key_field = self.spec.serving.entities[0] if self.spec.serving.entities else None
+        last_t, last_due = t0, self.start_ms
         for row in rows:
             values = dict(row.values)
-            due = self.start_ms + int((values[ev.time_field] - t0) / self.speedup)
+            t = values[ev.time_field]
+            due = self.start_ms + int((t - t0) / self.speedup)
+            if t > last_t:      # strictly later stays strictly later: a click never lands on
+                due = max(due, last_due + 1)    # its impression's millisecond
+            last_t, last_due = t, max(due, last_due)
+            due = last_due
             values[ev.time_field] = due
             if ev.version_field is not None and values.get(ev.version_field) is None:
                 values[ev.version_field] = ev.version

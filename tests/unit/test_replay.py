@@ -81,3 +81,15 @@ def test_odl_run_source_replays_a_log_into_the_events_and_dlq_topics(tmp_path, b
         c.close()
     assert sorted(e["request_id"] for e in got[names.EVENTS]) == ["r1", "r1", "r2"]
     assert sorted(d["source_offset"] for d in got[names.EVENTS_DLQ]) == [4, 5]
+
+
+def test_compression_keeps_strictly_later_rows_strictly_later(tmp_path: Path):
+    rows = [{**ROWS[1], "request_id": f"q{k}", "ts_ms": T0 + k} for k in range(3)] + \
+           [{**ROWS[1], "request_id": "q3", "ts_ms": T0 + 2}]
+    path = tmp_path / "tight.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    recs = list(LogReplay(DEFAULT_SPEC_PATH, path, {}, 0, speedup=1e6).records())
+    assert [r.due_ms for r in recs] == [0, 1, 2, 2]      # ties stay ties
