@@ -156,7 +156,7 @@ class Exporter:
             if len(c["removed"]):
                 ROWS_DELETED.labels("evicted by trainer").inc(self.hot.delete(table, c["removed"]))
             if len(c["ids"]):
-                n += self.hot.push(table, c["ids"], c["vectors"])
+                n += self.hot.push(table, c["ids"], c["vectors"], c.get("clock_ms"))
                 ROWS_PUSHED.labels(table).inc(len(c["ids"]))
         self.rows_pushed += n
         return n

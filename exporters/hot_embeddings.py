@@ -195,8 +195,10 @@ class HotEmbeddings:
         return orphans
 
     # --- rows ----------------------------------------------------------------------------------
-    def push(self, table: str, ids: np.ndarray, vectors: np.ndarray) -> int:
-        """Write rows in chunked MSETs; returns rows written."""
+    def push(self, table: str, ids: np.ndarray, vectors: np.ndarray,
+             clock_ms: int | None = None) -> int:
+        """Write rows in chunked MSETs; returns rows written.  ``clock_ms``: the event time of
+        the newest sample the rows learned from, announced with them (serving's data age)."""
         gen, index = self._target()
         prefix = names.emb_prefix(table, gen)
         id_list = np.asarray(ids, dtype=np.int64).tolist()
@@ -214,7 +216,7 @@ class HotEmbeddings:
                 conn.send("MSET", args)
             index.setdefault(table, HotIndex()).touch(id_list)   # while the last chunk runs
         self.r.hset(meta, "rows", len(index[table]))
-        self._announce(gen, table, "put", id_list)
+        self._announce(gen, table, "put", id_list, clock_ms)
         return len(id_list)
 
     def delete(self, table: str, ids: Iterable[int]) -> int:
@@ -229,14 +231,17 @@ class HotEmbeddings:
         self._announce(gen, table, "del", id_list)
         return n
 
-    def _announce(self, gen: int, table: str, op: str, ids: list[int]) -> None:
+    def _announce(self, gen: int, table: str, op: str, ids: list[int],
+                  clock_ms: int | None = None) -> None:
         """Tell readers' caches which rows of the *visible* generation changed (a generation
-        being built is invisible: its activation makes readers drop their caches anyway)."""
+        being built is invisible: its activation makes readers drop their caches anyway), and
+        as of which event time (``c``)."""
         if gen != self.active or self.building is not None or not ids:
             return
-        self.r.xadd(names.EMB_CHANGES, {"g": gen, "t": table, "op": op,
-                                        "ids": np.asarray(ids, "<i8").tobytes()},
-                    maxlen=names.EMB_CHANGES_MAXLEN, approximate=True)
+        entry = {"g": gen, "t": table, "op": op, "ids": np.asarray(ids, "<i8").tobytes()}
+        if clock_ms:
+            entry["c"] = int(clock_ms)
+        self.r.xadd(names.EMB_CHANGES, entry, maxlen=names.EMB_CHANGES_MAXLEN, approximate=True)
 
     def enforce_bound(self) -> int:
         """Evict the coldest rows of every table above ``max_rows``; returns rows evicted."""

@@ -221,6 +221,9 @@ class ServingApp:
             self.metrics.dense_refresh.set(m.refresh_seq)
         for table in ("user", "item"):
             self.metrics.cache_rows.labels(table).set(self.cache.rows(table))
+        age = self.cache.data_age_s()
+        if age is not None:
+            self.metrics.data_age.set(age)
 
     def probe(self) -> tuple[str, str | None, dict]:
         """The heartbeat: state, version and key figures."""
@@ -235,4 +238,5 @@ class ServingApp:
                  "cache_refreshes": m.cache.refreshes if m and m.cache else 0,
                  "cache_rows": self.cache.rows("user") + self.cache.rows("item"),
                  "degraded": self.guard.degraded, "xla": bool(m and m.xla),
+                 "data_age_s": None if self.cache.data_age_s() is None else round(self.cache.data_age_s(), 2),
                  "model_age_s": round(time.time() - m.created_at, 1) if m else None})

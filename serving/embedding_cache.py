@@ -63,6 +63,9 @@ class EmbeddingCache:
         self._changes = 0          # change-stream entries applied (see ``_store``)
         self._last_id: bytes | None = None
         self.applied = 0           # rows refreshed or dropped from the change stream
+        # the event time of the newest sample behind the rows this replica serves: the largest
+        # ``c`` of the change entries of its generation applied so far (``data_age_s``)
+        self.data_clock_ms = 0
         self.resets = 0
 
     def rows(self, table: str) -> int:
@@ -79,6 +82,8 @@ class EmbeddingCache:
                     log.info("embedding generation %s -> %d: cache dropped", self.generation, p.generation)
                     self.resets += 1
                 self._tables.clear()
+                if self._set is not None:   # a resync: the new set's clock comes with its deltas
+                    self.data_clock_ms = 0
                 self.generation, self._set = p.generation, (p.generation, p.activated_at)
         return p
 
@@ -181,9 +186,24 @@ class EmbeddingCache:
         try:
             gen, table = int(fields[b"g"]), fields[b"t"].decode()
             op, ids = fields[b"op"], np.frombuffer(fields[b"ids"], "<i8")
+            clock_ms = int(fields.get(b"c", 0))
         except (KeyError, ValueError, UnicodeDecodeError):
             log.warning("malformed change-stream entry ignored: %r", list(fields))
             return 0
+        n = self._apply_rows(gen, table, op, ids)
+        if clock_ms and self.generation in (None, gen):   # Redis holds these rows now
+            self.data_clock_ms = max(self.data_clock_ms, clock_ms)
+        return n
+
+    def data_age_s(self, now_ms: float | None = None) -> float | None:
+        """Seconds between now and the event time of the newest sample behind the served rows
+        (None before the first announcement): freshness as event -> served embeddings."""
+        if not self.data_clock_ms:
+            return None
+        now_ms = time.time() * 1000 if now_ms is None else now_ms
+        return max(0.0, (now_ms - self.data_clock_ms) / 1000)
+
+    def _apply_rows(self, gen: int, table: str, op: bytes, ids: np.ndarray) -> int:
         pointer = self.guard.call(self.reader.pointer)
         with self._lock:
             self._changes += 1

@@ -37,6 +37,8 @@ class ServingMetrics:
                                           "responses answered from cache and defaults only", **kw)
         self.model_version = Gauge("odl_serving_model_version", "version served", **kw)
         self.model_age = Gauge("odl_serving_model_age_seconds", "age of the served version's export", **kw)
+        self.data_age = Gauge("odl_serving_data_age_seconds", "now - event time of the newest "
+                              "sample behind the embeddings served (freshness)", **kw)
         self.dense_refresh = Gauge("odl_serving_dense_refresh_seq", "dense refresh applied last", **kw)
         self.model_loads = Counter("odl_serving_model_loads_total", "version loads", ["result"], **kw)
         self.cache_rows = Gauge("odl_serving_embedding_cache_rows", "rows in the local cache", ["table"], **kw)

@@ -237,7 +237,7 @@ class LearnedState:
         ``since`` (0: everything); pass the returned mark next time.  Taken under the model
         lock: one step.  After a restore every row comes back with ``complete: False``."""
         with self.lock:
-            return table_changes(self.tables, since, self.incarnation, self.step)
+            return table_changes(self.tables, since, self.incarnation, self.step, self.clock_ms)
 
     def occupancy(self) -> dict[str, dict[str, int]]:
         return {name: t.occupancy() for name, t in self.tables.items()}
@@ -415,8 +415,10 @@ def new_incarnation() -> int:
 
 
 def table_changes(tables: dict[str, DynamicEmbedding], since: Mark | int, incarnation: int,
-                  now: int) -> tuple[Mark, dict[str, dict]]:
-    """(mark, {table: {ids, vectors, removed, complete}}) of rows changed after ``since``.
+                  now: int, clock_ms: int | None = None) -> tuple[Mark, dict[str, dict]]:
+    """(mark, {table: {ids, vectors, removed, complete[, clock_ms]}}) of rows changed after
+    ``since``; ``clock_ms``, where the caller knows it, is the event time of the newest sample
+    the rows have learned from (serving's data age, ``serving.embedding_cache``).
 
     A mark of another incarnation -- the state was restored since the reader last asked, so
     rows it holds may have been rolled back, however the step numbers compare -- answers with
@@ -428,6 +430,8 @@ def table_changes(tables: dict[str, DynamicEmbedding], since: Mark | int, incarn
         ids, rows, removed, complete = t.changed_since(step if same else 0)
         out[name] = {"ids": ids, "vectors": t.vectors(rows), "removed": removed,
                      "complete": complete and same}
+        if clock_ms:
+            out[name]["clock_ms"] = int(clock_ms)
     return (incarnation, now), out
 
 

@@ -128,6 +128,8 @@ def test_stack_end_to_end(stack_config):
         assert reader.count("user") > 0 and reader.count("item") > 0
         assert beats["feature-job"].metrics["dlq"] > 0          # the malformed events were routed
         assert beats["feature-job"].metrics["samples"] > 0
+        # freshness, continuously: the event time behind the served embeddings is recent
+        _wait(lambda: (_beat(cp, "serving-0").metrics.get("data_age_s") or 1e9) < 60, 30)
         # the online feature store follows the job: users' last clicks are in Redis
         _wait(lambda: _beat(cp, "feature-store").metrics.get("written", 0) > 0, 30)
         assert any(True for _ in r.scan_iter(match="{odl:fs:user}:*:clicks", count=1000))

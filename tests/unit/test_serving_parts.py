@@ -255,6 +255,13 @@ def test_cache_accounts_for_every_lookup_follows_changes_and_survives_redis_down
     assert cache.lookup("item", [1], 2).vectors[0, 0] == 5.0
     cache._apply({b"g": b"1", b"t": b"item", b"op": b"del", b"ids": np.asarray([2], "<i8").tobytes()})
     assert cache.lookup("item", [2], 2).defaults == 1
+    # announcements carry the event time of the newest sample behind them: the data age
+    assert cache.data_age_s() is None
+    cache._apply({b"g": b"1", b"t": b"item", b"op": b"put", b"ids": np.asarray([7], "<i8").tobytes(),
+                  b"c": b"1000000"})
+    cache._apply({b"g": b"0", b"t": b"item", b"op": b"put", b"ids": np.asarray([7], "<i8").tobytes(),
+                  b"c": b"9000000"})                              # another generation: not ours
+    assert cache.data_clock_ms == 1_000_000 and cache.data_age_s(now_ms=1_004_500) == 4.5
     assert cache._apply({b"g": b"1", b"t": b"item"}) == 0         # malformed entry: ignored
     reader.rows[5] = 7.0
     cache.lookup("item", [3, 4, 5], 2)
