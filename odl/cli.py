@@ -114,7 +114,7 @@ KEY_METRICS = {"source": ("impression", "click", "malformed", "events_per_s"),
                             "hot_rows_user", "hot_rows_item", "redis_used_memory_bytes", "refused",
                             "restored_for"),
                "serving": ("requests", "qps", "p50_ms", "p99_ms", "mean_batch_rows", "cache_rows",
-                           "dense_refresh", "degraded", "model_age_s", "port")}
+                           "dense_refresh", "degraded", "model_age_s", "data_age_s", "xla", "port")}
 
 
 @main.command()
