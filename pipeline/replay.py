@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from odl.spec import load_spec
-from odl.spec.logs import _event, read_log
+from odl.spec.logs import event_of, read_log
 from pipeline.generator import Record
 
 REFUSED = "refused"     # the kind of a record bound for the DLQ
@@ -76,5 +76,5 @@ class LogReplay:
                 values[ev.version_field] = ev.version
             kind = values.get(ev.type_field) if ev.type_field else "event"
             key = str(values.get(key_field)).encode() if key_field else b""
-            event = _event(self.spec, {k: v for k, v in values.items() if v is not None})
+            event = event_of(self.spec, {k: v for k, v in values.items() if v is not None})
             yield Record(due, key, _json(event), due, str(kind))

@@ -126,10 +126,10 @@ class Records:
 
     @staticmethod
     def concat(parts: list["Records"]) -> "Records":
+        if not parts:   # the width would be unknown: callers make their own empty Records
+            raise ValueError("Records.concat needs at least one part")
         if len(parts) == 1:
             return parts[0]
-        if not parts:
-            return Records.empty(0)
         return Records(np.concatenate([p.partitions for p in parts]),
                        np.concatenate([p.offsets for p in parts]),
                        np.concatenate([p.rows for p in parts]),
@@ -194,8 +194,13 @@ def _sid_and_kind(d: dict) -> tuple[int, int]:
     provisional = d.get("provisional") or False
     if not isinstance(provisional, bool):
         raise TypeError(f"provisional must be a boolean, not {provisional!r}")
-    h = sample_hash(sid)
-    return (h ^ PROVISIONAL_MASK, 1) if provisional else (h, 0)
+    return row_key(sid, provisional), int(provisional)
+
+
+def row_key(sample_id: str, provisional: bool) -> int:
+    """A sample's key in the duplicate window and the ledger (``PROVISIONAL_MASK``)."""
+    h = sample_hash(sample_id)
+    return h ^ PROVISIONAL_MASK if provisional else h
 
 
 def decode(value: bytes) -> Row:

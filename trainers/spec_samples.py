@@ -15,7 +15,7 @@ import numpy as np
 from odl.spec import FeatureSpec
 from odl.spec.encode import count_names
 from odl.spec.sample import SampleReader
-from trainers.samples import PROVISIONAL_MASK, Records, RowLayout, sample_hash
+from trainers.samples import Records, RowLayout, row_key
 from trainers.spec_model import SpecBatch, SpecModel, spec_inputs
 
 HEADER = 4
@@ -41,11 +41,10 @@ class SpecCodec:
         b = self.reader.read(list(values))
         n = len(b.valid)
         rows = np.zeros((n, self.layout.width), np.int64)
-        sids = np.array([sample_hash(s) if ok else 0 for s, ok in zip(b.sample_ids, b.valid)],
-                        np.int64)
-        rows[:, 0], rows[:, 1] = b.labels, b.ts_ms
-        rows[:, 2] = np.where(b.provisional, sids ^ PROVISIONAL_MASK, sids)
-        rows[:, 3] = b.provisional
+        lay = self.layout
+        rows[:, lay.label], rows[:, lay.ts], rows[:, lay.provisional] = b.labels, b.ts_ms, b.provisional
+        rows[:, lay.sid] = [row_key(s, p) if ok else 0
+                            for s, p, ok in zip(b.sample_ids, b.provisional.tolist(), b.valid)]
         for name, span in self.spans.items():
             rows[:, span] = b.keys[name]
         rows[:, self.numeric_at:] = b.numeric.view(np.int32)
@@ -61,7 +60,8 @@ class SpecCodec:
             return None
         keys = {name: a[:, span] for name, span in self.spans.items()}
         numeric = a[:, self.numeric_at:].astype(np.int32).view(np.float32)
-        return SpecBatch(keys, numeric, a[:, 0].astype(np.float32), a[:, 1],
+        lay = self.layout
+        return SpecBatch(keys, numeric, a[:, lay.label].astype(np.float32), a[:, lay.ts],
                          np.ones(len(a), np.float32) if delayed else None)
 
     def new_model(self, cfg) -> SpecModel:

@@ -31,7 +31,7 @@ class LogRow:
     number: int                       # 1-based data row (the CSV header is not counted)
     values: dict[str, Any] | None     # typed field values of a valid row
     reason: str | None                # why a row was refused
-    raw: dict[str, Any] | None = None  # the row as read (columns renamed, cells converted)
+    raw: dict[str, Any] | None = None  # a refused row as read (columns renamed, cells converted)
 
 
 def _scalar(kind: str, cell: str) -> Any:
@@ -59,7 +59,7 @@ def convert_cell(f: FieldSpec, cell: str | None, list_separator: str = "|") -> A
     return _scalar(f.type, cell)
 
 
-def _event(spec: FeatureSpec, raw: dict[str, Any]) -> dict[str, Any]:
+def event_of(spec: FeatureSpec, raw: dict[str, Any]) -> dict[str, Any]:
     """Field values placed where the spec's rules look for them (nested ``path``s)."""
     ev: dict[str, Any] = {}
     for name, value in raw.items():
@@ -120,11 +120,10 @@ def read_log(spec: FeatureSpec, path: str | Path, columns: dict[str, str] | None
             rec = {k: convert_cell(fields[k], v, list_separator) if k in fields
                    else _scalar("int" if k == ev.version_field else "string", v) if v != "" else None
                    for k, v in rec.items()}
-        vf = spec.events.version_field
-        if vf is not None and rec.get(vf) is None:      # a log need not carry the wire version
-            rec[vf] = spec.events.version
+        if ev.version_field is not None and rec.get(ev.version_field) is None:
+            rec[ev.version_field] = ev.version          # a log need not carry the wire version
         ts = rec.get(time_field)
         if isinstance(ts, int) and not isinstance(ts, bool):
             clock = ts if clock is None else max(clock, ts)
-        reason, values = validator.check(_event(spec, rec), now_ms=clock if clock is not None else 0)
-        yield LogRow(n, values, reason, rec)
+        reason, values = validator.check(event_of(spec, rec), now_ms=clock if clock is not None else 0)
+        yield LogRow(n, values, reason, rec if reason is not None else None)

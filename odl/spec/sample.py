@@ -33,9 +33,6 @@ import orjson
 from odl.spec.encode import count_input, count_inputs, numeric_values, sequence_keys, sparse_keys
 from odl.spec.model import FeatureSpec
 
-HEADER = ("sample_id", "ts_ms", "label")
-
-
 def sample_fields(spec: FeatureSpec) -> list[str]:
     """The event fields a sample carries: what the spec's sparse and numeric features read."""
     out: list[str] = []
@@ -120,7 +117,7 @@ class SampleReader:
         return self._encode(docs, valid, errors)
 
     def _encode(self, docs: list[dict | None], valid: np.ndarray, errors: list[str],
-                probe: bool = False) -> SampleBatch:
+                probe: bool = False) -> SampleBatch | None:
         """The batch of the valid ``docs`` (placed among all); ``probe``: only see whether one
         record encodes (no stream state changes)."""
         spec, n = self.spec, len(docs)
