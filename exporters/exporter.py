@@ -242,7 +242,7 @@ class Exporter:
                             embedding_dim=snap["embedding_dim"],
                             cache_policy={"every_n_calls": ec.cache_every_n_calls,
                                           "every_s": ec.cache_every_s},
-                            spec=running_spec().hash)
+                            spec=running_spec(self.cfg).hash)
         dim = snap["embedding_dim"]
 
         def write(path):

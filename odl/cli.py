@@ -43,7 +43,7 @@ def run(component: str, replica: int, no_ray: bool, config: str | None) -> None:
     cfg = _cfg(config)
     from odl.spec import SpecError, running_spec
     try:
-        running_spec()
+        running_spec(cfg)
     except SpecError as exc:
         raise click.ClickException(str(exc)) from None
     if component == "source":

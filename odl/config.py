@@ -101,8 +101,8 @@ class SourceConfig(_Section):
     seed: int = 7
     # kind log (pipeline/replay.py): a CSV or Parquet log replayed through a feature spec
     log_path: Path | None = Field(None, description="the log to replay (kind: log)")
-    log_spec: Path = Field(REPO_ROOT / "specs" / "default.yaml",
-                           description="the spec the log's rows are read and checked by")
+    log_spec: Path | None = Field(None, description="the spec the log's rows are read and "
+                                  "checked by; default: the pipeline's (spec)")
     log_columns: dict[str, str] = Field(default_factory=dict, description="log column -> field")
     log_speedup: float = Field(1000.0, gt=0, description="log seconds per wall second")
 
@@ -323,6 +323,11 @@ class MetricsConfig(_Section):
 
 
 class Config(_Section):
+    # the feature spec the stages run (odl.spec): its events, features and label.  The default
+    # shape runs the whole stack; another spec runs source, feature job and trainer
+    # (docs/features.md#running-a-spec)
+    spec: Path = Field(REPO_ROOT / "specs" / "default.yaml", description="the feature spec "
+                       "the pipeline runs, e.g. specs/adlog.yaml")
     paths: PathsConfig = PathsConfig()
     kafka: KafkaConfig = KafkaConfig()
     redis: RedisConfig = RedisConfig()

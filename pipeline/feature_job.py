@@ -21,8 +21,10 @@ from prometheus_client import Counter
 from odl import names
 from odl.config import Config
 from odl.runtime import Component
-from pipeline import udfs
+from odl.spec import is_default, running_spec
+from pipeline import spec_udfs, udfs
 from pipeline.feature_sql import JobTopics, statements
+from pipeline.spec_sql import spec_statements
 from pipeline.flink_metrics import FlinkJobMetrics, port_range
 
 DLQ_REASONS = Counter("odl_feature_job_dlq_total", "events rejected to the DLQ", ["reason"])
@@ -88,7 +90,11 @@ def build_table_env(cfg: Config):
         print(f"restoring feature job state from {restore}", flush=True)
     for k, v in settings.items():
         conf.set(k, v)
-    udfs.register(t_env)
+    spec = running_spec(cfg)
+    if is_default(spec):
+        udfs.register(t_env)
+    else:
+        spec_udfs.register(t_env, spec)
     return t_env
 
 
@@ -117,7 +123,8 @@ def submit(cfg: Config):
     topics = JobTopics(names.topic(names.EVENTS, p), names.topic(names.SAMPLES, p),
                        names.topic(names.EVENTS_DLQ, p), names.topic(names.FEATURES, p))
     t_env = build_table_env(cfg)
-    ddl, inserts = statements(cfg, topics)
+    spec = running_spec(cfg)
+    ddl, inserts = statements(cfg, topics) if is_default(spec) else spec_statements(cfg, spec, topics)
     for stmt in ddl:
         t_env.execute_sql(stmt)
     stmt_set = t_env.create_statement_set()

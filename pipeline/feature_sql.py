@@ -39,12 +39,12 @@ class JobTopics:
     features: str
 
 
-def _kafka_opts(cfg: Config, topic: str) -> str:
+def kafka_opts(cfg: Config, topic: str) -> str:
     return (f"'connector' = 'kafka', 'topic' = '{topic}', "
             f"'properties.bootstrap.servers' = '{cfg.kafka.bootstrap_servers}'")
 
 
-def _seconds(ms: int) -> str:
+def interval(ms: int) -> str:
     """A millisecond-exact interval literal (a plain SECOND literal stops at 99 s in Flink)."""
     s, frac = divmod(int(ms), 1000)
     m, s = divmod(s, 60)
@@ -53,16 +53,16 @@ def _seconds(ms: int) -> str:
     return f"INTERVAL '{d} {h:02}:{m:02}:{s:02}.{frac:03}' DAY TO SECOND(3)"
 
 
-def _epoch_ms(ts: str) -> str:
+def epoch_ms(ts: str) -> str:
     """A window bound (TIMESTAMP(3), UTC wall time, whole seconds) as epoch milliseconds."""
     return f"CAST(TIMESTAMPDIFF(SECOND, TIMESTAMP '1970-01-01 00:00:00', {ts}) AS BIGINT) * 1000"
 
 
-def _ltz_epoch_ms(ts: str) -> str:
+def ltz_epoch_ms(ts: str) -> str:
     """A TIMESTAMP_LTZ(3) as epoch milliseconds (the session time zone is UTC).  Handing the UDF
     a number instead of the timestamp saves PyFlink a datetime per event: the parse stage
     alone ran 13.7k -> 17.6k events/s."""
-    return (f"({_epoch_ms(f'CAST({ts} AS TIMESTAMP(3))')} "
+    return (f"({epoch_ms(f'CAST({ts} AS TIMESTAMP(3))')} "
             f"+ EXTRACT(MILLISECOND FROM {ts}))")
 
 
@@ -74,8 +74,8 @@ def source_ddl(cfg: Config, topic: str, group_id: str, table: str = "events_raw"
               `offset` BIGINT METADATA VIRTUAL,
               ts TIMESTAMP_LTZ(3) METADATA FROM 'timestamp',
               pt AS PROCTIME(),
-              WATERMARK FOR ts AS ts - {_seconds(cfg.feature_job.watermark_delay_ms)}
-            ) WITH ({_kafka_opts(cfg, topic)},
+              WATERMARK FOR ts AS ts - {interval(cfg.feature_job.watermark_delay_ms)}
+            ) WITH ({kafka_opts(cfg, topic)},
               'properties.group.id' = '{group_id}',
               'scan.startup.mode' = 'group-offsets',
               'properties.auto.offset.reset' = 'earliest',
@@ -94,37 +94,37 @@ def _sinks(cfg: Config, topics: JobTopics) -> list[str]:
               `position` INT, `hour` INT, category INT, label INT,
               impression_ts_ms BIGINT, label_ts_ms BIGINT, features {FEATURES_TYPE},
               provisional BOOLEAN
-            ) WITH ({_kafka_opts(cfg, topics.samples)},
+            ) WITH ({kafka_opts(cfg, topics.samples)},
               'key.format' = 'raw', 'key.fields' = 'sample_id',
               'value.format' = 'json', 'value.fields-include' = 'ALL',
               'sink.delivery-guarantee' = 'at-least-once')""",
         f"""CREATE TABLE dlq_sink (
               reason STRING, payload STRING, source_partition INT, source_offset BIGINT, ts_ms BIGINT
-            ) WITH ({_kafka_opts(cfg, topics.dlq)},
+            ) WITH ({kafka_opts(cfg, topics.dlq)},
               'format' = 'json', 'sink.delivery-guarantee' = 'at-least-once')""",
         # one record per state change of an entity; key = kind:id keeps an entity's updates
         # in order on one partition for the writer that materialises them into Redis
         f"""CREATE TABLE features_sink (
               entity STRING, kind STRING, entity_id BIGINT, part STRING, version_ms BIGINT,
               `value` STRING
-            ) WITH ({_kafka_opts(cfg, topics.features)},
+            ) WITH ({kafka_opts(cfg, topics.features)},
               'key.format' = 'raw', 'key.fields' = 'entity',
               'value.format' = 'json', 'value.fields-include' = 'ALL',
               'sink.delivery-guarantee' = 'at-least-once')""",
     ]
 
 
-def _tiles_view(name: str, key: str, window_s: int) -> str:
+def tiles_view(name: str, key: str, window_s: int) -> str:
     return f"""CREATE TEMPORARY VIEW {name} AS
-        SELECT {key} AS entity_id, {_epoch_ms('window_end')} AS end_ms, window_time,
+        SELECT {key} AS entity_id, {epoch_ms('window_end')} AS end_ms, window_time,
                CAST(SUM(CASE WHEN etype = 'impression' THEN 1 ELSE 0 END) AS INT) AS imps,
                CAST(SUM(CASE WHEN etype = 'click' THEN 1 ELSE 0 END) AS INT) AS clicks
-        FROM TABLE(HOP(TABLE events, DESCRIPTOR(ts), {_seconds(F.TILE_SLIDE_S * 1000)},
-                       {_seconds(window_s * 1000)}))
+        FROM TABLE(HOP(TABLE events, DESCRIPTOR(ts), {interval(F.TILE_SLIDE_S * 1000)},
+                       {interval(window_s * 1000)}))
         GROUP BY {key}, window_start, window_end, window_time"""
 
 
-def _latest_view(name: str, source: str, time_col: str) -> str:
+def latest_view(name: str, source: str, time_col: str) -> str:
     """A versioned view (newest row per entity) for event-time temporal joins."""
     return f"""CREATE TEMPORARY VIEW {name} AS
         SELECT * FROM (SELECT *, ROW_NUMBER() OVER (PARTITION BY entity_id ORDER BY {time_col} DESC)
@@ -139,37 +139,46 @@ TILES = (("user_tiles_5m", "user", F.USER_WINDOWS_S[0], "t5m"),
 USER_PARTS = ("t5m", "t1h", "clicks")   # a user's state: its two tiles and its last clicks
 
 
-def _user_state_views() -> list[str]:
-    """One versioned view of a user's whole state, so an impression needs one temporal join for
-    its user instead of one per part (each join shuffles every impression and keeps its own
-    versions): the parts' update streams are merged, and an event-time OVER carries each part's
-    newest value forward.  The parts are the strings the feature store holds (``Tile.encode``,
-    the click entries), so the UDF decodes exactly what serving reads from Redis."""
-    def part(name: str, value: str) -> str:
-        return ", ".join(value if p == name else "CAST(NULL AS STRING)" for p in USER_PARTS)
-    updates = " UNION ALL ".join(
-        [f"SELECT entity_id, window_time AS vt, {part(p, F.tile_sql())} FROM {name}"
-         for name, kind, _, p in TILES if kind == "user"]
-        + [f"SELECT entity_id, ts AS vt, {part('clicks', 'entries')} FROM last_clicks"])
-    carried = ", ".join(f"LAST_VALUE({p}) OVER w AS {p}" for p in USER_PARTS)
-    return [f"CREATE TEMPORARY VIEW user_updates (entity_id, vt, {', '.join(USER_PARTS)}) AS "
-            f"{updates}",
+def carried_state_views(name: str, updates: list[tuple[str, str, str, str]]) -> list[str]:
+    """One versioned view ``latest_<name>`` of an entity's whole state, so a temporal join
+    fetches every part at once instead of one join per part (each join shuffles every
+    impression and keeps its own versions): the parts' update streams are merged, and an
+    event-time OVER carries each part's newest value forward.  ``updates``: (part, source view
+    with ``entity_id``, its time column, the part's value expression)."""
+    parts = [p for p, *_ in updates]
+
+    def row(name: str, value: str) -> str:
+        return ", ".join(value if p == name else "CAST(NULL AS STRING)" for p in parts)
+    merged = " UNION ALL ".join(f"SELECT entity_id, {t} AS vt, {row(p, value)} FROM {src}"
+                                for p, src, t, value in updates)
+    carried = ", ".join(f"LAST_VALUE({p}) OVER w AS {p}" for p in parts)
+    return [f"CREATE TEMPORARY VIEW {name}_updates (entity_id, vt, {', '.join(parts)}) AS {merged}",
             # LAST_VALUE skips NULLs: each row holds every part's newest value as of vt
-            f"""CREATE TEMPORARY VIEW user_state AS
-              SELECT entity_id, vt, {carried} FROM user_updates
+            f"""CREATE TEMPORARY VIEW {name} AS
+              SELECT entity_id, vt, {carried} FROM {name}_updates
               WINDOW w AS (PARTITION BY entity_id ORDER BY vt
                            ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)""",
-            _latest_view("latest_user_state", "user_state", "vt")]
+            latest_view(f"latest_{name}", name, "vt")]
+
+
+def _user_state_views() -> list[str]:
+    """A user's state (``USER_PARTS``): its two tiles and its last clicks, the strings the
+    feature store holds (``Tile.encode``, the click entries), so the UDF decodes exactly what
+    serving reads from Redis."""
+    return carried_state_views(
+        "user_state",
+        [(p, name, "window_time", F.tile_sql()) for name, kind, _, p in TILES if kind == "user"]
+        + [("clicks", "last_clicks", "ts", "entries")])
 
 
 def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
     """(DDL, INSERTs) of the job; split out so tests can check the SQL without a cluster."""
     fj = cfg.feature_job
-    win = _seconds(fj.attribution_window_s * 1000)
+    win = interval(fj.attribution_window_s * 1000)
     ddl = [source_ddl(cfg, topics.events, fj.group_id), *_sinks(cfg, topics),
            f"""CREATE TEMPORARY VIEW checked AS
               SELECT payload, `partition`, `offset`, ts, pt,
-                     odl_parse(payload, {_ltz_epoch_ms("ts")}) AS e,
+                     odl_parse(payload, {ltz_epoch_ms("ts")}) AS e,
                      ts <= CURRENT_WATERMARK(ts) AS late
               FROM events_raw""",
            """CREATE TEMPORARY VIEW valid AS
@@ -193,8 +202,8 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
               SELECT request_id, user_id, item_id, `position`, `hour`, category, ts_ms, ts
               FROM events WHERE etype = 'impression'""",
            "CREATE TEMPORARY VIEW clicks AS SELECT * FROM events WHERE etype = 'click'",
-           *[_tiles_view(name, f"{kind}_id", w) for name, kind, w, _ in TILES],
-           _latest_view("latest_item_tiles_1h", "item_tiles_1h", "window_time"),
+           *[tiles_view(name, f"{kind}_id", w) for name, kind, w, _ in TILES],
+           latest_view("latest_item_tiles_1h", "item_tiles_1h", "window_time"),
            f"""CREATE TEMPORARY VIEW last_clicks AS
               SELECT user_id AS entity_id, ts, ts_ms,
                      LISTAGG({F.click_entry_sql()}, ' ') OVER (

@@ -22,7 +22,7 @@ def build_source(cfg: Config, start_ms: int):
         return MovieLensReplay(src, start_ms)
     if src.kind == "log":
         from pipeline.replay import LogReplay
-        return LogReplay(src.log_spec, src.log_path, src.log_columns, start_ms, src.log_speedup,
+        return LogReplay(src.log_spec or cfg.spec, src.log_path, src.log_columns, start_ms, src.log_speedup,
                          src.max_events)
     return SyntheticSource(src, start_ms)
 

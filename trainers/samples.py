@@ -266,11 +266,11 @@ class DefaultCodec:
         return CTRModel(cfg)
 
 
-def codec_for_running_spec() -> SampleCodec:
+def codec_for_running_spec(cfg: Any = None) -> SampleCodec:
     """The sample shape of the spec the pipeline runs (``odl.spec.running_spec``)."""
-    from odl.spec import default_spec, running_spec
-    spec = running_spec()
-    if spec.hash == default_spec().hash:
+    from odl.spec import is_default, running_spec
+    spec = running_spec(cfg)
+    if is_default(spec):
         return DefaultCodec()
     from trainers.spec_samples import SpecCodec
     return SpecCodec(spec)

@@ -81,7 +81,7 @@ class StreamingTrainer:
                  codec: SampleCodec | None = None):
         self.cfg = cfg
         tc = cfg.trainer
-        self.codec = codec if codec is not None else codec_for_running_spec()
+        self.codec = codec if codec is not None else codec_for_running_spec(cfg)
         self.layout = lay = self.codec.layout
         self.topic = names.topic(names.SAMPLES, cfg.kafka.topic_prefix)
         self.partitions = partitions

@@ -20,7 +20,7 @@ SPECS_DIR = Path(__file__).resolve().parents[2] / "specs"
 DEFAULT_SPEC_PATH = SPECS_DIR / "default.yaml"
 
 __all__ = ["DEFAULT_SPEC_PATH", "SPECS_DIR", "EventValidator", "FeatureSpec", "SpecError",
-           "SpecMismatch", "check_spec", "default_spec", "load_spec", "parse_spec", "running_spec"]
+           "SpecMismatch", "check_spec", "default_spec", "is_default", "load_spec", "parse_spec", "running_spec"]
 
 
 class SpecError(ValueError):
@@ -82,11 +82,30 @@ def default_spec() -> FeatureSpec:
     return load_spec(DEFAULT_SPEC_PATH)
 
 
-def running_spec() -> FeatureSpec:
-    """The spec the live pipeline runs.  Today that is ``specs/default.yaml``: the feature job,
-    trainer and serving implement its shape; other specs are checked (``odl spec check``) and
-    drive event validation, not yet the stages (docs/features.md)."""
-    return default_spec()
+@lru_cache(maxsize=8)
+def _spec_at(path: str, mtime_ns: int) -> FeatureSpec:
+    return load_spec(path)
+
+
+def running_spec(cfg=None) -> FeatureSpec:
+    """The spec the pipeline runs: ``cfg.spec`` (``specs/default.yaml`` unless configured).
+    The default shape runs every stage; another spec runs the source, the feature job
+    (``pipeline.spec_sql``) and the trainer (``trainers.spec_samples``), not yet the exporter
+    and serving (docs/features.md#running-a-spec)."""
+    path = getattr(cfg, "spec", None)
+    if path is None or Path(path).resolve() == DEFAULT_SPEC_PATH.resolve():
+        return default_spec()
+    p = Path(path)
+    try:
+        mtime = p.stat().st_mtime_ns
+    except FileNotFoundError:
+        raise SpecError(f"spec file not found: {p}") from None
+    return _spec_at(str(p), mtime)
+
+
+def is_default(spec: FeatureSpec) -> bool:
+    """Whether ``spec`` is the default shape, which the specialised stages implement."""
+    return spec.hash == default_spec().hash
 
 
 class SpecMismatch(RuntimeError):

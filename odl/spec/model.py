@@ -223,6 +223,12 @@ class LabelSpec(_Strict):
             raise ValueError("threshold applies to a label field")
         return self
 
+    def positive(self, value) -> bool:
+        """Whether a label field's value is a click: at least ``threshold``, else above 0."""
+        if value is None:
+            return False
+        return value >= self.threshold if self.threshold is not None else value > 0
+
 
 class ServingSpec(_Strict):
     request: list[str] = Field(default_factory=list, description="fields each request carries")

@@ -1,7 +1,7 @@
 import time
 
 from odl.config import Config
-from pipeline.feature_sql import JobTopics, _seconds, statements
+from pipeline.feature_sql import JobTopics, interval, statements
 from pipeline.feature_store_writer import decode
 from pipeline.udfs import features_row, parse_row
 
@@ -12,7 +12,7 @@ def test_job_sql_routes_rejects_and_joins_within_the_window():
     text = "\n".join(ddl + inserts)
     for topic in ("ev", "sa", "dl", "fe"):
         assert f"'topic' = '{topic}'" in text
-    assert _seconds(17_000) in inserts[0] and "LEFT JOIN" in inserts[0]
+    assert interval(17_000) in inserts[0] and "LEFT JOIN" in inserts[0]
     assert "c.ts > i.ts" in inserts[0]                      # a click strictly after its impression
     assert "ts - INTERVAL '0 00:00:01.500' DAY TO SECOND(3)" in ddl[0]
     reasons = "\n".join(inserts[1:4])
@@ -23,8 +23,8 @@ def test_job_sql_routes_rejects_and_joins_within_the_window():
 
 
 def test_interval_literals():
-    assert _seconds(3_600_000) == "INTERVAL '0 01:00:00.000' DAY TO SECOND(3)"
-    assert _seconds(90_061_001) == "INTERVAL '1 01:01:01.001' DAY TO SECOND(3)"
+    assert interval(3_600_000) == "INTERVAL '0 01:00:00.000' DAY TO SECOND(3)"
+    assert interval(90_061_001) == "INTERVAL '1 01:01:01.001' DAY TO SECOND(3)"
 
 
 def test_udf_adapters_never_return_null_numbers():

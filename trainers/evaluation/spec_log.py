@@ -93,8 +93,7 @@ def load_spec_log(spec: FeatureSpec, path: str | Path, columns: dict[str, str] |
     rows.sort(key=lambda v: v[tf_name])                       # stable: file order within a ms
     ts = np.array([v[tf_name] for v in rows], np.int64)
     lab = spec.label
-    raw = np.array([float(v[lab.field]) for v in rows])
-    label = (raw >= lab.threshold if lab.threshold is not None else raw > 0).astype(np.float32)
+    label = np.array([lab.positive(v[lab.field]) for v in rows], np.float32)
     delay = np.zeros(len(ts), np.int64)
     if click_delay_s is not None:
         rng = np.random.default_rng(seed)
