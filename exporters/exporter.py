@@ -24,14 +24,15 @@ from typing import Any
 import redis
 from prometheus_client import Counter, Gauge
 
-from exporters import dense_channel, gate, savedmodel
+from exporters import dense_channel, gate, savedmodel, spec_savedmodel
 from exporters.hot_embeddings import HotEmbeddings, Pointer
 from exporters.registry import Manifest, ModelStore
 from odl.config import Config
 from odl.control import ControlPlane, redis_client
 from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
 from odl.runtime import Component
-from odl.spec import running_spec
+from odl.spec import is_default, running_spec
+from trainers.spec_model import SpecNet
 
 ROWS_PUSHED = Counter("odl_exporter_rows_pushed_total", "embedding rows written to Redis", ["table"])
 ROWS_DELETED = Counter("odl_exporter_rows_deleted_total", "rows deleted from Redis", ["reason"])
@@ -93,8 +94,12 @@ class Exporter:
         self.cfg, self.trainer, self.cp, self.log = cfg, trainer, cp, log
         self.r = r if r is not None else redis_client(cfg, decode=False)
         self.store = ModelStore(cfg.paths.model_store, cfg.serving.model_name)
+        self.spec = running_spec(cfg)
+        # a declared spec's model: its own graph (exporters.spec_savedmodel), its tables' widths
+        self.spec_net = None if is_default(self.spec) else SpecNet.of(self.spec)
+        dims = {t: s.dim for t, s in self.spec.tables.items()} if self.spec_net else None
         self.hot = HotEmbeddings(self.r, cfg.trainer.embedding_dim, ec.embedding_dtype,
-                                 ec.hot_rows_per_table, ec.retire_generation_after_s)
+                                 ec.hot_rows_per_table, ec.retire_generation_after_s, dims=dims)
         self.mark: Any = 0          # the trainer's change mark up to which rows were pushed
         self.rows_pushed = 0
         self.last_version: int | None = self.store.latest()
@@ -242,11 +247,14 @@ class Exporter:
                             embedding_dim=snap["embedding_dim"],
                             cache_policy={"every_n_calls": ec.cache_every_n_calls,
                                           "every_s": ec.cache_every_s},
-                            spec=running_spec(self.cfg).hash)
+                            spec=self.spec.hash)
         dim = snap["embedding_dim"]
 
         def write(path):
-            if ec.optimised_graph:
+            if self.spec_net is not None:
+                save = spec_savedmodel.save_optimised if ec.optimised_graph else spec_savedmodel.save
+                manifest.graph = save(self.spec_net, snap["weights"], path)
+            elif ec.optimised_graph:
                 manifest.graph = savedmodel.save_optimised(snap["weights"], dim, path)
             else:
                 savedmodel.save(snap["weights"], dim, path)

@@ -2,7 +2,8 @@
 
 Layout (``odl.names``): row ``{odl:emb:g<G>:<table>}:<id>`` holds the vector's bytes (float32, or
 float16 if configured); one hash tag per (generation, table), so a chunked MSET/MGET is one slot
-on Redis Cluster.  ``{odl:emb}:current`` is a JSON pointer ``{generation, dim, dtype}``.
+on Redis Cluster.  ``{odl:emb}:current`` is a JSON pointer ``{generation, dim, dtype, dims}``:
+``dims`` names the tables whose width is not ``dim`` (a feature spec's tables differ).
 
 Consistency model
 - Sparse deltas go into the *active* generation in place.  Each row is written whole (a chunk is
@@ -119,6 +120,10 @@ class Pointer:
     dtype: str
     activated_at: float = field(default_factory=time.time)
     source: str = "stream"
+    dims: dict[str, int] | None = None      # tables whose width is not ``dim``
+
+    def dim_of(self, table: str) -> int:
+        return (self.dims or {}).get(table, self.dim)
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -133,8 +138,13 @@ class HotEmbeddings:
     """The exporter's writer.  One instance owns the generations it creates."""
 
     def __init__(self, r: redis.Redis, dim: int, dtype: str = "float32", max_rows: int = 1_000_000,
-                 retire_after_s: float = 10.0, chunk: int | None = None):
+                 retire_after_s: float = 10.0, chunk: int | None = None,
+                 dims: dict[str, int] | None = None):
+        """``dim``: every table's width, except those ``dims`` names (a feature spec's)."""
         self.r, self.codec, self.max_rows = r, Codec(dtype, dim), max_rows
+        self.dims = {t: d for t, d in (dims or {}).items() if d != dim} or None
+        self.codecs = {t: Codec(dtype, d) for t, d in (self.dims or {}).items()}
+        self._chunk = chunk
         self.chunk = chunk or chunk_rows(self.codec.row_bytes)
         self.retire_after_s = retire_after_s
         self.index: dict[str, HotIndex] = {}
@@ -159,7 +169,7 @@ class HotEmbeddings:
             before = Pointer.read(self.r)
             old = before.generation if before else None
         self.r.set(names.EMB_CURRENT, Pointer(gen, self.codec.dim, self.codec.dtype,
-                                              source=source).to_json())
+                                              source=source, dims=self.dims).to_json())
         self.active, self.building, self.index = gen, None, self._staged_index
         if old is not None and old != gen:
             self._retiring.append((old, time.monotonic() + self.retire_after_s))
@@ -202,17 +212,19 @@ class HotEmbeddings:
         gen, index = self._target()
         prefix = names.emb_prefix(table, gen)
         id_list = np.asarray(ids, dtype=np.int64).tolist()
-        values = self.codec.encode(vectors)
+        codec = self.codecs.get(table, self.codec)
+        chunk = self._chunk or chunk_rows(codec.row_bytes)
+        values = codec.encode(vectors)
         if len(values) != len(id_list):
             raise ValueError(f"{len(id_list)} ids but {len(values)} vectors")
         meta = names.emb_meta(table, gen)   # first, so that a crash mid-push leaves a findable set
-        self.r.hset(meta, mapping={"dim": self.codec.dim, "dtype": self.codec.dtype})
+        self.r.hset(meta, mapping={"dim": codec.dim, "dtype": codec.dtype})
         with _Pipelined(self.r) as conn:
-            for start in range(0, len(id_list), self.chunk):
-                part = id_list[start:start + self.chunk]
+            for start in range(0, len(id_list), chunk):
+                part = id_list[start:start + chunk]
                 args: list = [None] * (2 * len(part))
                 args[::2] = [prefix + str(i) for i in part]
-                args[1::2] = values[start:start + self.chunk]
+                args[1::2] = values[start:start + chunk]
                 conn.send("MSET", args)
             index.setdefault(table, HotIndex()).touch(id_list)   # while the last chunk runs
         self.r.hset(meta, "rows", len(index[table]))
@@ -353,9 +365,9 @@ class EmbeddingReader:
         out = np.zeros((len(ids), dim), dtype=np.float32)
         found = np.zeros(len(ids), dtype=bool)
         p = pointer or self.pointer()
-        if p is None or p.dim != dim or not ids:
+        if p is None or p.dim_of(table) != dim or not ids:
             return out, found
-        codec, prefix = Codec(p.dtype, p.dim), names.emb_prefix(table, p.generation)
+        codec, prefix = Codec(p.dtype, dim), names.emb_prefix(table, p.generation)
         for start in range(0, len(ids), CHUNK):
             part = ids[start:start + CHUNK]
             raw = self.r.mget([prefix + str(int(i)) for i in part])

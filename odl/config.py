@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 ENV_PREFIX = "ODL__"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -340,6 +340,17 @@ class Config(_Section):
     control: ControlConfig = ControlConfig()
     supervision: SupervisionConfig = SupervisionConfig()
     metrics: MetricsConfig = MetricsConfig()
+
+    @field_validator("spec")
+    @classmethod
+    def _spec_path(cls, v: Path) -> Path:
+        """Absolute, so every process of a stack reads the same file whatever its working
+        directory: relative to the working directory if the file is there, else to the
+        repository (``specs/adlog.yaml`` works from anywhere)."""
+        if v.is_absolute():
+            return v
+        here = Path.cwd() / v
+        return here.resolve() if here.exists() else (REPO_ROOT / v).resolve()
 
     @model_validator(mode="after")
     def _ports_distinct(self) -> "Config":

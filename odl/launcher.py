@@ -144,6 +144,10 @@ class LocalStack:
         env.update({"PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2"})
         repo = str(Path(__file__).resolve().parent.parent)
         env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        # resolved once here: the components' working directories differ
+        env["ODL__SPEC"] = str(self.cfg.spec)
+        if self.cfg.source.log_path is not None:
+            env["ODL__SOURCE__LOG_PATH"] = str(self.cfg.source.log_path.resolve())
         return env
 
     def _read_state(self) -> dict[str, ProcState]:

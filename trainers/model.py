@@ -207,6 +207,21 @@ class LearnedState:
     moment.  Needs ``tables``, ``dense``, ``dense_opt``, ``step``, ``clock_ms``,
     ``incarnation`` and ``lock``; ``predict`` and ``train`` are the model's own."""
 
+    def _init_shadow(self) -> None:
+        """The served dense weights (``set_shadow``): scored with this model's live rows, which
+        is what serving runs -- the version's or last refresh's network over the rows in Redis
+        (the gate compares candidate and served on the same samples)."""
+        self.shadow = {k: tf.Variable(v.read_value(), name=f"shadow_{k.replace('/', '_')}",
+                                      trainable=False) for k, v in self.dense.items()}
+        self.has_shadow = False
+
+    def set_shadow(self, weights: dict[str, np.ndarray]) -> None:
+        """Install the served dense weights (a published version's or refresh's)."""
+        with self.lock:
+            for k, v in weights.items():
+                self.shadow[k].assign(v)
+            self.has_shadow = True
+
     def score_and_train(self, batch: Batch) -> tuple[np.ndarray, float]:
         """Progressive validation: the batch's scores before the update, then the update."""
         with self.lock:
@@ -287,11 +302,7 @@ class CTRModel(LearnedState):
         self.step = 0
         self.clock_ms = 0
         self.incarnation = new_incarnation()
-        # the served dense weights (``set_shadow``): scored with this model's live rows, which is
-        # what serving runs -- the version's or last refresh's network over the rows in Redis
-        self.shadow = {k: tf.Variable(v.read_value(), name=f"shadow_{k.replace('/', '_')}",
-                                      trainable=False) for k, v in self.dense.items()}
-        self.has_shadow = False
+        self._init_shadow()
         self.lock = threading.RLock()
 
     def _make_tables(self) -> dict[str, DynamicEmbedding]:
@@ -316,13 +327,6 @@ class CTRModel(LearnedState):
     def _predict_shadow(self, u, i, pos, hr, ft):
         return tf.sigmoid(ctr_logits(self.shadow, tf.gather(self.tables["user"].var, u),
                                      tf.gather(self.tables["item"].var, i), pos, hr, ft))
-
-    def set_shadow(self, weights: dict[str, np.ndarray]) -> None:
-        """Install the served dense weights (a published version's or refresh's)."""
-        with self.lock:
-            for k, v in weights.items():
-                self.shadow[k].assign(v)
-            self.has_shadow = True
 
     def predict_shadow(self, batch: Batch) -> np.ndarray | None:
         """The served dense weights' scores over the live rows, before this batch trains (None

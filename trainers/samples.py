@@ -240,6 +240,8 @@ class SampleCodec(Protocol):
     is ``DefaultCodec``; a feature spec's is ``trainers.spec_samples.SpecCodec``."""
     layout: RowLayout
     spec_hash: str
+    labels_arrive_late: bool      # an impression-click join: provisional samples, alignment
+
 
     def decode_records(self, partitions: list[int], offsets: list[int],
                        values: list[bytes]) -> Records: ...
@@ -252,6 +254,7 @@ class SampleCodec(Protocol):
 class DefaultCodec:
     """The default shape (``specs/default.yaml``): ``Row``s, ``trainers.model.CTRModel``."""
     layout = DEFAULT_LAYOUT
+    labels_arrive_late = True
 
     def __init__(self) -> None:
         from odl.spec import default_spec

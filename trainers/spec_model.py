@@ -182,6 +182,7 @@ class SpecModel(LearnedState):
         self.step, self.clock_ms = 0, 0
         self.incarnation = new_incarnation()
         self.lock = threading.RLock()
+        self._init_shadow()
         # all inputs' rows side by side in one [n, W] matrix (and its mask): one tensor per
         # call instead of two per input -- with 26 inputs the per-tensor conversions and
         # signature checks cost more than the network itself
@@ -195,6 +196,7 @@ class SpecModel(LearnedState):
         num = tf.TensorSpec([None, self.num_numeric], tf.float32)
         val = tf.TensorSpec([None], tf.float32)
         self._predict_fn = tf.function(self._predict_impl, input_signature=[rows, masks, num])
+        self._shadow_fn = tf.function(self._shadow_impl, input_signature=[rows, masks, num])
         self._train_fn = tf.function(self._train_impl, input_signature=[
             rows, masks, num, val, val, tf.TensorSpec([], tf.int64)])
 
@@ -208,6 +210,10 @@ class SpecModel(LearnedState):
 
     def _predict_impl(self, rows, masks, numeric):
         return tf.sigmoid(self._logits(self._gather(rows), masks, numeric, training=False)[0])
+
+    def _shadow_impl(self, rows, masks, numeric):
+        return tf.sigmoid(spec_logits(self.net, self.shadow, self._gather(rows), masks, numeric,
+                                      False)[0])
 
     def _train_impl(self, rows, masks, numeric, labels, delayed, step):
         gathered = self._gather(rows)
@@ -255,6 +261,14 @@ class SpecModel(LearnedState):
         with self.lock:
             rows, masks = self._rows(batch, False, self.step)
             return self._predict_fn(rows, masks, tf.constant(batch.numeric, tf.float32)).numpy()
+
+    def predict_shadow(self, batch: SpecBatch) -> np.ndarray | None:
+        """The served dense weights' scores over the live rows (None before any is served)."""
+        if not self.has_shadow:
+            return None
+        with self.lock:
+            rows, masks = self._rows(batch, False, self.step)
+            return self._shadow_fn(rows, masks, tf.constant(batch.numeric, tf.float32)).numpy()
 
     def train(self, batch: SpecBatch) -> float:
         with self.lock:

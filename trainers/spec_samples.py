@@ -25,6 +25,7 @@ class SpecCodec:
     def __init__(self, spec: FeatureSpec):
         self.spec = spec
         self.spec_hash = spec.hash
+        self.labels_arrive_late = spec.label.join is not None
         self.inputs = spec_inputs(spec)
         self.reader = SampleReader(spec)
         self.num_numeric = len(spec.numeric) + len(count_names(spec))

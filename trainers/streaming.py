@@ -101,10 +101,13 @@ class StreamingTrainer:
         self.served_step: int | None = None
         self.paired = PairedValidator(tc.auc_window)
         self.dedup = DedupWindow(tc.dedup_window)
-        self.aligner = LabelAligner(cfg.label_hold_ms, lay) if cfg.label_alignment else None
+        # rows that carry their own label are final at once: nothing to align or hold
+        late = self.codec.labels_arrive_late
+        self.aligner = LabelAligner(cfg.label_hold_ms, lay) if cfg.label_alignment and late else None
         # delayed feedback: provisional negatives trained at once, positives importance-weighted,
         # final negatives only settle the figures (their impression was trained already)
-        self.provisional = ProvisionalScores(tc.dedup_window) if cfg.delayed_feedback else None
+        self.provisional = (ProvisionalScores(tc.dedup_window) if cfg.delayed_feedback and late
+                            else None)
         self.settled_negatives = 0
         self.waiting = lay.empty()   # released, not yet a full batch
         self.positions: dict[int, int] = {}    # partition -> next offset to consume

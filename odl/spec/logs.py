@@ -18,7 +18,7 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from odl.spec.events import EventValidator
 from odl.spec.model import FeatureSpec, FieldSpec
@@ -127,3 +127,29 @@ def read_log(spec: FeatureSpec, path: str | Path, columns: dict[str, str] | None
             clock = ts if clock is None else max(clock, ts)
         reason, values = validator.check(event_of(spec, rec), now_ms=clock if clock is not None else 0)
         yield LogRow(n, values, reason, rec if reason is not None else None)
+
+
+def to_cell(value: Any, list_separator: str = "|") -> str:
+    """A field value as ``convert_cell`` reads it back (None -> an empty cell)."""
+    if value is None:
+        return ""
+    if isinstance(value, list):
+        return list_separator.join(str(v) for v in value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def write_log(spec: FeatureSpec, rows: Iterable[dict[str, Any]], path: str | Path,
+              list_separator: str = "|") -> int:
+    """Rows of flat field values as a CSV log ``read_log`` reads under ``spec`` (one column per
+    declared field without a nested ``path``); returns the rows written."""
+    cols = [n for n, f in spec.events.fields.items() if not f.path and f.type != "object"]
+    n = 0
+    with Path(path).open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(cols)
+        for row in rows:
+            w.writerow([to_cell(row.get(c), list_separator) for c in cols])
+            n += 1
+    return n

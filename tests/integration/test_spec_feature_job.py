@@ -3,7 +3,6 @@ real broker: its sample records carry exactly the inputs ``odl eval --spec`` com
 same log (counts by a field and a cross over two windows, a sequence, a multi-hot list, a
 numeric), every refused or repeated event reaches the DLQ with its reason, and a join spec
 labels impressions as the default job does."""
-import csv
 import json
 import random
 import time
@@ -16,6 +15,7 @@ from kafka import KafkaProducer
 
 from odl.kafka_util import ensure_topics
 from odl.spec import DEFAULT_SPEC_PATH, parse_spec
+from odl.spec.logs import write_log
 from odl.spec.sample import SampleReader
 from tests.conftest import make_config
 from tests.integration.test_feature_job import WINDOW_S, Stream, _collect, _crafted, _job_env, _start
@@ -84,15 +84,6 @@ def _shop_rows(base: int, n: int, seed: int = 5) -> list[dict]:
     return rows
 
 
-def _write_csv(path, rows: list[dict]) -> None:
-    cols = ["ts_ms", "event_id", "user", "item", "tags", "price", "clicked"]
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(cols)
-        for r in rows:
-            w.writerow(["|".join(r[c]) if c == "tags" and c in r else r.get(c, "") for c in cols])
-
-
 def _spec_env(tmp_path, broker_port, redis_port, prefix, spec_text: str) -> dict[str, str]:
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec_text)
@@ -116,7 +107,7 @@ def test_spec_job_writes_the_inputs_eval_computes(tmp_path, broker_port, redis_p
     # later rows on every partition move each watermark past the last real row
     flush = [{"ts_ms": end + 30_000 + u, "event_id": f"z{u}", "user": 900 + u, "item": 1,
               "clicked": 0} for u in range(16)]
-    _write_csv(tmp_path / "shop.csv", rows + flush)
+    write_log(spec, rows + flush, tmp_path / "shop.csv")
     s = Stream()
     for r in rows + flush:
         s._put(str(r["user"]).encode(), json.dumps(r).encode(), r["ts_ms"], None)
