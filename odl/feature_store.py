@@ -47,19 +47,23 @@ class FeatureUpdateError(ValueError):
 class FeatureUpdate:
     """One record of the ``features`` topic (see ``pipeline.feature_sql``)."""
     kind: str
-    entity_id: int
+    entity_id: int | str       # a spec's count keys are strings (``odl.spec.realtime``)
     part: str
     version_ms: int
     value: str
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureUpdate":
+    def from_dict(cls, d: dict, parts: dict[str, tuple[str, ...]] | None = None) -> "FeatureUpdate":
+        """``parts``: the kinds and parts the running job writes (default: ``PARTS``, the
+        default shape's; a spec's: ``odl.spec.realtime.store_parts``)."""
+        parts = PARTS if parts is None else parts
         try:
-            u = cls(str(d["kind"]), int(d["entity_id"]), str(d["part"]), int(d["version_ms"]),
-                    str(d["value"]))
+            kind = str(d["kind"])
+            entity = int(d["entity_id"]) if kind in PARTS else str(d["entity_id"])
+            u = cls(kind, entity, str(d["part"]), int(d["version_ms"]), str(d["value"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise FeatureUpdateError(f"malformed feature update {d!r}: {exc}") from None
-        if u.part not in PARTS.get(u.kind, ()):
+        if u.part not in parts.get(u.kind, ()):
             raise FeatureUpdateError(f"unknown feature part {u.kind}/{u.part}")
         return u
 
@@ -68,7 +72,7 @@ class FeatureUpdate:
         return part_key(self.kind, self.entity_id, self.part)
 
 
-def part_key(kind: str, entity_id: int, part: str) -> str:
+def part_key(kind: str, entity_id: int | str, part: str) -> str:
     return f"{names.fs_key(kind, entity_id)}:{part}"
 
 
@@ -93,7 +97,7 @@ class FeatureStore:
             if cur is None or cur.version_ms < u.version_ms:
                 newest[u.key] = u
         written = 0
-        for kind in PARTS:  # one script call touches one hash slot (one kind)
+        for kind in sorted({u.kind for u in newest.values()}):  # one script call, one slot
             batch = [u for u in newest.values() if u.kind == kind]
             for i in range(0, len(batch), chunk):
                 part = batch[i:i + chunk]
@@ -102,6 +106,16 @@ class FeatureStore:
                     args += [u.version_ms, u.value]
                 written += int(self._put(keys=[u.key for u in part], args=args))
         return written
+
+    def parts(self, kind: str, entity_ids: list[int | str],
+              parts: tuple[str, ...]) -> list[list[str | None]]:
+        """Each entity's ``parts`` payloads (None where absent), one MGET."""
+        if not entity_ids:
+            return []
+        vals = [_payload(v) for v in self.r.mget([part_key(kind, e, p) for e in entity_ids
+                                                   for p in parts])]
+        n = len(parts)
+        return [vals[k * n:(k + 1) * n] for k in range(len(entity_ids))]
 
     def users(self, ids: list[int]) -> list[UserState]:
         if not ids:

@@ -81,6 +81,9 @@ def tail(path: str | Path, lines: int = 15) -> str:
         return ""
 
 
+MAY_FINISH = {"source"}      # components whose work can end (a replayed log)
+
+
 class LocalStack:
     def __init__(self, cfg: Config, config_path: str | None = None):
         self.cfg = cfg
@@ -207,12 +210,14 @@ class LocalStack:
             time.sleep(0.2)
 
     def crashed(self) -> list[tuple[str, int | None, str]]:
-        """(name, exit code or None if unknown, log tail) of processes that are gone."""
+        """(name, exit code or None if unknown, log tail) of processes that are gone.  A
+        bounded source (a replayed log, ``source.max_events``) that ran out and exited 0 has
+        finished, not crashed."""
         out = []
         for name, st in self._read_state().items():
             proc = self.procs.get(name)
             if proc is not None:
-                if proc.poll() is not None:
+                if proc.poll() is not None and not (name in MAY_FINISH and proc.returncode == 0):
                     out.append((name, proc.returncode, tail(st.log)))
             elif not group_alive(st.pid):
                 out.append((name, None, tail(st.log)))

@@ -86,5 +86,6 @@ def dense_refresh(model: str) -> str:
 
 # --- online feature store ------------------------------------------------------------------
 def fs_key(kind: str, entity_id: int | str) -> str:
-    """Feature state of one entity: kind is ``user`` or ``item`` (``odl.features``)."""
+    """Feature state of one entity: kind is ``user`` or ``item`` (``odl.features``), or a
+    spec's ``count.<name>`` / ``seq.<name>`` (``odl.spec.realtime``)."""
     return f"{{odl:fs:{kind}}}:{entity_id}"

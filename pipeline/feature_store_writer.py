@@ -20,16 +20,20 @@ from odl.control import redis_client
 from odl.feature_store import FeatureStore, FeatureUpdate, FeatureUpdateError
 from odl.kafka_util import consumer
 from odl.runtime import Component
+from odl.spec import is_default, running_spec
+from odl.spec.realtime import store_parts
 
 UPDATES = Counter("odl_feature_store_updates_total", "feature updates consumed", ["result"])
 
 
-def decode(values: list[bytes]) -> tuple[list[FeatureUpdate], int]:
-    """(updates, number of malformed records) of one poll."""
+def decode(values: list[bytes], parts: dict[str, tuple[str, ...]] | None = None
+           ) -> tuple[list[FeatureUpdate], int]:
+    """(updates, number of malformed records) of one poll; ``parts``: the running spec's
+    kinds and parts (``FeatureUpdate.from_dict``)."""
     out, bad = [], 0
     for v in values:
         try:
-            out.append(FeatureUpdate.from_dict(json.loads(v)))
+            out.append(FeatureUpdate.from_dict(json.loads(v), parts))
         except (ValueError, FeatureUpdateError, TypeError):
             bad += 1
     return out, bad
@@ -40,6 +44,8 @@ def run(cfg: Config) -> int:
     comp.install_signal_handlers()
     topic = names.topic(names.FEATURES, cfg.kafka.topic_prefix)
     store = FeatureStore(redis_client(cfg, decode=False), cfg.feature_job.store_ttl_s)
+    spec = running_spec(cfg)
+    parts = None if is_default(spec) else store_parts(spec)
     c = consumer(cfg, topic, cfg.feature_job.store_group_id, max_poll_records=5000)
     stats = {"updates": 0, "written": 0, "malformed": 0, "redis_errors": 0}
     started = time.time()
@@ -51,7 +57,7 @@ def run(cfg: Config) -> int:
             values = [r.value for recs in batch.values() for r in recs]
             if not values:
                 continue
-            updates, bad = decode(values)
+            updates, bad = decode(values, parts)
             if bad:
                 comp.log.error("%d malformed feature updates skipped", bad)
             while not comp.stop.is_set():

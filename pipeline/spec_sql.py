@@ -25,13 +25,15 @@ event leaves counted: a sample, or the DLQ with its reason.
 A sample's id is the join key's values (``a:b``) for a join spec, else the event's
 ``id_field``, else its source ``<partition>-<offset>`` (a replayed log row: stable per record).
 
-Not generated yet: the online store's feature updates (serving does not read spec features yet).
+Every new tile and click list of an entity also goes to the ``features`` topic, which
+``pipeline.feature_store_writer`` materialises into the online store for serving
+(``odl.spec.realtime.store_parts``: kinds ``count.<name>`` and ``seq.<name>``).
 """
 from __future__ import annotations
 
 from odl.config import Config
 from odl.spec import FeatureSpec
-from odl.spec.realtime import count_parts
+from odl.spec.realtime import SEQUENCE_PART, count_kind, count_parts, sequence_kind
 from pipeline.feature_sql import (JobTopics, carried_state_views, epoch_ms, interval, kafka_opts,
                                   latest_view, ltz_epoch_ms, source_ddl)
 from pipeline.spec_udfs import parsed_fields
@@ -64,6 +66,15 @@ def _sinks(cfg: Config, topics: JobTopics) -> list[str]:
               'key.format' = 'raw', 'key.fields' = 'sample_id',
               'value.format' = 'raw', 'value.fields-include' = 'EXCEPT_KEY',
               'sink.delivery-guarantee' = 'at-least-once')""",
+        # the online store's updates (pipeline.feature_store_writer): one per new tile or click
+        # list of an entity, keyed kind:entity so one entity's updates stay in order
+        f"""CREATE TABLE features_sink (
+              entity STRING, kind STRING, entity_id STRING, part STRING, version_ms BIGINT,
+              `value` STRING
+            ) WITH ({kafka_opts(cfg, topics.features)},
+              'key.format' = 'raw', 'key.fields' = 'entity',
+              'value.format' = 'json', 'value.fields-include' = 'ALL',
+              'sink.delivery-guarantee' = 'at-least-once')""",
         f"""CREATE TABLE dlq_sink (
               reason STRING, payload STRING, source_partition INT, source_offset BIGINT, ts_ms BIGINT
             ) WITH ({kafka_opts(cfg, topics.dlq)},
@@ -77,6 +88,13 @@ def _record(i: str, label: str, provisional: bool) -> str:
     return (f"""CONCAT('{{"sample_id":', {i}.sid_json, ',"ts_ms":', CAST({i}.ts_ms AS STRING),
                        ',"label":', CAST({label} AS STRING), '{prov}', ',"fields":', {i}.fields,
                        {i}.feats, '}}')""")
+
+
+def _store_update(kind: str, part: str, view: str, version: str, value: str) -> str:
+    return f"""INSERT INTO features_sink
+               SELECT CONCAT('{kind}:', entity_id), '{kind}', entity_id, '{part}', {version},
+                      {value}
+               FROM {view}"""
 
 
 def spec_statements(cfg: Config, spec: FeatureSpec,
@@ -123,7 +141,7 @@ def spec_statements(cfg: Config, spec: FeatureSpec,
         for w in c.windows:
             view = f"tiles_c{i}_{w}"
             ddl.append(f"""CREATE TEMPORARY VIEW {view} AS
-                SELECT c{i} AS entity_id, window_time,
+                SELECT c{i} AS entity_id, window_time, {epoch_ms('window_end')} AS end_ms,
                        CONCAT(CAST({epoch_ms('window_end')} AS STRING), '|',
                               CAST(SUM(is_imp) AS STRING), '|', CAST(SUM(is_click) AS STRING))
                          AS tile
@@ -137,7 +155,7 @@ def spec_statements(cfg: Config, spec: FeatureSpec,
     # labelled row's, is left out by its time)
     for i, s in enumerate(seqs):
         ddl.append(f"""CREATE TEMPORARY VIEW seq{i} AS
-            SELECT q{i}k AS entity_id, ts,
+            SELECT q{i}k AS entity_id, ts, ts_ms,
                    LISTAGG(CONCAT(CAST(ts_ms AS STRING), ':', q{i}v), ' ') OVER (
                      PARTITION BY q{i}k ORDER BY ts ROWS BETWEEN {s.length} PRECEDING AND CURRENT ROW)
                      AS entries
@@ -157,7 +175,11 @@ def spec_statements(cfg: Config, spec: FeatureSpec,
         FROM imps AS i {" ".join(joins)}""")
 
     dlq_cols = "payload, `partition`, `offset`, UNIX_TIMESTAMP() * 1000"
-    inserts = [f"""INSERT INTO dlq_sink
+    inserts = [_store_update(count_kind(cname), w, f"tiles_c{i}_{w}", "end_ms", "tile")
+               for i, (cname, c) in enumerate(rt.counts.items()) for w in c.windows]
+    inserts += [_store_update(sequence_kind(sname), SEQUENCE_PART, f"seq{i}", "ts_ms", "entries")
+                for i, sname in enumerate(rt.sequences)]
+    inserts += [f"""INSERT INTO dlq_sink
                    SELECT COALESCE(e.reason, 'late_event'), {dlq_cols} FROM checked
                    WHERE e.reason IS NOT NULL OR late IS TRUE"""]
     if spec.events.id_field is not None:

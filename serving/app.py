@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from exporters.hot_embeddings import EmbeddingReader
 from odl.config import Config
+from odl.spec import is_default, running_spec
 from serving.api import explain, make_api
 from serving.batching import Batcher, BatchPolicy
 from odl.feature_store import FeatureStore
@@ -29,6 +30,7 @@ from serving.embedding_cache import EmbeddingCache
 from serving.features import RequestFeatures
 from serving.guard import RedisGuard
 from serving.inference import Candidates, Inference, Pairs, Scored
+from serving.spec_scoring import SpecRequestError, SpecRequests, SpecScorer
 from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, ModelHolder
 
@@ -77,6 +79,12 @@ class ServingApp:
                                            s.inference_workers, s.batching),
                                on_batch=self.metrics.batch)
         self.api = make_api(s.max_instances, s.max_candidates, s.model_name)
+        spec = running_spec(cfg)
+        # a declared spec's model takes its own request body (serving.spec_scoring)
+        self.spec_requests = None if is_default(spec) else SpecRequests(spec, s.max_instances)
+        if self.spec_requests is not None:
+            self.inference.spec = SpecScorer(spec, self.features.store, self.guard, self.cache,
+                                             on_lookup=self.metrics.lookup)
 
     # --- wiring ----------------------------------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:
@@ -155,6 +163,8 @@ class ServingApp:
     # --- endpoints -------------------------------------------------------------------------------
     async def _predict(self, request: web.Request) -> web.Response:
         model = self._model(request)
+        if self.spec_requests is not None:
+            return await self._predict_spec(request, model)
         req = await self._parse(request, self.api.predict)
         pairs = Pairs(*req.columns())
         scored: Scored = await self.batcher.submit((model, "pairs"), pairs.rows, pairs)
@@ -162,8 +172,20 @@ class ServingApp:
         return json_response({key: scored.probabilities.tolist(), "model_version": model.version},
                              headers=self._headers(model, scored))
 
+    async def _predict_spec(self, request: web.Request, model: LoadedModel) -> web.Response:
+        try:
+            rows = self.spec_requests.parse(await request.read())
+        except SpecRequestError as exc:
+            raise RequestError(400, str(exc), exc.details) from None
+        scored: Scored = await self.batcher.submit((model, "spec"), len(rows), rows)
+        return json_response({"predictions": scored.probabilities.tolist(),
+                              "model_version": model.version}, headers=self._headers(model, scored))
+
     async def _recommend(self, request: web.Request) -> web.Response:
         model = self._model(request)
+        if self.spec_requests is not None:
+            raise RequestError(404, "recommend scores a user's candidate items (the default "
+                               "shape); a spec's model answers :predict with its instances")
         req = await self._parse(request, self.api.recommend)
         hour = req.context.hour if req.context.hour is not None else time.gmtime().tm_hour
         cands = Candidates(req.user_id, req.candidates, req.context.position, hour)
@@ -184,7 +206,13 @@ class ServingApp:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def openapi(self, _request: web.Request) -> web.Response:
-        return json_response(self.api.openapi)
+        if self.spec_requests is None:
+            return json_response(self.api.openapi)
+        doc = dict(self.api.openapi)
+        doc["components"] = {**doc.get("components", {}), "schemas": {
+            **doc.get("components", {}).get("schemas", {}),
+            "PredictRequest": self.spec_requests.schema()}}
+        return json_response(doc)
 
     async def status(self, request: web.Request) -> web.Response:
         if request.match_info["name"] != self.cfg.serving.model_name:

@@ -57,6 +57,7 @@ class Inference:
     def __init__(self, cache: EmbeddingCache, features: RequestFeatures,
                  on_lookup=lambda table, lookup: None):
         self.cache, self.features, self.on_lookup = cache, features, on_lookup
+        self.spec = None     # a declared spec's scorer (serving.spec_scoring), set by the app
 
     def _vectors(self, table: str, ids: list[int], dim: int) -> Lookup:
         found = self.cache.lookup(table, ids, dim)
@@ -67,6 +68,8 @@ class Inference:
         model, kind = key
         if kind == "pairs":
             return self._pairs(model, payloads)
+        if kind == "spec":
+            return [Scored(p, d) for p, d in self.spec.run(model, payloads)]
         return self._candidates(model, payloads)
 
     def _pairs(self, model: LoadedModel, batch: list[Pairs]) -> list[Scored]:

@@ -89,6 +89,7 @@ class LoadedModel:
         self.candidates_fn = sigs.get("score_candidates_xla" if self.xla else "score_candidates")
         # versions exported before the model took real-time features have no such input
         self.takes_features = "features" in self.fn.structured_input_signature[1]
+        self.takes_user_item = "user_emb" in self.fn.structured_input_signature[1]
         if "refresh_cache" in sigs:
             policy = self.manifest.get("cache_policy") or {}
             self.cache = CacheRefresher(sigs["refresh_cache"], CachePolicy(**policy))
@@ -101,9 +102,25 @@ class LoadedModel:
     def created_at(self) -> float:
         return float(self.manifest.get("created_at", self.loaded_at))
 
+    def predict_inputs(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """[B] probabilities from the signature's inputs by name (a spec's model:
+        ``serving.spec_scoring``)."""
+        args = {k: tf.constant(v) for k, v in inputs.items()}
+        with self.lock.read():
+            out = self.fn(**args)
+        if self.cache is not None:
+            self.cache.on_call()
+        return out["probability"].numpy()
+
     def warm(self, batch_sizes: tuple[int, ...] = WARM_BATCHES, candidates: int = 100) -> None:
         """Run each signature once per batch bucket before the model takes traffic, so the first
         requests do not pay TensorFlow's first-call costs."""
+        if not self.takes_user_item:      # a spec's model: its own inputs
+            specs = self.fn.structured_input_signature[1]
+            for b in batch_sizes:
+                self.predict_inputs({k: np.zeros([b, *s.shape[1:]], s.dtype.as_numpy_dtype)
+                                     for k, s in specs.items()})
+            return
         d = self.embedding_dim
         for b in batch_sizes:
             z = np.zeros(b, np.int64)
@@ -184,8 +201,11 @@ def xla_choice(setting: str) -> bool:
 
 
 class ModelHolder:
-    def __init__(self, store: ModelStore, cp: ControlPlane, xla: str = "auto"):
-        self.store, self.cp = store, cp
+    def __init__(self, store: ModelStore, cp: ControlPlane, xla: str = "auto",
+                 spec_hash: str | None = None):
+        """``spec_hash``: the running spec's (default: the default shape's); a version written
+        under another is refused."""
+        self.store, self.cp, self.spec_hash = store, cp, spec_hash
         self.xla = xla_choice(xla)
         self.current: LoadedModel | None = None
         self.load_errors = 0
@@ -201,7 +221,7 @@ class ModelHolder:
         xla = self.xla and "serving_xla" in loaded.signatures
         fn = loaded.signatures["serving_xla" if xla else "serving_default"]
         manifest = self.store.manifest(version)
-        check_spec(manifest.get("spec"), f"version {version}")
+        check_spec(manifest.get("spec"), f"version {version}", expected=self.spec_hash)
         model = LoadedModel(str(version), manifest, fn, time.time(), loaded, xla=xla)
         model.warm()
         return model

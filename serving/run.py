@@ -23,6 +23,7 @@ from odl.control import ControlPlane, Heartbeater, redis_client
 from odl.runtime import Component, metrics_port
 from serving.app import ServingApp
 from serving.guard import Unavailable
+from odl.spec import running_spec
 from serving.model import ModelHolder
 
 FOLLOW_BLOCK_MS = 500
@@ -36,7 +37,7 @@ class Replica:
         self.log = logging.getLogger(f"odl.{instance}")
         self.stop = threading.Event()
         self.holder = ModelHolder(ModelStore(cfg.paths.model_store, cfg.serving.model_name), self.cp,
-                                  xla=cfg.serving.xla)
+                                  xla=cfg.serving.xla, spec_hash=running_spec(cfg).hash)
         self.app = ServingApp(cfg, self.holder,
                               redis_client(cfg, decode=False, timeout_s=cfg.serving.redis_timeout_s),
                               instance, registry=registry)
