@@ -21,12 +21,15 @@ from odl.config import Config
 from odl.control import ControlPlane
 from odl.launcher import LocalStack, StackError
 from odl.plot import svg_line_chart
+from odl.spec import is_default, running_spec
+from odl.spec.synth import request_rows
 
 
 class LoadClient:
     """Sends requests to every serving replica, round robin, ~``rate`` per second: predict
     requests of ``instances`` rows and, every other one, a recommendation over ``candidates``
-    items."""
+    items.  Under a declared spec: predict requests of the spec's request fields only
+    (``odl.spec.synth.request_rows``)."""
 
     def __init__(self, cfg: Config, rate: float = 20.0, instances: int = 8, candidates: int = 50):
         self.cfg, self.rate, self.instances, self.candidates = cfg, rate, instances, candidates
@@ -38,6 +41,8 @@ class LoadClient:
         self.errors = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="loadgen", daemon=True)
+        spec = running_spec(cfg)
+        self.spec_rows = None if is_default(spec) else request_rows(spec, 1000, seed=1)
 
     def start(self) -> "LoadClient":
         self._thread.start()
@@ -57,7 +62,10 @@ class LoadClient:
         users, items = self.cfg.source.num_users, self.cfg.source.num_items
         while not self._stop.wait(1.0 / self.rate):
             recommend, base = n % 2 == 1, bases[(n // 2) % len(bases)]   # each kind on every replica
-            if recommend:
+            if self.spec_rows is not None:
+                recommend = False
+                url, body = base + ":predict", {"instances": rng.sample(self.spec_rows, self.instances)}
+            elif recommend:
                 url, body = base + ":recommend", {
                     "user_id": rng.randrange(users), "top_k": 10,
                     "candidates": rng.sample(range(items), min(self.candidates, items))}
@@ -109,7 +117,7 @@ def observe(cp: ControlPlane, t0: float) -> Snapshot:
     for hb in cp.heartbeats():
         m = hb.metrics
         if hb.component == "source":
-            snap.events = int(m.get("impression", 0) + m.get("click", 0) + m.get("malformed", 0))
+            snap.events = int(m.get("events", 0))
         elif hb.component == "feature-job":
             snap.samples, snap.dlq = int(m.get("samples", 0)), int(m.get("dlq", 0))
         elif hb.component == "trainer":
@@ -162,13 +170,16 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
             print(f"{snap.t:5.0f} {snap.events:8d} {snap.dlq:5d} {snap.samples:8d} {snap.trained:8d} "
                   f"{snap.auc:6.3f} {snap.version or '-':>7} {len(load.latency_ms) if load else 0:8d}", flush=True)
             for name, code, log_tail in stack.crashed():
-                if name not in crashes and not (name == "source" and code == 0):
+                if name not in crashes:
                     crashes.append(name)
                     print(f"!! {name} exited with code {code}:\n{log_tail}", flush=True)
         final = observe(cp, t0)
+        # a bounded source's heartbeat goes once it has finished: keep what it reported
+        final.events = max([final.events] + [s.events for s in timeline])
         r = redis.Redis(host=cfg.redis.host, port=cfg.redis.port, password=cfg.redis.password)
         reader = EmbeddingReader(r)
-        emb_rows = {t: reader.count(t) for t in ("user", "item")}
+        spec = running_spec(cfg)
+        emb_rows = {t: reader.count(t) for t in (("user", "item") if is_default(spec) else spec.tables)}
         versions = cp.versions()
         exporter = next((hb.metrics for hb in cp.heartbeats() if hb.component == "exporter"), {})
         if load is None:

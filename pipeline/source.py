@@ -33,7 +33,8 @@ def run(cfg: Config) -> int:
     counts = {"impression": 0, "click": 0, "malformed": 0}
     started = time.time()
     comp.start_heartbeat(lambda: ("paused" if comp.paused else "running", cfg.source.kind,
-                                  {**counts, "events_per_s": round(sum(counts.values()) /
+                                  {**counts, "events": sum(counts.values()),
+                                   "events_per_s": round(sum(counts.values()) /
                                                                    max(1e-3, time.time() - started), 1)}))
     topic = names.topic(names.EVENTS, cfg.kafka.topic_prefix)
     dlq = names.topic(names.EVENTS_DLQ, cfg.kafka.topic_prefix)   # a log replay's refused rows

@@ -98,3 +98,13 @@ def synthetic_rows(spec: FeatureSpec, n: int, seed: int = 0, vocab: int = 5000,
         row[lab.field] = cast(pos if clicked else neg)
         rows.append(row)
     return rows
+
+
+def request_rows(spec: FeatureSpec, n: int, seed: int = 0, vocab: int = 5000) -> list[dict[str, Any]]:
+    """``n`` serving request instances of ``spec`` (its ``serving.request`` fields, drawn as the
+    synthetic log draws them): the demo's load under a declared spec."""
+    rng = random.Random(seed)
+    fields = spec.serving.request
+    return [{f: _value(f, spec.field(f), rng, vocab) for f in fields
+             if spec.field(f).type != "object" and not spec.field(f).path}
+            for _ in range(n)]
