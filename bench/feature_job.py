@@ -187,11 +187,13 @@ class Backlog:
 
 
 @contextmanager
-def preloaded(cfg: Config, n_events: int, **feature_job_overrides) -> Iterator[Backlog]:
+def preloaded(cfg: Config, n_events: int, records=None,
+              **feature_job_overrides) -> Iterator[Backlog]:
     """``n_events`` synthetic events (10 min in the past) on a private broker, plus later
     impressions on every partition that close the last attribution windows; the feature-job
     settings given override the config's (``restore`` is always off: a stack's or an earlier
-    run's state must not leak into the measurement)."""
+    run's state must not leak into the measurement).  ``records(start_ms) -> (events, tail)``
+    replaces the default shape's events (a spec's rows)."""
     with private_broker(cfg) as bootstrap, tempfile.TemporaryDirectory(prefix="odl-bench-fj-") as tmp:
         prefix = f"b{uuid.uuid4().hex[:6]}."
         bcfg = cfg.model_copy(update={
@@ -202,17 +204,49 @@ def preloaded(cfg: Config, n_events: int, **feature_job_overrides) -> Iterator[B
         ensure_topics(bcfg)
         topics = feature_sql.JobTopics(prefix + "events", prefix + "samples",
                                        prefix + "events.dlq", prefix + "features")
-        recs = _events(int(time.time() * 1000) - 600_000, n_events, LIVE_RATE)
+        start_ms = int(time.time() * 1000) - 600_000
+        if records is not None:
+            recs, tail = records(start_ms)
+        else:
+            recs = _events(start_ms, n_events, LIVE_RATE)
+            tail = [r for r in _events(recs[-1].ts_ms + 60_000, 400, LIVE_RATE)
+                    if r.kind == "impression"]
         # they stay in the past so that a live phase's events are not behind the watermark
-        tail_ms = recs[-1].ts_ms + 60_000
-        assert tail_ms < time.time() * 1000 - 60_000, "pre-loaded events must lie in the past"
-        tail = [r for r in _events(tail_ms, 400, LIVE_RATE) if r.kind == "impression"]
+        assert tail[0].ts_ms < time.time() * 1000 - 60_000, "pre-loaded events must lie in the past"
         t = time.time()
         _produce(bcfg, topics.events, recs + tail, paced=False)
         yield Backlog(bcfg, bootstrap, topics, recs, time.time() - t)
 
 
-def run(cfg: Config) -> BenchResult:
+def _pass_through(bl: Backlog) -> tuple[float, float]:
+    """A plain SQL job copying every event to a topic: (events/s, seconds for 95%)."""
+    prefix = bl.cfg.kafka.topic_prefix
+    job = _start(bl.with_group("pass"), bl.bootstrap,
+                 [feature_sql.source_ddl(bl.cfg, bl.topics.events, "bench-pass"),
+                  _copy_sink("copy_sink", prefix + "copy", bl.bootstrap)],
+                 ["INSERT INTO copy_sink SELECT payload FROM events_raw"], [prefix + "copy"])
+    try:
+        return job.rate(len(bl.events), len(bl.events), 120)
+    finally:
+        job.close()
+
+
+def _validation(bl: Backlog, ddl: list[str]) -> float:
+    """The job's parse stage alone (its ``checked`` view, one row out per event): events/s."""
+    prefix = bl.cfg.kafka.topic_prefix
+    job = _start(bl.with_group("validate"), bl.bootstrap,
+                 [*ddl, _copy_sink("checked_sink", prefix + "checked", bl.bootstrap)],
+                 ["INSERT INTO checked_sink SELECT COALESCE(e.reason, e.etype) FROM checked"],
+                 [prefix + "checked"])
+    try:
+        return job.rate(len(bl.events), len(bl.events), 120)[0]
+    finally:
+        job.close()
+
+
+def run(cfg: Config, spec: str | None = None) -> BenchResult:
+    if spec is not None:
+        return run_spec(cfg, spec)
     with preloaded(cfg, EVENTS) as bl:
         bcfg, bootstrap, topics, recs = bl.cfg, bl.bootstrap, bl.topics, bl.events
         prefix, events_topic = bcfg.kafka.topic_prefix, topics.events
@@ -220,22 +254,10 @@ def run(cfg: Config) -> BenchResult:
         group = bl.with_group
 
         # 1) plain SQL pass-through: every event copied to a topic
-        job = _start(group("pass"), bootstrap,
-                     [feature_sql.source_ddl(bcfg, events_topic, "bench-pass"),
-                      _copy_sink("copy_sink", prefix + "copy", bootstrap)],
-                     ["INSERT INTO copy_sink SELECT payload FROM events_raw"], [prefix + "copy"])
-        pass_rate, pass_dt = job.rate(len(recs), len(recs), 120)
-        job.close()
-
+        pass_rate, pass_dt = _pass_through(bl)
         # 2) the job's validation stage alone (the parse UDF on every event, one row out per
         # event): the ceiling of any job that validates every event in Python
-        vcfg = group("validate")
-        vddl, _ = feature_sql.statements(vcfg, topics)
-        job = _start(vcfg, bootstrap, [*vddl, _copy_sink("checked_sink", prefix + "checked", bootstrap)],
-                     ["INSERT INTO checked_sink SELECT COALESCE(e.reason, e.etype) FROM checked"],
-                     [prefix + "checked"])
-        val_rate, _ = job.rate(len(recs), len(recs), 120)
-        job.close()
+        val_rate = _validation(bl, feature_sql.statements(group("validate"), topics)[0])
 
         # 3) the full feature job on the same events
         job = bl.full_job()
@@ -275,3 +297,51 @@ def run(cfg: Config) -> BenchResult:
                         "p50_positive_latency_ms": round(float(np.percentile(lat, 50)), 1),
                         "p95_positive_latency_ms": round(float(np.percentile(lat, 95)), 1),
                         "live_rate": LIVE_RATE, "events": len(recs)}, lines)
+
+
+SPEC_ROWS = 200_000
+
+
+def run_spec(cfg: Config, spec_path: str) -> BenchResult:
+    """The job a feature spec generates (``pipeline.spec_sql``) vs the pass-through, on a
+    synthetic log of the spec's shape (``odl.spec.synth``; a spec whose rows carry their label)."""
+    from odl.spec import load_spec
+    from odl.spec.synth import synthetic_rows
+    from pipeline.generator import Record
+    from pipeline.spec_sql import spec_statements
+
+    spec = load_spec(spec_path)
+    tf = spec.events.time_field
+
+    def records(start_ms: int):
+        def rec(row: dict, key: int) -> Record:
+            return Record(row[tf], str(key).encode(), json.dumps(row).encode(), row[tf], "event")
+        rows = synthetic_rows(spec, SPEC_ROWS, seed=1, gap_ms=(0, 2), start_ms=start_ms)
+        tail = synthetic_rows(spec, 16, seed=2, gap_ms=(1, 1), start_ms=rows[-1][tf] + 60_000)
+        return [rec(r, k) for k, r in enumerate(rows)], [rec(r, k) for k, r in enumerate(tail)]
+
+    scfg = cfg.model_copy(update={"spec": Path(spec_path).resolve()})
+    with preloaded(scfg, SPEC_ROWS, records=records) as bl:
+        pass_rate, pass_dt = _pass_through(bl)
+        val_rate = _validation(bl, spec_statements(bl.with_group("validate"), spec, bl.topics)[0])
+        ddl, inserts = spec_statements(bl.cfg, spec, bl.topics)
+        job = _start(bl.cfg, bl.bootstrap, ddl, inserts, [bl.topics.samples, bl.topics.dlq],
+                     decode=True)
+        try:
+            full_rate, full_dt = job.rate(len(bl.events), len(bl.events), 600)
+            refused = sum("reason" in r for r in job.arrivals.records)
+        finally:
+            job.close()
+    if refused:
+        raise RuntimeError(f"{refused:,} synthetic rows went to the DLQ: every row is valid")
+    ratio = full_rate / pass_rate
+    lines = [f"spec {spec.name}: {len(bl.events):,} synthetic rows pre-loaded in {bl.produce_s:.1f}s "
+             f"({len(spec.realtime.counts)} counts, {len(spec.realtime.sequences)} sequences)",
+             f"pass-through SQL job: {pass_rate:,.0f} events/s ({pass_dt:.2f}s for 95%)",
+             f"validation stage:     {val_rate:,.0f} events/s (ratio {val_rate / pass_rate:.3f})",
+             f"spec feature job:     {full_rate:,.0f} events/s ({full_dt:.2f}s for 95%)"]
+    return BenchResult({"ratio": round(ratio, 3), "full_events_per_s": round(full_rate),
+                        "passthrough_events_per_s": round(pass_rate),
+                        "validation_events_per_s": round(val_rate),
+                        "validation_ratio": round(val_rate / pass_rate, 3),
+                        "events": len(bl.events), "spec": spec.name}, lines)

@@ -6,13 +6,19 @@ from collections import Counter
 
 import click
 
-from odl.spec import FeatureSpec, SpecError, load_spec, running_spec
+from odl.spec import FeatureSpec, SpecError, load_spec
 
 
 def summary(spec: FeatureSpec) -> dict:
     """What a spec declares, in the terms an operator checks it by."""
     rt = spec.realtime
-    live = spec.hash == running_spec().hash
+    from pipeline.spec_sql import SpecJobError, check_streamable
+    try:
+        check_streamable(spec)
+        stream = ("runs it: `spec: FILE` in the config (or ODL__SPEC=FILE) and the feature job, "
+                  "trainer, exporter and serving derive from it")
+    except SpecJobError as exc:
+        stream = f"refuses it: {exc}" + ("; odl eval --spec evaluates it" if spec.label.field else "")
     return {
         "name": spec.name, "hash": spec.hash,
         "fields": {n: f.type + (" (required)" if f.required is True else
@@ -28,11 +34,7 @@ def summary(spec: FeatureSpec) -> dict:
         "label": (f"join {spec.label.join.impression}/{spec.label.join.click} on "
                   f"{'+'.join(spec.label.join.key)} within {spec.label.join.attribution_window_s} s"
                   if spec.label.join else f"field {spec.label.field}"),
-        "live_pipeline": ("runs this spec" if live else
-                          "runs specs/default.yaml; this spec is checked"
-                          + (", evaluates in odl eval --spec" if spec.label.field else "")
-                          + " and its sample records train in the streaming trainer; the "
-                          "feature job, exporter and serving do not derive from it yet"),
+        "live_pipeline": stream,
     }
 
 

@@ -147,7 +147,7 @@ def test_odl_spec_check(tmp_path: Path):
     res = runner.invoke(main, ["spec", "check", str(SPECS_DIR / "movielens.yaml"), "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
-    assert out["name"] == "movielens" and out["sequences"] and "default.yaml" in out["live_pipeline"]
+    assert out["name"] == "movielens" and out["sequences"] and out["live_pipeline"].startswith("refuses it: spec movielens: realtime.windows.1d")
     bad = tmp_path / "bad.yaml"
     bad.write_text(MINIMAL.replace("field: user}", "field: usr}"))
     res = runner.invoke(main, ["spec", "check", str(bad)])
