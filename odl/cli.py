@@ -113,7 +113,7 @@ KEY_METRICS = {"source": ("impression", "click", "malformed", "events_per_s"),
                "exporter": ("latest_version", "generation", "refresh_seq", "rows_pushed",
                             "hot_rows_user", "hot_rows_item", "redis_used_memory_bytes", "refused",
                             "restored_for"),
-               "serving": ("requests", "qps", "p50_ms", "p99_ms", "mean_batch_rows", "cache_rows",
+               "serving": ("generation", "requests", "qps", "p50_ms", "p99_ms", "mean_batch_rows", "cache_rows",
                            "dense_refresh", "degraded", "model_age_s", "data_age_s", "xla", "port")}
 
 
@@ -236,7 +236,7 @@ def _rollout(fleet, cp, target: str | None, timeout: float, wait: bool) -> None:
     wanted = fleet.embeddings_wanted(cp, target)
     out = fleet.wait_for(cp, target, timeout_s=timeout, embeddings=wanted)
     for inst, v in sorted(out.reached.items()):
-        click.echo(f"  {inst:<12} serves {v}")
+        click.echo(f"  {inst:<12} serves {v} (dense version/embedding generation)")
     for inst in out.stale:
         click.echo(f"  {inst:<12} no recent heartbeat (down?): will load {target} when it is back")
     if not out.reached and not out.lagging:
@@ -244,7 +244,9 @@ def _rollout(fleet, cp, target: str | None, timeout: float, wait: bool) -> None:
     if out.lagging:
         for inst, v in sorted(out.lagging.items()):
             click.echo(f"  {inst:<12} still serves {v or '-'}", err=True)
-        raise click.ClickException(f"{len(out.lagging)} replica(s) did not reach version {target} "
+        gen = (out.embeddings_record or {}).get("generation") if out.embeddings else None
+        pair = f"{target}/g{gen}" if gen is not None else f"version {target}"
+        raise click.ClickException(f"{len(out.lagging)} replica(s) did not reach {pair} "
                                    f"within {timeout:g} s")
     if out.embeddings is not True:
         rec = out.embeddings_record or {}

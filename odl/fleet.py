@@ -6,8 +6,11 @@ replica polls it, loads and warms the version in the background, swaps it in, an
 version it serves in its heartbeat.  So "done" is observable: every live replica's heartbeat
 names the target, and the exporter has recorded that Redis holds the rows the target must be
 served with (its own embedding snapshot when it is held -- pinned, or promoted over a newer
-version -- else the trainer's rows).  A replica whose heartbeat is older than ``stale_after_s`` is not waited for
-(it is down; it will load the desired version when it comes back) but is listed.
+version -- else the trainer's rows).  What a replica serves is the pair (dense version, embedding
+generation): once the exporter has put the wanted rows in a generation, a replica counts as
+there only when its heartbeat reports both.  A replica whose heartbeat is older than
+``stale_after_s`` is not waited for (it is down; it will load the desired version when it comes
+back) but is listed.
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ class EmbeddingsWanted:
 @dataclass
 class Rollout:
     target: str
-    reached: dict[str, str] = field(default_factory=dict)    # instance -> version
+    reached: dict[str, str] = field(default_factory=dict)    # instance -> "version/g<gen>"
     lagging: dict[str, str | None] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)            # no recent heartbeat: not waited for
     waited_s: float = 0.0
@@ -120,6 +123,12 @@ def rollback(cp: ControlPlane, to: str | None = None) -> str:
     return target
 
 
+def served_pair(hb: Heartbeat) -> str:
+    """A replica's (dense version, embedding generation), as ``odl`` prints it: ``5/g12``."""
+    gen = hb.metrics.get("generation")
+    return f"{hb.version or '-'}/g{gen if gen is not None else '-'}"
+
+
 def replicas(cp: ControlPlane) -> list[Heartbeat]:
     return [hb for hb in cp.heartbeats() if hb.component == "serving" and hb.state != "stopped"]
 
@@ -134,16 +143,20 @@ def wait_for(cp: ControlPlane, target: str, timeout_s: float = 60.0, poll_s: flo
     t0 = time.monotonic()
     while True:
         out = Rollout(target)
-        for hb in replicas(cp):
-            if hb.age_s > stale_after:
-                out.stale.append(hb.instance)
-            elif hb.version == target:
-                out.reached[hb.instance] = hb.version
-            else:
-                out.lagging[hb.instance] = hb.version
+        gen = None
         if embeddings is not None:
             out.embeddings_record = cp.embeddings()
             out.embeddings = embeddings.met_by(out.embeddings_record)
+            if out.embeddings:
+                gen = out.embeddings_record.get("generation")
+        for hb in replicas(cp):
+            served = served_pair(hb)
+            if hb.age_s > stale_after:
+                out.stale.append(hb.instance)
+            elif hb.version == target and (gen is None or hb.metrics.get("generation") == gen):
+                out.reached[hb.instance] = served
+            else:
+                out.lagging[hb.instance] = served
         out.waited_s = time.monotonic() - t0
         if progress:
             progress(out)

@@ -36,6 +36,7 @@ from serving.model import LoadedModel, ModelHolder
 
 log = logging.getLogger("odl.serving.app")
 VERSION_HEADER = "X-ODL-Model-Version"
+GENERATION_HEADER = "X-ODL-Embedding-Generation"   # with the version: what a replica serves
 DEGRADED_HEADER = "X-ODL-Degraded"
 
 
@@ -155,6 +156,8 @@ class ServingApp:
 
     def _headers(self, model: LoadedModel, scored: Scored) -> dict[str, str]:
         headers = {VERSION_HEADER: model.version}
+        if self.cache.generation is not None:
+            headers[GENERATION_HEADER] = str(self.cache.generation)
         if scored.degraded:
             headers[DEGRADED_HEADER] = "redis-unavailable"
             self.metrics.degraded_responses.inc()
@@ -266,5 +269,6 @@ class ServingApp:
                  "cache_refreshes": m.cache.refreshes if m and m.cache else 0,
                  "cache_rows": self.cache.rows("user") + self.cache.rows("item"),
                  "degraded": self.guard.degraded, "xla": bool(m and m.xla),
+                 "generation": self.cache.current_generation(),
                  "data_age_s": None if self.cache.data_age_s() is None else round(self.cache.data_age_s(), 2),
                  "model_age_s": round(time.time() - m.created_at, 1) if m else None})

@@ -87,6 +87,15 @@ class EmbeddingCache:
                 self.generation, self._set = p.generation, (p.generation, p.activated_at)
         return p
 
+    def current_generation(self) -> int | None:
+        """The embedding generation this replica reads now (following the pointer, which drops
+        the cache when it moved); the last one known while Redis is away."""
+        try:
+            self._pointer()
+        except Unavailable:
+            pass
+        return self.generation
+
     def lookup(self, table: str, ids: list[int], dim: int) -> Lookup:
         out = Lookup(np.zeros((len(ids), dim), np.float32))
         try:

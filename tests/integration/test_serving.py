@@ -260,6 +260,15 @@ def test_cli_rollback_reaches_every_replica_with_the_recorded_predictions(tmp_pa
         assert "every live replica serves version 1 with its own embeddings" in out.output
         assert s.cp.pinned_version() == "1" and s.cp.is_paused("exporter")
         assert s.cp.embeddings()["version"] == "1" and s.cp.embeddings()["ok"]
+        # one identity: each replica reported (dense version, embedding generation) = the
+        # version and the generation its snapshot was restored into, and says so per answer
+        gen = s.cp.embeddings()["generation"]
+        assert out.output.count(f"serves 1/g{gen} ") == 2, out.output
+        for r in s.replicas:
+            resp = requests.post(f"{r.url}/v1/models/ctr:predict", timeout=5,
+                                 json={"instances": [{"user_id": 1, "item_id": 2}]})
+            assert resp.headers["X-ODL-Model-Version"] == "1"
+            assert resp.headers["X-ODL-Embedding-Generation"] == str(gen)
         deadline = time.monotonic() + 10              # replicas' row caches catch up
         while not all(np.abs(scores(r.url) - recorded[0]).max() < 1e-6 for r in s.replicas):
             assert time.monotonic() < deadline, "replicas do not answer version 1's predictions"
