@@ -247,7 +247,8 @@ class Exporter:
                             embedding_dim=snap["embedding_dim"],
                             cache_policy={"every_n_calls": ec.cache_every_n_calls,
                                           "every_s": ec.cache_every_s},
-                            spec=self.spec.hash)
+                            spec=self.spec.hash,
+                            trainer_checkpoint=snap["metrics"].get("checkpoint"))
         dim = snap["embedding_dim"]
 
         def write(path):

@@ -38,6 +38,9 @@ class Manifest:
     graph: dict[str, Any] = field(default_factory=dict)         # optimisation passes' report
     cache_policy: dict[str, Any] = field(default_factory=dict)  # how serving refreshes the cache
     spec: str | None = None     # the feature spec's hash (odl.spec) the model was trained under
+    # the trainer's newest checkpoint when the version was cut (at or before its step): where
+    # `odl rollback --trainer` takes the trainer back to
+    trainer_checkpoint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

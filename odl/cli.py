@@ -261,9 +261,11 @@ def _rollout(fleet, cp, target: str | None, timeout: float, wait: bool) -> None:
     click.echo(f"every live replica serves version {target}{held} ({out.waited_s:.1f} s)")
 
 
-def _steer(config: str | None, timeout: float, no_wait: bool, action: str, message: str, *args) -> None:
+def _steer(config: str | None, timeout: float, no_wait: bool, action: str, message: str, *args,
+           trainer: tuple[bool] | None = None) -> None:
     """Apply the fleet action ``odl.fleet.<action>(cp, *args)`` (it returns the version the fleet
-    must serve), say what was done (``message`` may name {target}), then wait for every replica."""
+    must serve), say what was done (``message`` may name {target}), then wait for every replica.
+    ``trainer``: (skip_ahead,) to roll the trainer back to the target's checkpoint too."""
     from odl import fleet
     from odl.control import ControlPlane
     cp = ControlPlane(_cfg(config))
@@ -272,6 +274,14 @@ def _steer(config: str | None, timeout: float, no_wait: bool, action: str, messa
     except fleet.FleetError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(message.format(target=target or "-"))
+    if trainer is not None:
+        try:
+            done = fleet.rollback_trainer(cp, target, trainer[0], timeout_s=timeout)
+        except fleet.FleetError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"trainer rolled back to {done['checkpoint']} (step {done['step']}), "
+                   f"{'skipping ahead to the newest samples' if done['mode'] == 'skip-ahead' else 'replaying the samples since'}; "
+                   f"new checkpoint {done['written']}")
     _rollout(fleet, cp, target, timeout, not no_wait)
 
 
@@ -285,14 +295,23 @@ def _with_wait(fn):
 @main.command()
 @click.option("--to", "to", default=None, help="version to roll back to (default: the one before "
                                                "the version served now)")
+@click.option("--trainer", "with_trainer", is_flag=True,
+              help="also roll the trainer back to the checkpoint the version was cut from")
+@click.option("--skip-ahead", is_flag=True,
+              help="with --trainer: go on from the newest samples instead of replaying those "
+                   "since that checkpoint")
 @_with_wait
 @config_option
-def rollback(to: str | None, timeout: float, no_wait: bool, config: str | None) -> None:
+def rollback(to: str | None, with_trainer: bool, skip_ahead: bool, timeout: float, no_wait: bool,
+             config: str | None) -> None:
     """Pin every replica to an earlier version and pause publishing (until `odl resume exporter`)."""
     from odl.fleet import ROLLBACK_PAUSES
+    if skip_ahead and not with_trainer:
+        raise click.UsageError("--skip-ahead goes with --trainer")
     _steer(config, timeout, no_wait, "rollback",
            "rolling back to version {target}: pinned; " + ROLLBACK_PAUSES + " paused (the exporter "
-           "restores that version's embeddings); `odl unpin` and `odl resume exporter` to roll forward", to)
+           "restores that version's embeddings); `odl unpin` and `odl resume exporter` to roll forward", to,
+           trainer=(skip_ahead,) if with_trainer else None)
 
 
 @main.command()

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -68,6 +69,26 @@ class ControlPlane:
 
     def embeddings(self) -> dict[str, Any] | None:
         raw = self.r.get(names.CP_EMBEDDINGS)
+        return json.loads(raw) if raw else None
+
+    def request_trainer_rollback(self, checkpoint: str, skip_ahead: bool, version: str) -> str:
+        """Ask the trainer to roll back to ``checkpoint``; returns the request's id."""
+        rid = uuid.uuid4().hex[:12]
+        self.r.set(names.CP_TRAINER_ROLLBACK, json.dumps(
+            {"id": rid, "checkpoint": checkpoint, "skip_ahead": skip_ahead, "version": version,
+             "ts": time.time()}))
+        return rid
+
+    def trainer_rollback_request(self) -> dict[str, Any] | None:
+        raw = self.r.get(names.CP_TRAINER_ROLLBACK)
+        return json.loads(raw) if raw else None
+
+    def record_trainer_rollback(self, record: dict[str, Any]) -> None:
+        """The trainer's answer: ``{"id", "ok", "reason", "step", "positions", ...}``."""
+        self.r.set(names.CP_TRAINER_ROLLED_BACK, json.dumps({"ts": time.time(), **record}))
+
+    def trainer_rolled_back(self) -> dict[str, Any] | None:
+        raw = self.r.get(names.CP_TRAINER_ROLLED_BACK)
         return json.loads(raw) if raw else None
 
     def freeze(self, record: dict[str, Any]) -> None:

@@ -129,6 +129,28 @@ def served_pair(hb: Heartbeat) -> str:
     return f"{hb.version or '-'}/g{gen if gen is not None else '-'}"
 
 
+def rollback_trainer(cp: ControlPlane, version: str, skip_ahead: bool, timeout_s: float = 60.0,
+                     poll_s: float = 0.5) -> dict:
+    """Ask the trainer to go back to the checkpoint ``version`` was cut from and wait for its
+    answer (``trainers.loop``); raises FleetError when it cannot or does not answer."""
+    manifest = next((m for m in cp.versions() if m["version"] == version), None)
+    ckpt = (manifest or {}).get("trainer_checkpoint")
+    if ckpt is None:
+        raise FleetError(f"version {version} records no trainer checkpoint (published before "
+                         "versions recorded one, or before the trainer's first checkpoint)")
+    rid = cp.request_trainer_rollback(ckpt, skip_ahead, version)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        done = cp.trainer_rolled_back()
+        if done is not None and done.get("id") == rid:
+            if not done.get("ok"):
+                raise FleetError(f"the trainer did not roll back to {ckpt}: {done.get('reason')}")
+            return done
+        time.sleep(poll_s)
+    raise FleetError(f"the trainer did not answer within {timeout_s:g} s (is it running, or "
+                     "paused? a paused trainer answers at its next heartbeat)")
+
+
 def replicas(cp: ControlPlane) -> list[Heartbeat]:
     return [hb for hb in cp.heartbeats() if hb.component == "serving" and hb.state != "stopped"]
 

@@ -29,6 +29,8 @@ CP_REFUSED = f"{CP}:refused"                # list of refused export JSON record
 CP_PUBLISH_REQUEST = f"{CP}:publish_request"  # set by `odl publish`: export a version now
 CP_RESTARTS = f"{CP}:restarts"              # hash instance -> restarts its supervisor made
 CP_EMBEDDINGS = f"{CP}:embeddings"          # JSON: whose rows the active generation holds
+CP_TRAINER_ROLLBACK = f"{CP}:trainer_rollback"        # JSON: `odl rollback --trainer`'s request
+CP_TRAINER_ROLLED_BACK = f"{CP}:trainer_rolled_back"  # JSON: the trainer's answer to it
                                             # (the trainer's, or a version's snapshot) and
                                             # whether a version's restore succeeded
 CP_FROZEN = f"{CP}:frozen"                  # JSON: why the exporter holds sparse and dense

@@ -187,6 +187,23 @@ class CheckpointStore:
                                       f"participant's newest usable checkpoint is epoch {end}")
         return chain
 
+    def chain_to(self, name: str) -> list[tuple[CheckpointInfo, Groups]]:
+        """The chain that ends at checkpoint ``name`` (its full base, then its increments in
+        order), each verified; CheckpointError if it or a link is gone or damaged."""
+        by_seq = {c.seq: c for c in self.list()}
+        target = next((c for c in by_seq.values() if c.path.name == name), None)
+        if target is None:
+            raise CheckpointError(f"checkpoint {name} is not in {self.root} (retained: "
+                                  f"{', '.join(c.path.name for c in by_seq.values()) or 'none'})")
+        links = [target]
+        while links[0].kind == "incr":
+            base = by_seq.get(links[0].base)
+            if base is None:
+                raise CheckpointError(f"{links[0].path.name}: its base checkpoint "
+                                      f"{links[0].base} is gone")
+            links.insert(0, base)
+        return [(c, self.read(c)) for c in links]
+
     def _chain(self) -> list[tuple[CheckpointInfo, Groups]]:
         cks = self.list()
         for full in reversed([c for c in cks if c.kind == "full"]):

@@ -115,6 +115,7 @@ class TrainerLoop:
 
     def _follow_control_plane(self) -> None:
         try:
+            self._follow_rollback()
             paused = self.cp.is_paused("trainer")
             if paused != self.paused:
                 self.trainer.set_paused(paused)
@@ -124,6 +125,27 @@ class TrainerLoop:
             self.heartbeat()
         except Exception as exc:  # noqa: BLE001 - control plane away: keep training
             log.warning("control plane: %s", exc)
+
+    def _follow_rollback(self) -> None:
+        """Carry out an `odl rollback --trainer` request once (answered by its id)."""
+        req = self.cp.trainer_rollback_request()
+        if req is None:
+            return
+        done = self.cp.trainer_rolled_back()
+        if done is not None and done.get("id") == req["id"]:
+            return
+        answer: dict[str, Any] = {"id": req["id"], "instance": self.instance}
+        if self.member is not None:
+            answer.update(ok=False, reason="a training group rolls back through its coordinator "
+                          "(not supported yet): restore the group from its committed epoch")
+        else:
+            try:
+                answer.update(ok=True, reason=None, **self.trainer.rollback_to(
+                    req["checkpoint"], bool(req.get("skip_ahead"))))
+            except Exception as exc:  # noqa: BLE001 - answered, not fatal: training goes on
+                log.error("rollback to %s failed: %s", req["checkpoint"], exc)
+                answer.update(ok=False, reason=str(exc))
+        self.cp.record_trainer_rollback(answer)
 
     def checkpoint(self, kind: str) -> None:
         try:

@@ -333,6 +333,11 @@ class StreamingTrainer:
         chain = self.store.restore_chain(epoch if group else None)
         if not chain:
             return False
+        self._apply_chain(chain)
+        return True
+
+    def _apply_chain(self, chain) -> None:
+        """Model, stream state and position as of the chain's last checkpoint."""
         for k, (info, groups) in enumerate(chain):
             check_spec(info.meta.get("spec"), f"checkpoint {info.path}",
                        f"Move {self.store.root} aside to start afresh under this spec, or run "
@@ -360,7 +365,41 @@ class StreamingTrainer:
         self.restored_from = info.path.name
         log.info("restored %s (+%d increments): step %d, positions %s", chain[0][0].path.name,
                  len(chain) - 1, self.model.step, self.positions)
-        return True
+
+    def rollback_to(self, checkpoint: str, skip_ahead: bool = False) -> dict[str, Any]:
+        """Roll the live trainer back to ``checkpoint`` (a version's manifest names the one it
+        was cut from): model, duplicate window, progressive figures and stream position as they
+        were then.  Then either replay the samples since (its positions) or, ``skip_ahead``,
+        go on from the newest offsets (the samples between are never trained).  Replayed
+        samples are new to the restored duplicate window and ledger, so they train again,
+        once.  A full checkpoint of the rolled-back state is written at once, so a restart
+        resumes from it, not from the newer chain.  Runs on the training thread, between
+        batches."""
+        if not self.model.tables:
+            raise RuntimeError("rolling back needs the tables in this process; a training group "
+                               "with parameter-server shards restores through its coordinator")
+        chain = self.store.chain_to(checkpoint)
+        ends = None
+        if skip_ahead:    # the newest offsets, and never behind what was consumed already (a
+            # broker's end offsets can lag what it has served: tansu reports short)
+            ends = dict(self.positions)
+            for p, o in self.prefetcher().call(lambda src: src.end_offsets()).items():
+                ends[p] = max(ends.get(p, 0), o)
+        if self._prefetch is not None:       # drop what was fetched past the checkpoint
+            self._prefetch.close()
+            self._prefetch = None
+        self.waiting = self.layout.empty()
+        self._apply_chain(chain)
+        if ends:
+            self.positions.update({int(p): int(o) for p, o in ends.items()})
+        self.ledger = []
+        info = self.checkpoint("full")
+        log.warning("rolled back to %s (%s): step %d, positions %s, new checkpoint %s",
+                    checkpoint, "skipping ahead" if skip_ahead else "replaying",
+                    self.model.step, self.positions, info.path.name)
+        return {"checkpoint": checkpoint, "step": self.model.step, "written": info.path.name,
+                "positions": {str(p): o for p, o in self.positions.items()},
+                "mode": "skip-ahead" if skip_ahead else "replay"}
 
     def _commit_offsets(self) -> None:
         """Tell the group where the checkpoint stands (monitoring; restore uses the checkpoint)."""

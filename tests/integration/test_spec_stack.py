@@ -8,8 +8,10 @@ import pytest
 import redis
 import requests
 import yaml
+from click.testing import CliRunner
 
 from exporters.hot_embeddings import EmbeddingReader
+from odl.cli import main as cli
 from odl.config import load_config
 from odl.control import ControlPlane
 from odl.feature_store import FeatureStore
@@ -96,5 +98,18 @@ def test_a_spec_runs_the_whole_stack(spec_stack_config):
         spec_tiles = [tile if (c, w) == ("by_app", "1h") else None for c, w in count_parts(spec)]
         now = int(time.time() * 1000)
         assert count_values(spec, spec_tiles, now, in_flight=True).get("by_app.impressions_1h", 0) > 10
+
+        # roll serving *and the trainer* back to the first version: the trainer goes back to
+        # the checkpoint that version was cut from and replays the samples since
+        first = cp.versions()[0]
+        assert first["trainer_checkpoint"]
+        out = CliRunner().invoke(cli, ["rollback", "--trainer", "--to", first["version"],
+                                       "--config", str(spec_stack_config), "--timeout", "90"])
+        assert out.exit_code == 0, out.output
+        assert f"trainer rolled back to {first['trainer_checkpoint']}" in out.output
+        assert f"every live replica serves version {first['version']}" in out.output
+        done = cp.trainer_rolled_back()
+        assert done["ok"] and done["mode"] == "replay"
+        assert cp.is_paused("exporter") and cp.pinned_version() == first["version"]
     finally:
         stack.down(print)
