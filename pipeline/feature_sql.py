@@ -87,6 +87,27 @@ FEATURES_TYPE = ("ROW<`user` ROW<imps_5m INT, clicks_5m INT, imps_1h INT, clicks
                  "item ROW<imps_1h INT, clicks_1h INT, ctr_1h DOUBLE>>")
 
 
+def dlq_sink_ddl(cfg: Config, topics: JobTopics) -> str:
+    """The DLQ's record: why, the raw payload and where it came from (every job writes it)."""
+    return f"""CREATE TABLE dlq_sink (
+              reason STRING, payload STRING, source_partition INT, source_offset BIGINT, ts_ms BIGINT
+            ) WITH ({kafka_opts(cfg, topics.dlq)},
+              'format' = 'json', 'sink.delivery-guarantee' = 'at-least-once')"""
+
+
+def features_sink_ddl(cfg: Config, topics: JobTopics, entity_id_type: str) -> str:
+    """The online store's updates (``odl.feature_store.FeatureUpdate``), keyed ``kind:id`` so
+    one entity's updates stay in order on one partition; ids are BIGINT (users, items) or a
+    spec's STRING entity keys."""
+    return f"""CREATE TABLE features_sink (
+              entity STRING, kind STRING, entity_id {entity_id_type}, part STRING,
+              version_ms BIGINT, `value` STRING
+            ) WITH ({kafka_opts(cfg, topics.features)},
+              'key.format' = 'raw', 'key.fields' = 'entity',
+              'value.format' = 'json', 'value.fields-include' = 'ALL',
+              'sink.delivery-guarantee' = 'at-least-once')"""
+
+
 def _sinks(cfg: Config, topics: JobTopics) -> list[str]:
     return [
         f"""CREATE TABLE samples_sink (
@@ -98,19 +119,10 @@ def _sinks(cfg: Config, topics: JobTopics) -> list[str]:
               'key.format' = 'raw', 'key.fields' = 'sample_id',
               'value.format' = 'json', 'value.fields-include' = 'ALL',
               'sink.delivery-guarantee' = 'at-least-once')""",
-        f"""CREATE TABLE dlq_sink (
-              reason STRING, payload STRING, source_partition INT, source_offset BIGINT, ts_ms BIGINT
-            ) WITH ({kafka_opts(cfg, topics.dlq)},
-              'format' = 'json', 'sink.delivery-guarantee' = 'at-least-once')""",
+        dlq_sink_ddl(cfg, topics),
         # one record per state change of an entity; key = kind:id keeps an entity's updates
         # in order on one partition for the writer that materialises them into Redis
-        f"""CREATE TABLE features_sink (
-              entity STRING, kind STRING, entity_id BIGINT, part STRING, version_ms BIGINT,
-              `value` STRING
-            ) WITH ({kafka_opts(cfg, topics.features)},
-              'key.format' = 'raw', 'key.fields' = 'entity',
-              'value.format' = 'json', 'value.fields-include' = 'ALL',
-              'sink.delivery-guarantee' = 'at-least-once')""",
+        features_sink_ddl(cfg, topics, "BIGINT"),
     ]
 
 

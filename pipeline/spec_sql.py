@@ -34,8 +34,9 @@ from __future__ import annotations
 from odl.config import Config
 from odl.spec import FeatureSpec
 from odl.spec.realtime import SEQUENCE_PART, count_kind, count_parts, sequence_kind
-from pipeline.feature_sql import (JobTopics, carried_state_views, epoch_ms, interval, kafka_opts,
-                                  latest_view, ltz_epoch_ms, source_ddl)
+from pipeline.feature_sql import (JobTopics, carried_state_views, dlq_sink_ddl, epoch_ms,
+                                  features_sink_ddl, interval, kafka_opts, latest_view,
+                                  ltz_epoch_ms, source_ddl)
 from pipeline.spec_udfs import parsed_fields
 
 # HOP windows of size/slide tiles: each event touches one slice, but every window of an active
@@ -67,18 +68,9 @@ def _sinks(cfg: Config, topics: JobTopics) -> list[str]:
               'value.format' = 'raw', 'value.fields-include' = 'EXCEPT_KEY',
               'sink.delivery-guarantee' = 'at-least-once')""",
         # the online store's updates (pipeline.feature_store_writer): one per new tile or click
-        # list of an entity, keyed kind:entity so one entity's updates stay in order
-        f"""CREATE TABLE features_sink (
-              entity STRING, kind STRING, entity_id STRING, part STRING, version_ms BIGINT,
-              `value` STRING
-            ) WITH ({kafka_opts(cfg, topics.features)},
-              'key.format' = 'raw', 'key.fields' = 'entity',
-              'value.format' = 'json', 'value.fields-include' = 'ALL',
-              'sink.delivery-guarantee' = 'at-least-once')""",
-        f"""CREATE TABLE dlq_sink (
-              reason STRING, payload STRING, source_partition INT, source_offset BIGINT, ts_ms BIGINT
-            ) WITH ({kafka_opts(cfg, topics.dlq)},
-              'format' = 'json', 'sink.delivery-guarantee' = 'at-least-once')""",
+        # list of an entity
+        features_sink_ddl(cfg, topics, "STRING"),
+        dlq_sink_ddl(cfg, topics),
     ]
 
 

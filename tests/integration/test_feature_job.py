@@ -66,6 +66,14 @@ class Stream:
     def records(self) -> list[tuple[bytes, bytes, int]]:
         return [(k, v, ts) for _, _, k, v, ts in sorted(self._recs)]
 
+    def send(self, bootstrap: str, topic: str) -> None:
+        """Produce every record, in order, each with its own record timestamp."""
+        prod = KafkaProducer(bootstrap_servers=bootstrap)
+        for key, value, ts in self.records:
+            prod.send(topic, key=key, value=value, timestamp_ms=ts)
+        prod.flush()
+        prod.close()
+
 
 def _crafted(s: Stream, t0: int) -> tuple[dict[str, int], dict[str, int]]:
     """Known answers: expected labels by sample_id and DLQ counts by reason."""
@@ -349,10 +357,7 @@ def test_delayed_feedback_emits_each_impression_at_once_as_a_provisional_negativ
     labels, want_dlq = _crafted(s, base + 20_000)
     for u in range(16):  # move every partition's watermark past the crafted window
         s.add(Impression(f"Z{u}", 900 + u, 999, 0, base + 90_000), key=u)
-    prod = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers)
-    for key, value, ts in s.records:
-        prod.send(prefix + "events", key=key, value=value, timestamp_ms=ts)
-    prod.flush()
+    s.send(cfg.kafka.bootstrap_servers, prefix + "events")
     job = _start("feature-job", overrides, tmp_path / "job.log")
     try:
         samples, _ = _collect(cfg, prefix, want_samples=set(labels),
