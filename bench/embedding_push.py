@@ -15,7 +15,7 @@ import redis
 
 from bench.common import private_redis
 from bench.registry import BenchResult
-from exporters.hot_embeddings import (CHUNK, Codec, EmbeddingReader, HotEmbeddings, Pointer,
+from odl.embedding_store import (CHUNK, Codec, EmbeddingReader, HotEmbeddings, Pointer,
                                      chunk_rows)
 from odl import names
 from odl.config import Config

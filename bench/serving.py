@@ -29,8 +29,8 @@ import yaml
 from bench.common import free_port, managed_process, private_redis
 from bench.registry import BenchResult
 from exporters import savedmodel
-from exporters.hot_embeddings import HotEmbeddings
-from exporters.registry import Manifest, ModelStore
+from odl.embedding_store import HotEmbeddings
+from odl.model_store import Manifest, ModelStore
 from odl.config import Config
 from odl.control import ControlPlane
 from trainers.model import init_dense

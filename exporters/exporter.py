@@ -18,17 +18,18 @@ paused exporter does nothing but follow pins.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
 from prometheus_client import Counter, Gauge
 
-from exporters import dense_channel, gate, savedmodel, spec_savedmodel
-from exporters.hot_embeddings import HotEmbeddings, Pointer
-from exporters.registry import Manifest, ModelStore
+from exporters import gate, savedmodel, spec_savedmodel
+from odl import dense_channel
 from odl.config import Config
 from odl.control import ControlPlane, redis_client
+from odl.embedding_store import HotEmbeddings, Pointer
+from odl.model_store import CachePolicy, Manifest, ModelStore
 from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
 from odl.runtime import Component
 from odl.spec import is_default, running_spec
@@ -245,8 +246,7 @@ class Exporter:
                             embedding_generation=None if pinned else self.hot.active,
                             model_name=self.cfg.serving.model_name,
                             embedding_dim=snap["embedding_dim"],
-                            cache_policy={"every_n_calls": ec.cache_every_n_calls,
-                                          "every_s": ec.cache_every_s},
+                            cache_policy=asdict(CachePolicy(ec.cache_every_n_calls, ec.cache_every_s)),
                             spec=self.spec.hash,
                             trainer_checkpoint=snap["metrics"].get("checkpoint"))
         dim = snap["embedding_dim"]

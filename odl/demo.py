@@ -16,7 +16,7 @@ import numpy as np
 import redis
 import requests
 
-from exporters.hot_embeddings import EmbeddingReader
+from odl.embedding_store import EmbeddingReader
 from odl.config import Config
 from odl.control import ControlPlane
 from odl.launcher import LocalStack, StackError

@@ -42,7 +42,7 @@ def cp_heartbeat(instance: str) -> str:
 
 
 # --- embeddings -------------------------------------------------------------------------------
-# Rows live in generations (``exporters.hot_embeddings``): readers follow EMB_CURRENT, a JSON
+# Rows live in generations (``odl.embedding_store``): readers follow EMB_CURRENT, a JSON
 # pointer {generation, dim, dtype}; a generation's rows of one table share one hash tag.
 EMB_CURRENT = "{odl:emb}:current"
 EMB_NEXT_GENERATION = "{odl:emb}:next_generation"   # INCR counter

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
-from exporters.hot_embeddings import EmbeddingReader
+from odl.embedding_store import EmbeddingReader
 from odl.config import Config
 from odl.spec import is_default, running_spec
 from serving.api import explain, make_api

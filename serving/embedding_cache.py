@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import redis
 
-from exporters.hot_embeddings import EmbeddingReader, Pointer
+from odl.embedding_store import EmbeddingReader, Pointer
 from odl import names
 from serving.guard import RedisGuard, Unavailable
 

@@ -17,13 +17,13 @@ import numpy as np
 import redis
 import tensorflow as tf
 
-from exporters import dense_channel
-from exporters.dense_channel import DenseRefresh
-from exporters.graph.module import CachePolicy, CacheRefresher
-from exporters.registry import ModelStore
-from odl.features import NUM_DENSE
+from odl import dense_channel
 from odl.control import ControlPlane
+from odl.dense_channel import DenseRefresh
+from odl.features import NUM_DENSE
+from odl.model_store import CachePolicy, ModelStore
 from odl.spec import check_spec
+from serving.graph_cache import CacheRefresher
 
 log = logging.getLogger("odl.serving.model")
 RETRY_FAILED_S = 30.0  # a version that failed to load is retried this often, not every poll

@@ -17,7 +17,7 @@ import threading
 from aiohttp import web
 from prometheus_client import REGISTRY, CollectorRegistry
 
-from exporters.registry import ModelStore
+from odl.model_store import ModelStore
 from odl.config import Config
 from odl.control import ControlPlane, Heartbeater, redis_client
 from odl.runtime import Component, metrics_port

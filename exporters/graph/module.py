@@ -6,7 +6,7 @@ function (weight-only work) and a per-request function (XLA-compiled, padded to 
   ``apply_weights`` (the in-place dense refresh) assigns the weights and recomputes the cache in
   the same call, so the exported SavedModel is correct for any plain TensorFlow caller.  The
   periodic refresh (every ``every_n_calls`` calls or ``every_s`` seconds, for weights changed
-  behind the module's back) is ``CacheRefresher``, on the host: a ``tf.cond`` in
+  behind the module's back) is ``serving.graph_cache.CacheRefresher``, on the replica's host: a ``tf.cond`` in
   ``serving_default`` measured ~100 us a call here, a quarter of the whole request.
 * **Per-request function**: reads the cache variables, the weights it still needs directly and
   the request.  With ``jit`` it is compiled with XLA (so on a GPU it could be captured as a CUDA
@@ -21,8 +21,6 @@ function (weight-only work) and a per-request function (XLA-compiled, padded to 
 """
 from __future__ import annotations
 
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -34,12 +32,6 @@ from exporters.graph.passes import (fold_batchnorm, fold_constants, graph_functi
                                     simplify_tensordot)
 
 DEFAULT_BUCKETS = (1, 8, 64, 512)
-
-
-@dataclass
-class CachePolicy:
-    every_n_calls: int = 1000
-    every_s: float = 5.0
 
 
 @dataclass
@@ -173,47 +165,3 @@ class OptimisedModule(tf.Module):
             for b in self.buckets.numpy().tolist():
                 getattr(self, name)(*[tf.zeros([b] + [1 if d is None else d for d in s.shape[1:]],
                                                s.dtype) for s in c.sig.specs.values()])
-
-
-class CacheRefresher:
-    """Host-side refresh policy for a loaded optimised model: ``refresh`` (its ``refresh_cache``
-    signature) becomes due after ``every_n_calls`` calls or ``every_s`` seconds since the last
-    refresh, whichever comes first.  Request threads only count (``on_call``: a counter and a
-    clock read); the owner runs a due refresh (``run_due``) where it serialises it with weight
-    writes -- the replica's model poll, under the model's write lock -- so a refresh computed
-    from old weights can never overwrite the cache a weight refresh just wrote."""
-
-    def __init__(self, refresh: Callable[[], object], policy: CachePolicy,
-                 clock: Callable[[], float] = time.monotonic):
-        self._refresh, self.policy, self._clock = refresh, policy, clock
-        self._calls = 0
-        self._at = clock()
-        self._lock = threading.Lock()
-        self.refreshes = 0
-
-    @property
-    def due(self) -> bool:
-        with self._lock:
-            return (self._calls >= self.policy.every_n_calls
-                    or self._clock() - self._at >= self.policy.every_s)
-
-    def on_call(self) -> bool:
-        """Count a call; True if a refresh is due now."""
-        with self._lock:
-            self._calls += 1
-        return self.due
-
-    def run_due(self) -> bool:
-        """Refresh if due; True if it did.  The caller holds what serialises weight writes."""
-        if not self.due:
-            return False
-        self._refresh()
-        with self._lock:
-            self._calls, self._at = 0, self._clock()
-            self.refreshes += 1
-        return True
-
-    def refreshed(self) -> None:
-        """The cache was recomputed by other means (a weight refresh): restart the count."""
-        with self._lock:
-            self._calls, self._at = 0, self._clock()

@@ -8,10 +8,11 @@ import pytest
 import redis
 import tensorflow as tf
 
-from exporters import dense_channel, savedmodel
+from exporters import savedmodel
+from odl import dense_channel
 from exporters.exporter import Exporter, Schedule
-from exporters.graph.module import CachePolicy
-from exporters.hot_embeddings import EmbeddingReader, Pointer
+from odl.model_store import CachePolicy
+from odl.embedding_store import EmbeddingReader, Pointer
 from odl.control import ControlPlane
 from odl.features import DEFAULT_DENSE
 from serving.model import ModelHolder

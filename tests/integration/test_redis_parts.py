@@ -8,8 +8,8 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from exporters import savedmodel
-from exporters.hot_embeddings import EmbeddingReader, HotEmbeddings
-from exporters.registry import Manifest, ModelStore
+from odl.embedding_store import EmbeddingReader, HotEmbeddings
+from odl.model_store import Manifest, ModelStore
 from odl.control import ControlPlane, Heartbeat
 from serving.app import ServingApp
 from serving.model import ModelHolder

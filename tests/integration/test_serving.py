@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from exporters.exporter import Exporter, Schedule
-from exporters.hot_embeddings import EmbeddingReader
+from odl.embedding_store import EmbeddingReader
 from odl.feature_store import FeatureStore, FeatureUpdate
 from odl.features import DEFAULT_DENSE, Tile
 from odl.cli import main as cli

@@ -14,7 +14,7 @@ import requests
 import yaml
 from click.testing import CliRunner
 
-from exporters.hot_embeddings import EmbeddingReader
+from odl.embedding_store import EmbeddingReader
 from odl.cli import main as cli
 from odl.config import load_config
 from odl.control import ControlPlane

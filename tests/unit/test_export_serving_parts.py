@@ -9,7 +9,7 @@ from bench.registry import run as registry_run
 from odl.config import Config
 from exporters import savedmodel
 from exporters import gate
-from exporters.registry import Manifest, ModelStore
+from odl.model_store import Manifest, ModelStore
 from tests.unit.helpers import small_cfg
 from odl.features import NUM_DENSE
 from odl.plot import svg_line_chart

@@ -5,10 +5,10 @@ import time
 import numpy as np
 import pytest
 
-from exporters import dense_channel
+from odl import dense_channel
 from exporters.exporter import Schedule
-from exporters.hot_embeddings import Codec, HotIndex
-from exporters.registry import Manifest, ModelStore
+from odl.embedding_store import Codec, HotIndex
+from odl.model_store import Manifest, ModelStore
 
 
 @pytest.mark.parametrize("dtype,tol", [("float32", 0.0), ("float16", 1e-3)])

@@ -6,10 +6,11 @@ import tensorflow as tf
 
 from exporters import savedmodel
 from exporters.graph.analysis import cache_frontier, request_nodes, trace, weight_only
-from exporters.graph.module import CachePolicy, CacheRefresher
 from exporters.graph.passes import (fold_batchnorm, fold_constants, graph_function, prune_dead,
                                     simplify_tensordot)
 from odl.config import TrainerConfig
+from odl.model_store import CachePolicy
+from serving.graph_cache import CacheRefresher
 from odl.features import NUM_DENSE
 from trainers.model import init_dense
 

@@ -218,7 +218,7 @@ class _Reader:
     """EmbeddingReader's two calls over a dict; ``down`` makes them fail like a dead Redis."""
 
     def __init__(self, rows: dict[int, float], generation: int = 1):
-        from exporters.hot_embeddings import Pointer
+        from odl.embedding_store import Pointer
         self.rows, self.down, self.reads = rows, False, 0
         self.p = Pointer(generation, 2, "float32", activated_at=1.0)
 
@@ -239,7 +239,7 @@ class _Reader:
 def test_cache_accounts_for_every_lookup_follows_changes_and_survives_redis_down():
     import numpy as np
 
-    from exporters.hot_embeddings import Pointer
+    from odl.embedding_store import Pointer
     from serving.embedding_cache import EmbeddingCache
 
     reader = _Reader({1: 1.0, 2: 2.0})

@@ -23,6 +23,14 @@ HISTORY = "history.jsonl"
 
 
 @dataclass
+class CachePolicy:
+    """How a replica refreshes an optimised model's weight-only cache (a manifest's
+    ``cache_policy``): after ``every_n_calls`` calls or ``every_s`` seconds, whichever first."""
+    every_n_calls: int = 1000
+    every_s: float = 5.0
+
+
+@dataclass
 class Manifest:
     version: str
     parent: str | None
@@ -36,7 +44,7 @@ class Manifest:
     embedding_snapshot: str | None = None      # directory inside the version, if written
     embedding_rows: dict[str, int] = field(default_factory=dict)
     graph: dict[str, Any] = field(default_factory=dict)         # optimisation passes' report
-    cache_policy: dict[str, Any] = field(default_factory=dict)  # how serving refreshes the cache
+    cache_policy: dict[str, Any] = field(default_factory=dict)  # a CachePolicy, as a dict
     spec: str | None = None     # the feature spec's hash (odl.spec) the model was trained under
     # the trainer's newest checkpoint when the version was cut (at or before its step): where
     # `odl rollback --trainer` takes the trainer back to
