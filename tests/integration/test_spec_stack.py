@@ -93,11 +93,19 @@ def test_a_spec_runs_the_whole_stack(spec_stack_config):
         assert reader.pointer().dims is None or set(reader.pointer().dims) <= set(spec.tables)
         assert all(reader.count(t) > 0 for t in spec.tables)
         # the online store holds the spec's counts, and the log was replayed onto now: the
-        # busiest app (Zipf: app 0) has impressions in the hour serving reads as of now
-        (tile,) = FeatureStore(r).parts(count_kind("by_app"), ["0"], ("1h",))[0]
-        spec_tiles = [tile if (c, w) == ("by_app", "1h") else None for c, w in count_parts(spec)]
-        now = int(time.time() * 1000)
-        assert count_values(spec, spec_tiles, now, in_flight=True).get("by_app.impressions_1h", 0) > 10
+        # busiest app (Zipf: app 0) has impressions in the hour serving reads as of now. A
+        # tile lands once its minute closes and the job's Kafka transaction commits at the
+        # next checkpoint, so a prediction can be served before the first one: wait for it.
+        def busiest_app_impressions() -> float:
+            (tile,) = FeatureStore(r).parts(count_kind("by_app"), ["0"], ("1h",))[0]
+            tiles = [tile if (c, w) == ("by_app", "1h") else None for c, w in count_parts(spec)]
+            now = int(time.time() * 1000)
+            return count_values(spec, tiles, now, in_flight=True).get("by_app.impressions_1h", 0)
+
+        deadline = time.monotonic() + 90
+        while busiest_app_impressions() <= 10 and time.monotonic() < deadline:
+            time.sleep(2)
+        assert busiest_app_impressions() > 10
 
         # roll serving *and the trainer* back to the first version: the trainer goes back to
         # the checkpoint that version was cut from and replays the samples since
