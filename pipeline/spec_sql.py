@@ -1,9 +1,10 @@
 """The feature job of any feature spec: Flink SQL generated from the spec, writing its sample
 records (``odl.spec.sample``) to the samples topic.
 
-Dataflow (Python only in the two UDFs of ``pipeline.spec_udfs``)::
+Dataflow (Python only in the two UDFs of ``pipeline.spec_udfs``; events that SQL proves valid
+skip the parse UDF, ``pipeline.spec_parse_sql``)::
 
-    events_raw ─ odl_spec_parse ─┬─ refused, late ──────────────────────────────────► events.dlq
+    events_raw ─ parse, check ───┬─ refused, late ──────────────────────────────────► events.dlq
                                  └─ valid ─ [dedup by events.id_field] ─┬─ duplicates ► events.dlq
                                                                         └─ events
     events ─ HOP tiles per (count, window), keyed by the count's key ─┐
@@ -37,6 +38,7 @@ from odl.spec.realtime import SEQUENCE_PART, count_kind, count_parts, sequence_k
 from pipeline.feature_sql import (JobTopics, carried_state_views, dlq_sink_ddl, epoch_ms,
                                   features_sink_ddl, interval, kafka_opts, latest_view,
                                   ltz_epoch_ms, source_ddl)
+from pipeline.spec_parse_sql import checked_views
 from pipeline.spec_udfs import parsed_fields
 
 # HOP windows of size/slide tiles: each event touches one slice, but every window of an active
@@ -97,15 +99,10 @@ def spec_statements(cfg: Config, spec: FeatureSpec,
     cols = [n for n, _ in parsed_fields(spec) if n != "reason"]
     counts, seqs = list(rt.counts.values()), list(rt.sequences.values())
     ddl = [source_ddl(cfg, topics.events, fj.group_id), *_sinks(cfg, topics),
-           f"""CREATE TEMPORARY VIEW checked AS
-              SELECT payload, `partition`, `offset`, ts, pt,
-                     odl_spec_parse(payload, {ltz_epoch_ms("ts")}) AS e,
-                     ts <= CURRENT_WATERMARK(ts) AS late
-              FROM events_raw""",
+           *checked_views(spec, ltz_epoch_ms("ts")),
            f"""CREATE TEMPORARY VIEW valid AS
-              SELECT {", ".join(f"e.{c} AS {c}" for c in cols)}, payload, `partition`, `offset`,
-                     ts, pt
-              FROM checked WHERE e.reason IS NULL AND late IS NOT TRUE"""]
+              SELECT {", ".join(cols)}, payload, `partition`, `offset`, ts, pt
+              FROM checked WHERE reason IS NULL AND late IS NOT TRUE"""]
     if spec.events.id_field is not None:
         # the first of an event id to arrive counts (processing-time order: pipeline.feature_sql)
         ddl += ["""CREATE TEMPORARY VIEW numbered AS
@@ -172,8 +169,8 @@ def spec_statements(cfg: Config, spec: FeatureSpec,
     inserts += [_store_update(sequence_kind(sname), SEQUENCE_PART, f"seq{i}", "ts_ms", "entries")
                 for i, sname in enumerate(rt.sequences)]
     inserts += [f"""INSERT INTO dlq_sink
-                   SELECT COALESCE(e.reason, 'late_event'), {dlq_cols} FROM checked
-                   WHERE e.reason IS NOT NULL OR late IS TRUE"""]
+                   SELECT COALESCE(reason, 'late_event'), {dlq_cols} FROM checked
+                   WHERE reason IS NOT NULL OR late IS TRUE"""]
     if spec.events.id_field is not None:
         inserts.append(f"INSERT INTO dlq_sink SELECT 'duplicate_event', {dlq_cols} "
                        "FROM numbered WHERE seen > 1")

@@ -139,7 +139,7 @@ class EventValidator:
         etype = None
         if s.type_field is not None:
             etype = ev.get(s.type_field)
-            if etype not in self._types:
+            if type(etype) is not str or etype not in self._types:   # a list is unhashable
                 return "bad_type", None
         values: dict[str, Any] = {}
         if etype is not None:

@@ -29,6 +29,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_ID = 2**53 - 1                  # ids survive a JSON/double round trip
+INT64 = (-2**63, 2**63 - 1)         # an int is what a BIGINT column and an int64 tensor hold
 
 FieldType = Literal["id", "int", "float", "string", "bool", "object",
                     "list[id]", "list[int]", "list[string]"]
@@ -59,9 +60,12 @@ class FieldSpec(_Strict):
 
     @property
     def bounds(self) -> tuple[float | None, float | None]:
-        """(min, max); ids default to [0, MAX_ID]."""
+        """(min, max); ids default to [0, MAX_ID], ints to the int64 range."""
         if self.type in ("id", "list[id]"):
             return (0 if self.min is None else self.min, MAX_ID if self.max is None else self.max)
+        if self.type in ("int", "list[int]"):
+            return (INT64[0] if self.min is None else self.min,
+                    INT64[1] if self.max is None else self.max)
         return self.min, self.max
 
     @property
