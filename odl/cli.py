@@ -356,7 +356,7 @@ def demo(duration: float, config: str | None) -> None:
 @click.option("--scale", type=click.IntRange(2, 16), default=None,
               help="trainer: N trainers (with N parameter-server shards) vs 1 on the same samples")
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="trainer, serving-graph, feature-job: the model, samples or generated job of "
+              help="trainer, serving-graph, feature-job, spec-parse: the model, samples or generated job of "
                    "this feature spec, e.g. specs/adlog.yaml (trainer, feature-job: a spec whose rows carry their label)")
 @config_option
 def bench(name: str | None, as_json: bool, list_: bool, scale: int | None,

@@ -12,7 +12,9 @@ from odl.spec import FeatureSpec, SpecError, load_spec
 def summary(spec: FeatureSpec) -> dict:
     """What a spec declares, in the terms an operator checks it by."""
     rt = spec.realtime
+    from pipeline.spec_parse_sql import sql_parse_gap
     from pipeline.spec_sql import SpecJobError, check_streamable
+    gap = sql_parse_gap(spec)
     try:
         check_streamable(spec)
         stream = ("runs it: `spec: FILE` in the config (or ODL__SPEC=FILE) and the feature job, "
@@ -35,6 +37,8 @@ def summary(spec: FeatureSpec) -> dict:
                   f"{'+'.join(spec.label.join.key)} within {spec.label.join.attribution_window_s} s"
                   if spec.label.join else f"field {spec.label.field}"),
         "live_pipeline": stream,
+        "event_parse": ("in Python; with feature_job.sql_parse, valid events are proven in SQL "
+                        "and skip it" if gap is None else f"in Python only: {gap}"),
     }
 
 
@@ -110,6 +114,7 @@ def check(path: str, log_path: str | None, renames: tuple[str, ...], as_json: bo
                 click.echo(f"    {k}: {v}")
     click.echo(f"  label: {out['label']}")
     click.echo(f"  live pipeline: {out['live_pipeline']}")
+    click.echo(f"  event parse: {out['event_parse']}")
     if "log" in out:
         lg = out["log"]
         click.echo(f"log {lg['log']}: {lg['rows']:,} rows, {lg['valid']:,} valid, "

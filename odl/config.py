@@ -131,6 +131,10 @@ class FeatureJobConfig(_Section):
     # (docs/features.md#idleness-and-catch-up)
     operator_chaining: bool = Field(True, description="false: no valid event turned late by a "
                                     "backlog on a busy machine, but click attribution differed")
+    # Off by default: on Flink 2.0 the SQL parse (one JSON_VALUE per field, each re-reading the
+    # payload) is no faster than the Python UDF (docs/features.md#throughput)
+    sql_parse: bool = Field(False, description="a spec's events that SQL proves valid skip "
+                            "the Python parse (pipeline.spec_parse_sql)")
     checkpoint_interval_s: int = Field(10, ge=1)
     restore: bool = Field(True, description="restart from the newest retained checkpoint")
     rest_ports: str = Field("8081-8099", pattern=r"^\d+(-\d+)?$",

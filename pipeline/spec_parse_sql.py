@@ -173,9 +173,11 @@ def _guard(spec: FeatureSpec) -> str:
     return "|".join(alts)
 
 
-def checked_views(spec: FeatureSpec, record_ms: str) -> list[str]:
+def checked_views(spec: FeatureSpec, record_ms: str, sql: bool = True) -> list[str]:
     """DDL of ``checked``: one flat row per event, the columns of ``parsed_fields`` plus
-    ``payload, partition, offset, ts, pt, late``; ``record_ms`` is the record time in epoch ms."""
+    ``payload, partition, offset, ts, pt, late``; ``record_ms`` is the record time in epoch ms.
+    ``sql`` false (``feature_job.sql_parse``), or a spec with a ``sql_parse_gap``: every event
+    through the Python UDF."""
     cols = [n for n, _ in parsed_fields(spec)]
     meta = "payload, `partition`, `offset`, ts, pt, late"
     python = [f"""CREATE TEMPORARY VIEW py_parsed AS
@@ -185,7 +187,7 @@ def checked_views(spec: FeatureSpec, record_ms: str) -> list[str]:
     base = """SELECT payload, `partition`, `offset`, ts, pt,
                      ts <= CURRENT_WATERMARK(ts) AS late{extra}
               FROM events_raw"""
-    if sql_parse_gap(spec) is not None:
+    if not sql or sql_parse_gap(spec) is not None:
         return [f"CREATE TEMPORARY VIEW parse_in AS {base.format(extra='')}",
                 *(s.format(src="parse_in") for s in python),
                 "CREATE TEMPORARY VIEW checked AS SELECT * FROM py_checked"]

@@ -1,8 +1,8 @@
 """The feature job of any feature spec: Flink SQL generated from the spec, writing its sample
 records (``odl.spec.sample``) to the samples topic.
 
-Dataflow (Python only in the two UDFs of ``pipeline.spec_udfs``; events that SQL proves valid
-skip the parse UDF, ``pipeline.spec_parse_sql``)::
+Dataflow (Python only in the two UDFs of ``pipeline.spec_udfs``; with ``feature_job.sql_parse``
+events that SQL proves valid skip the parse UDF, ``pipeline.spec_parse_sql``)::
 
     events_raw ─ parse, check ───┬─ refused, late ──────────────────────────────────► events.dlq
                                  └─ valid ─ [dedup by events.id_field] ─┬─ duplicates ► events.dlq
@@ -99,7 +99,7 @@ def spec_statements(cfg: Config, spec: FeatureSpec,
     cols = [n for n, _ in parsed_fields(spec) if n != "reason"]
     counts, seqs = list(rt.counts.values()), list(rt.sequences.values())
     ddl = [source_ddl(cfg, topics.events, fj.group_id), *_sinks(cfg, topics),
-           *checked_views(spec, ltz_epoch_ms("ts")),
+           *checked_views(spec, ltz_epoch_ms("ts"), sql=fj.sql_parse),
            f"""CREATE TEMPORARY VIEW valid AS
               SELECT {", ".join(cols)}, payload, `partition`, `offset`, ts, pt
               FROM checked WHERE reason IS NULL AND late IS NOT TRUE"""]

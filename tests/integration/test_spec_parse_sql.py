@@ -104,7 +104,7 @@ def _run_checked(tmp_path, spec, payloads: list[str]) -> list[tuple]:
         payload STRING, `partition` INT, `offset` BIGINT, ts_ms BIGINT,
         ts AS TO_TIMESTAMP_LTZ(ts_ms, 3), pt AS PROCTIME(), WATERMARK FOR ts AS ts - INTERVAL '1' HOUR
       ) WITH ('connector' = 'filesystem', 'path' = '{src}', 'format' = 'json')""")
-    for stmt in checked_views(spec, ltz_epoch_ms("ts")):
+    for stmt in checked_views(spec, ltz_epoch_ms("ts"), sql=True):
         t_env.execute_sql(stmt)
     cols = [n for n, _ in parsed_fields(spec)]
     proven = ", proven" if sql_parse_gap(spec) is None else ", FALSE"
@@ -170,3 +170,29 @@ def test_a_spec_sql_cannot_state_parses_in_python(tmp_path):
     assert all(_same(spec, row, parser.row(p, 1_700_000_000_000 + k))
                for k, (p, (row, _)) in enumerate(zip(payloads, results)))
     assert results[-1][0][0] == "invalid_json"
+
+
+def test_the_job_reads_each_field_once_whichever_branch_an_event_takes(tmp_path):
+    """The fence holds in the spec job's plan: one JSON_VALUE per field, however many
+    expressions, branches and sinks use it (without it the planner copies the extract into
+    every consumer and the SQL parse costs several times over)."""
+    from pipeline.feature_sql import JobTopics
+    from pipeline.spec_sql import spec_statements
+    spec = load_spec(SPECS_DIR / "adlog.yaml")
+    cfg = load_config(None, env={})
+    cfg = cfg.model_copy(update={
+        "paths": cfg.paths.model_copy(update={"state_dir": tmp_path}),
+        "feature_job": cfg.feature_job.model_copy(update={"sql_parse": True})})
+    t_env = feature_job.build_table_env(cfg)
+    spec_udfs.register(t_env, spec)
+    ddl, inserts = spec_statements(cfg, spec, JobTopics("e", "s", "d", "f"))
+    for stmt in ddl:
+        t_env.execute_sql(stmt)
+    ss = t_env.create_statement_set()
+    for ins in inserts:
+        ss.add_insert_sql(ins)
+    plan = ss.explain()
+    plan = plan[plan.index("== Optimized Execution Plan =="):]
+    for name in spec.events.fields:
+        assert plan.count(f"JSON_VALUE(payload, '$.{name}')") == 1, name
+    assert plan.count("odl_spec_parse(") == 1
