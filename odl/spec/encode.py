@@ -54,7 +54,7 @@ def sparse_keys(spec: FeatureSpec, feature: SparseFeature, rows: Sequence[dict[s
         col = list(zip(*([row.get(f) for row in rows] for f in names))) if rows else []
         keys = scalar_keys(names, col, cache, cross=True)[:, None]
     elif width == 1 and not spec.field(feature.field).type.startswith("list["):
-        keys = scalar_keys((feature.field,), [row.get(feature.field) for row in rows], cache)[:, None]
+        keys = field_keys(feature.field, rows, cache)[:, None]
     else:
         col = [row.get(feature.field) for row in rows]
         keys = list_keys(feature.field, [v if isinstance(v, list) or v is None else [v]
@@ -72,6 +72,28 @@ def _bounded(cache: dict | None) -> dict:
     if len(cache) > CACHE_LIMIT:
         cache.clear()
     return cache
+
+
+_MISS = -1          # never a key (keys are 63-bit, non-negative)
+
+
+def field_keys(name: str, rows: Sequence[dict[str, Any]], cache: dict[Any, int]) -> np.ndarray:
+    """[n] keys of one field's single values in ``rows`` (absent or None -> PAD): one cache
+    lookup per row -- the trainer's decoder runs this for every feature of every sample, so it
+    reads the column and looks it up in the same pass -- and a value first seen is hashed once."""
+    get = cache.get
+    try:
+        out = [get(row.get(name), _MISS) for row in rows]
+    except TypeError:           # an unhashable value: a list or an object
+        raise TypeError(f"{name}: a value is not a single value") from None
+    if _MISS in out:
+        for r, k in enumerate(out):
+            if k == _MISS:
+                v = rows[r].get(name)
+                if v is not None and not isinstance(v, SCALARS):
+                    raise TypeError(f"{name}: {v!r} is not a single value")
+                cache[v] = out[r] = PAD if v is None else key_of((name,), (v,))
+    return np.array(out, np.int64)
 
 
 def scalar_keys(names: tuple[str, ...], col: Sequence[Any], cache: dict[Any, int],
