@@ -248,7 +248,8 @@ class Exporter:
                             embedding_dim=snap["embedding_dim"],
                             cache_policy=asdict(CachePolicy(ec.cache_every_n_calls, ec.cache_every_s)),
                             spec=self.spec.hash,
-                            trainer_checkpoint=snap["metrics"].get("checkpoint"))
+                            trainer_checkpoint=snap["metrics"].get("checkpoint"),
+                            numeric_moments=snap.get("numeric_moments") or {})
         dim = snap["embedding_dim"]
 
         def write(path):

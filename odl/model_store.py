@@ -49,6 +49,9 @@ class Manifest:
     # the trainer's newest checkpoint when the version was cut (at or before its step): where
     # `odl rollback --trainer` takes the trainer back to
     trainer_checkpoint: str | None = None
+    # each standardised numeric input's [count, sum, sum of squares] at the cut: serving scales
+    # requests by them, as the trainer scaled the samples (odl.spec.encode.numeric_values)
+    numeric_moments: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -13,8 +13,8 @@ inputs; the keys' vectors come from the embedding cache, and the version's graph
 (``exporters.spec_savedmodel``) scores them.  With Redis away the counts and vectors are the
 defaults of an entity without history and the answer is marked degraded.
 
-Not reproduced: a ``standardize`` numeric feature's moments are the trainer's running ones,
-which versions do not carry yet; serving keeps its own over the requests it sees.
+A ``standardize`` numeric feature is scaled by the moments the version carries (the trainer's
+running ones when it was cut, ``Manifest.numeric_moments``), frozen: requests never move them.
 """
 from __future__ import annotations
 
@@ -124,7 +124,8 @@ class SpecScorer:
         self.spec, self.store, self.guard, self.cache = spec, store, guard, cache
         self.on_lookup = on_lookup
         self.net = SpecNet.of(spec)
-        self.reader = SampleReader(spec)
+        self.reader = SampleReader(spec, frozen=True)
+        self._moments_of: str | None = None   # the version whose moments the reader holds
         self._lock = threading.Lock()     # the reader's caches and moments
 
     def online(self, rows: list[dict], now_ms: int) -> tuple[list[dict], list[dict], bool]:
@@ -156,13 +157,18 @@ class SpecScorer:
         got = dict(zip(uniq, self.guard.call(self.store.parts, kind, uniq, parts))) if uniq else {}
         return [got.get(e) or [None] * len(parts) for e in ents]
 
-    def inputs(self, rows: list[dict], now_ms: int) -> tuple[dict[str, np.ndarray], bool]:
-        """The graph's inputs for ``rows`` (``exporters.spec_savedmodel.request_specs``)."""
+    def inputs(self, rows: list[dict], now_ms: int,
+               model=None) -> tuple[dict[str, np.ndarray], bool]:
+        """The graph's inputs for ``rows`` (``exporters.spec_savedmodel.request_specs``), with
+        the numeric moments of ``model``'s version (a ``serving.model.LoadedModel``)."""
         counts, seqs, degraded = self.online(rows, now_ms)
         records = [orjson.dumps({"sample_id": "request", "ts_ms": now_ms, "label": 0,
                                  "fields": r, "counts": c, "sequences": s})
                    for r, c, s in zip(rows, counts, seqs)]
         with self._lock:
+            if model is not None and model.version != self._moments_of:
+                self.reader.set_moments(model.manifest.get("numeric_moments"))
+                self._moments_of = model.version
             batch = self.reader.read(records)
         if not batch.valid.all():        # the request rules passed it: an encoding bug
             raise ValueError(f"request rows did not encode: {batch.errors}")
@@ -180,7 +186,7 @@ class SpecScorer:
 
     def run(self, model, batch: list[list[dict]]) -> list[tuple[np.ndarray, bool]]:
         rows = [r for req in batch for r in req]
-        inputs, degraded = self.inputs(rows, int(time.time() * 1000))
+        inputs, degraded = self.inputs(rows, int(time.time() * 1000), model)
         probs = model.predict_inputs(inputs)
         out, start = [], 0
         for req in batch:

@@ -206,9 +206,14 @@ class TrainingGroupImpl:
         rows = ({t: (c["ids"], c["vectors"]) for t, c in tables.changes(0)[1].items()}
                 if embeddings else None)
         m = self.metrics()
+        # the members read disjoint partitions: the group's moments are their sums
+        moments: dict[str, list[float]] = {}
+        for part in ray.get([t.numeric_moments.remote() for t in self.trainers]):
+            for name, mo in part.items():
+                moments[name] = [a + b for a, b in zip(moments.get(name, [0.0, 0.0, 0.0]), mo)]
         return {"weights": weights, "step": m["step"], "metrics": m, "embeddings": rows,
                 "offsets": {f"{m['topic']}:{p}": o for p, o in m["positions"].items()},
-                "embedding_dim": self.cfg.trainer.embedding_dim,
+                "embedding_dim": self.cfg.trainer.embedding_dim, "numeric_moments": moments,
                 "config": self.cfg.trainer.model_dump(mode="json")}
 
     def metrics(self) -> dict[str, Any]:

@@ -250,6 +250,12 @@ class SampleCodec(Protocol):
 
     def new_model(self, cfg: Any) -> Any: ...
 
+    # the running moments of standardised numeric inputs ({} for a shape without): the
+    # trainer checkpoints them and the exporter writes them into each version for serving
+    def numeric_moments(self) -> dict[str, list[float]]: ...
+
+    def set_numeric_moments(self, moments: dict[str, list[float]] | None) -> None: ...
+
 
 class DefaultCodec:
     """The default shape (``specs/default.yaml``): ``Row``s, ``trainers.model.CTRModel``."""
@@ -267,6 +273,14 @@ class DefaultCodec:
     def new_model(cfg):
         from trainers.model import CTRModel
         return CTRModel(cfg)
+
+    @staticmethod
+    def numeric_moments() -> dict[str, list[float]]:
+        return {}      # the default shape standardises nothing
+
+    @staticmethod
+    def set_numeric_moments(moments: dict[str, list[float]] | None) -> None:
+        pass
 
 
 def codec_for_running_spec(cfg: Any = None) -> SampleCodec:

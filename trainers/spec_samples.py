@@ -67,3 +67,10 @@ class SpecCodec:
 
     def new_model(self, cfg) -> SpecModel:
         return SpecModel(self.spec, cfg)
+
+    def numeric_moments(self) -> dict[str, list[float]]:
+        """As of the newest *decoded* record: up to the prefetch depth ahead of training."""
+        return self.reader.moments
+
+    def set_numeric_moments(self, moments: dict[str, list[float]] | None) -> None:
+        self.reader.set_moments(moments)

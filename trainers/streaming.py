@@ -307,7 +307,7 @@ class StreamingTrainer:
         meta = {"step": step, "since_step": since, "positions": {str(p): o for p, o in self.positions.items()},
                 "topic": self.topic, "trained": self.trained,
                 "previous": self.last_ckpt.seq if self.last_ckpt else None,
-                "spec": self.codec.spec_hash}
+                "spec": self.codec.spec_hash, "numeric_moments": self.codec.numeric_moments()}
         if epoch is not None:
             meta["epoch"] = epoch
         info = self.store.write(kind, groups, meta, base=None if kind == "full" else self.last_ckpt.seq)
@@ -354,6 +354,7 @@ class StreamingTrainer:
         info, groups = chain[-1]
         s = groups["stream"]
         self.positions = {int(p): int(o) for p, o in info.meta["positions"].items()}
+        self.codec.set_numeric_moments(info.meta.get("numeric_moments"))
         if self.aligner is not None:
             self.aligner.restore(s["held_rows"], int(s["aligner_clock_ms"]))
         self.waiting = s["waiting_rows"]

@@ -136,11 +136,12 @@ def list_keys(name: str, lists: Sequence[Sequence[Any] | None], width: int,
 
 
 def numeric_values(feature: NumericFeature, raw: np.ndarray,
-                   moments: list[float] | None = None) -> np.ndarray:
+                   moments: list[float] | None = None, frozen: bool = False) -> np.ndarray:
     """[n] float32: the transform of one numeric column (``nan`` = missing).  ``standardize``
     uses the running moments of the rows *before* each row (what a stream knows then):
     ``moments`` ([count, sum, sum of squares] of earlier batches, updated in place) carries them
-    from one batch of a stream to the next."""
+    from one batch of a stream to the next.  ``frozen``: every row on ``moments`` as given, which
+    stay unchanged (serving scores with the moments of the version it serves)."""
     x = np.asarray(raw, np.float64)
     missing = ~np.isfinite(x)
     if feature.transform == "log1p":       # signed, so that -1 "unknown" codes stay finite
@@ -150,9 +151,12 @@ def numeric_values(feature: NumericFeature, raw: np.ndarray,
     elif feature.transform == "standardize":
         m0, a0, b0 = moments if moments is not None else (0.0, 0.0, 0.0)
         v = np.where(missing, 0.0, x)
-        seen = m0 + np.cumsum(~missing) - (~missing)
-        s1, s2 = a0 + np.cumsum(v) - v, b0 + np.cumsum(v * v) - v * v
-        if moments is not None and len(v):
+        if frozen:
+            seen, s1, s2 = (np.full(len(v), float(m)) for m in (m0, a0, b0))
+        else:
+            seen = m0 + np.cumsum(~missing) - (~missing)
+            s1, s2 = a0 + np.cumsum(v) - v, b0 + np.cumsum(v * v) - v * v
+        if moments is not None and len(v) and not frozen:
             moments[:] = [m0 + float((~missing).sum()), a0 + float(v.sum()),
                           b0 + float((v * v).sum())]
         mean = np.divide(s1, seen, out=np.zeros_like(s1), where=seen > 0)

@@ -73,15 +73,31 @@ class SampleBatch:
 
 class SampleReader:
     """Records -> ``SampleBatch``.  Keeps what a stream needs from batch to batch: key caches
-    per feature and the running moments of ``standardize`` features (not checkpointed: after a
-    restart they build up again from the first records)."""
+    per feature and the running moments of ``standardize`` features (``moments``: the trainer
+    checkpoints them and versions carry them; a ``frozen`` reader -- serving's -- scores every
+    record on the moments it was given and never moves them)."""
 
-    def __init__(self, spec: FeatureSpec):
+    def __init__(self, spec: FeatureSpec, frozen: bool = False):
         self.spec = spec
+        self.frozen = frozen
         self.counts = count_inputs(spec)
         self.lists = {f for f in sample_fields(spec) if spec.field(f).type.startswith("list")}
         self._caches: dict[str, dict] = {n: {} for n in [*spec.sparse, *spec.realtime.sequences]}
-        self._moments: dict[str, list[float]] = {n: [0.0, 0.0, 0.0] for n in spec.numeric}
+        self._moments: dict[str, list[float]] = {n: [0.0, 0.0, 0.0] for n, f in spec.numeric.items()
+                                                 if f.transform == "standardize"}
+
+    @property
+    def moments(self) -> dict[str, list[float]]:
+        """Each ``standardize`` feature's [count, sum, sum of squares] so far (a copy)."""
+        return {n: list(m) for n, m in self._moments.items()}
+
+    def set_moments(self, moments: dict[str, list[float]] | None) -> None:
+        """Take ``moments`` (from a checkpoint or a version); features it lacks start afresh,
+        names the spec no longer declares are ignored."""
+        for n in self._moments:
+            m = (moments or {}).get(n)
+            self._moments[n] = [float(x) for x in m] if m is not None and len(m) == 3 \
+                else [0.0, 0.0, 0.0]
 
     def read(self, values: list[bytes]) -> SampleBatch:
         """Decode ``values``; a malformed record is refused (``valid`` False, a reason in
@@ -136,7 +152,7 @@ class SampleReader:
         cols = []
         for name, f in spec.numeric.items():
             raw = _numbers([x.get(f.field) for x in fields])
-            cols.append(numeric_values(f, raw, self._moments[name]))
+            cols.append(numeric_values(f, raw, self._moments.get(name), frozen=self.frozen))
         if self.counts:
             counts = [d.get("counts") or {} for d in good]
             for c, value in self.counts:

@@ -13,7 +13,7 @@ import pytest
 
 from odl import names
 from odl.kafka_util import ensure_topics, producer
-from odl.spec import SPECS_DIR, EventValidator, SpecMismatch, load_spec
+from odl.spec import SPECS_DIR, EventValidator, SpecMismatch, parse_spec
 from odl.spec.sample import sample_record
 from odl.spec.synth import synthetic_rows
 from tests.conftest import make_config
@@ -36,7 +36,11 @@ def _drain(tr: StreamingTrainer, produced: int) -> None:
 
 
 def test_spec_samples_train_once_and_restore_under_their_spec(tmp_path: Path, broker_port: int):
-    spec = load_spec(SPECS_DIR / "adlog.yaml")
+    # adlog with a standardised numeric input: its running moments are checkpointed too
+    spec = parse_spec((SPECS_DIR / "adlog.yaml").read_text()
+                      .replace("    is_attributed:", "    bid: {type: float, min: 0}\n    is_attributed:")
+                      .replace("label:\n", "numeric:\n  bid: {field: bid, transform: standardize}\n"
+                               "label:\n"))
     check = EventValidator(spec.events).check
     records = []
     for k, row in enumerate(synthetic_rows(spec, N, seed=3, vocab=300)):
@@ -63,6 +67,7 @@ def test_spec_samples_train_once_and_restore_under_their_spec(tmp_path: Path, br
     assert set(tr.model.tables) == set(spec.tables)
     assert tr.validator.summary()["auc"] > 0.6      # the synthetic label is learnable
     tr.checkpoint("full")
+    moments = tr.codec.numeric_moments()       # decoding the probe below moves them on
     probe = tr.codec.to_batch(tr.codec.decode_records([0] * 64, list(range(64)), records[:64]).rows)
     before = tr.model.predict(probe)
     tr.close()
@@ -70,6 +75,7 @@ def test_spec_samples_train_once_and_restore_under_their_spec(tmp_path: Path, br
     again = StreamingTrainer(cfg, codec=SpecCodec(spec))
     assert again.restored_from is not None and again.model.step == tr.model.step
     np.testing.assert_allclose(again.model.predict(probe), before, rtol=1e-5)
+    assert moments["bid"][0] > N / 2 and again.codec.numeric_moments() == moments
     again.close()
     with pytest.raises(SpecMismatch, match="adlog|feature spec"):
         StreamingTrainer(cfg, codec=DefaultCodec())

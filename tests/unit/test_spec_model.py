@@ -124,6 +124,32 @@ def test_keys_padding_and_transforms():
     np.testing.assert_allclose(lg, [-np.log(2), 0, np.log(10)], rtol=1e-6)
 
 
+def test_standardize_moments_survive_a_restart_and_serving_scores_on_the_versions():
+    """The trainer's reader checkpoints its moments (a restored one scales the next records as
+    the uninterrupted one does); serving's reader is frozen on the moments a version carries."""
+    from odl.spec.sample import SampleReader
+    spec = parse_spec(CROSS_SPEC.replace("label: {field: y}", "numeric:\n  x: {field: x, "
+                                         "transform: standardize}\nlabel: {field: y}")
+                      .replace("    y: {type: int", "    x: {type: float}\n    y: {type: int"))
+    recs = [json.dumps({"sample_id": f"s{k}", "ts_ms": T0 + k, "label": 0,
+                        "fields": {"a": 1, "b": 2, "x": float(k % 7)}}).encode() for k in range(60)]
+    live = SampleReader(spec)
+    live.read(recs[:40])
+    restored = SampleReader(spec)
+    restored.set_moments(json.loads(json.dumps(live.moments)))     # through a checkpoint's JSON
+    np.testing.assert_array_equal(restored.read(recs[40:]).numeric, live.read(recs[40:]).numeric)
+
+    n, s1, s2 = live.moments["x"]
+    mean, std = s1 / n, np.sqrt(s2 / n - (s1 / n) ** 2)
+    serving = SampleReader(spec, frozen=True)
+    serving.set_moments(live.moments)
+    before = serving.moments
+    got = serving.read(recs[:5]).numeric[:, 0]
+    np.testing.assert_allclose(got, (np.arange(5) - mean) / std, rtol=1e-5)
+    assert serving.moments == before, "requests never move a version's moments"
+    assert live.moments["x"][0] == 60 and SampleReader(spec).moments == {"x": [0.0, 0.0, 0.0]}
+
+
 def test_frozen_copy_stops_learning_and_padding_is_never_trained(tmp_path: Path):
     spec = parse_spec(CROSS_SPEC)
     rows = [{"ts_ms": T0 + n, "a": n % 3, "b": n % 5, "tags": ["t"], "y": n % 2} for n in range(300)]
