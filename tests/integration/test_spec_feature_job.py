@@ -14,6 +14,7 @@ import pytest
 
 from odl.kafka_util import ensure_topics
 from odl.spec import DEFAULT_SPEC_PATH, parse_spec
+from odl.spec.encode import count_names
 from odl.spec.logs import write_log
 from odl.spec.sample import SampleReader
 from tests.conftest import make_config
@@ -136,7 +137,12 @@ def test_spec_job_writes_the_inputs_eval_computes(tmp_path, broker_port, redis_p
     np.testing.assert_array_equal(got.labels, log.label[idx])
     for name, keys in got.keys.items():
         np.testing.assert_array_equal(keys, log.keys[name][idx], err_msg=name)
-    np.testing.assert_allclose(got.numeric, log.numeric[idx], rtol=1e-6, atol=1e-6)
+    # named, so that a rare mismatch says which input of which sample at what time
+    cols = [*spec.numeric, *count_names(spec)]
+    bad = np.argwhere(~np.isclose(got.numeric, log.numeric[idx], rtol=1e-6, atol=1e-6))
+    assert not len(bad), [(samples[r]["sample_id"], samples[r]["ts_ms"], cols[c],
+                           float(got.numeric[r, c]), float(log.numeric[idx][r, c]))
+                          for r, c in bad[:10]]
     # not vacuous: the windows, the cross and the sequence all said something
     assert sum("sequences" in x for x in samples) > 300
     counts = Counter(k for x in samples for k in x.get("counts", {}))
