@@ -158,6 +158,13 @@ def carried_state_views(name: str, updates: list[tuple[str, str, str, str]]) -> 
     event-time OVER carries each part's newest value forward.  ``updates``: (part, source view
     with ``entity_id``, its time column, the part's value expression)."""
     parts = [p for p, *_ in updates]
+    if len(updates) == 1:
+        # one part: each update is the whole state, no value to carry forward (and no event-time
+        # OVER, which holds every row until the watermark passes it)
+        (part, src, t, value), = updates
+        return [f"""CREATE TEMPORARY VIEW {name} AS
+                  SELECT entity_id, {t} AS vt, {value} AS {part} FROM {src}""",
+                latest_view(f"latest_{name}", name, "vt")]
 
     def row(name: str, value: str) -> str:
         return ", ".join(value if p == name else "CAST(NULL AS STRING)" for p in parts)
