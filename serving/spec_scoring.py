@@ -162,16 +162,17 @@ class SpecScorer:
         """The graph's inputs for ``rows`` (``exporters.spec_savedmodel.request_specs``), with
         the numeric moments of ``model``'s version (a ``serving.model.LoadedModel``)."""
         counts, seqs, degraded = self.online(rows, now_ms)
-        records = [orjson.dumps({"sample_id": "request", "ts_ms": now_ms, "label": 0,
-                                 "fields": r, "counts": c, "sequences": s})
+        records = [{"sample_id": "request", "ts_ms": now_ms, "label": 0,
+                    "fields": r, "counts": c, "sequences": s}
                    for r, c, s in zip(rows, counts, seqs)]
         with self._lock:
             if model is not None and model.version != self._moments_of:
                 self.reader.set_moments(model.manifest.get("numeric_moments"))
                 self._moments_of = model.version
-            batch = self.reader.read(records)
-        if not batch.valid.all():        # the request rules passed it: an encoding bug
-            raise ValueError(f"request rows did not encode: {batch.errors}")
+            try:
+                batch = self.reader.read_docs(records)
+            except (ValueError, TypeError, KeyError) as exc:   # the request rules passed it
+                raise ValueError(f"request rows did not encode: {exc}") from exc
         out, masks = {}, []
         for i, dim in zip(self.net.inputs, self.net.dims):
             keys = batch.keys[i.name]

@@ -15,6 +15,7 @@ from odl.cli import main as cli
 from odl.config import load_config
 from odl.control import ControlPlane
 from odl.feature_store import FeatureStore
+from odl.features import Tile
 from odl.launcher import LocalStack
 from odl.spec import SPECS_DIR, load_spec
 from odl.spec.logs import write_log
@@ -93,19 +94,23 @@ def test_a_spec_runs_the_whole_stack(spec_stack_config):
         assert reader.pointer().dims is None or set(reader.pointer().dims) <= set(spec.tables)
         assert all(reader.count(t) > 0 for t in spec.tables)
         # the online store holds the spec's counts, and the log was replayed onto now: the
-        # busiest app (Zipf: app 0) has impressions in the hour serving reads as of now. A
-        # tile lands once its minute closes and the job's Kafka transaction commits at the
-        # next checkpoint, so a prediction can be served before the first one: wait for it.
-        def busiest_app_impressions() -> float:
+        # busiest app (Zipf: app 0) has impressions in the hour before its newest tile, which
+        # ended minutes ago. A tile lands once its minute closes and the job's Kafka
+        # transaction commits at the next checkpoint, so a prediction can be served before the
+        # first one: wait for it. Read as of the stream's clock (the tile's end), not the wall
+        # clock: once the replay is over no event moves the watermark, no newer tile comes,
+        # and a reader as of "now" rightly takes the app for quiet a slide later.
+        def busiest_app() -> tuple[float, int]:
             (tile,) = FeatureStore(r).parts(count_kind("by_app"), ["0"], ("1h",))[0]
             tiles = [tile if (c, w) == ("by_app", "1h") else None for c, w in count_parts(spec)]
-            now = int(time.time() * 1000)
-            return count_values(spec, tiles, now, in_flight=True).get("by_app.impressions_1h", 0)
+            end = Tile.decode(tile).end_ms if tile else 0
+            return count_values(spec, tiles, end, in_flight=True).get("by_app.impressions_1h", 0), end
 
         deadline = time.monotonic() + 90
-        while busiest_app_impressions() <= 10 and time.monotonic() < deadline:
+        while busiest_app()[0] <= 10 and time.monotonic() < deadline:
             time.sleep(2)
-        assert busiest_app_impressions() > 10
+        imps, end = busiest_app()
+        assert imps > 10 and abs(time.time() * 1000 - end) < 10 * 60_000, (imps, end)
 
         # roll serving *and the trainer* back to the first version: the trainer goes back to
         # the checkpoint that version was cut from and replays the samples since

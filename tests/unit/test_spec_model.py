@@ -150,6 +150,19 @@ def test_standardize_moments_survive_a_restart_and_serving_scores_on_the_version
     assert live.moments["x"][0] == 60 and SampleReader(spec).moments == {"x": [0.0, 0.0, 0.0]}
 
 
+def test_decoded_records_encode_as_their_json_does():
+    """Serving hands the reader dicts (``read_docs``), the trainer bytes (``read``): same inputs."""
+    from odl.spec.sample import SampleReader
+    spec = parse_spec(CROSS_SPEC)
+    docs = [{"sample_id": f"s{k}", "ts_ms": T0 + k, "label": k % 2,
+             "fields": {"a": k % 3, "b": 7, "tags": ["t", "u"][: k % 3]}} for k in range(20)]
+    a, b = SampleReader(spec).read([json.dumps(d).encode() for d in docs]), SampleReader(spec).read_docs(docs)
+    assert a.valid.all() and all((a.keys[n] == b.keys[n]).all() for n in a.keys)
+    np.testing.assert_array_equal(a.numeric, b.numeric)
+    with pytest.raises(TypeError, match="tags"):
+        SampleReader(spec).read_docs([{**docs[0], "fields": {"a": 1, "b": 2, "tags": "t"}}])
+
+
 def test_frozen_copy_stops_learning_and_padding_is_never_trained(tmp_path: Path):
     spec = parse_spec(CROSS_SPEC)
     rows = [{"ts_ms": T0 + n, "a": n % 3, "b": n % 5, "tags": ["t"], "y": n % 2} for n in range(300)]
