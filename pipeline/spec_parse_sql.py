@@ -70,7 +70,7 @@ def sql_parse_gap(spec: FeatureSpec) -> str | None:
             return f"events.fields.{name} is a hashed string"
         if not re.fullmatch(r"[A-Za-z0-9_]+", name):
             return f"events.fields.{name}: a name the payload regex does not quote"
-    if not ev.fields[ev.time_field].required is True:
+    if ev.fields[ev.time_field].required is not True:
         return f"events.time_field {ev.time_field} is optional"
     for t in ev.types:
         if _JSON_LITERAL.match(t):
