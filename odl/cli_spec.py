@@ -36,6 +36,9 @@ def summary(spec: FeatureSpec) -> dict:
         "label": (f"join {spec.label.join.impression}/{spec.label.join.click} on "
                   f"{'+'.join(spec.label.join.key)} within {spec.label.join.attribution_window_s} s"
                   if spec.label.join else f"field {spec.label.field}"),
+        "serving": (f"predict takes {', '.join(spec.serving.request) or 'no fields'}"
+                    + (f"; recommend scores candidates of {', '.join(spec.serving.candidates)}"
+                       if spec.serving.candidates else "; no recommend (serving.candidates unset)")),
         "live_pipeline": stream,
         "event_parse": ("in Python; with feature_job.sql_parse, valid events are proven in SQL "
                         "and skip it" if gap is None else f"in Python only: {gap}"),
@@ -113,6 +116,7 @@ def check(path: str, log_path: str | None, renames: tuple[str, ...], as_json: bo
             for k, v in out[section].items():
                 click.echo(f"    {k}: {v}")
     click.echo(f"  label: {out['label']}")
+    click.echo(f"  serving: {out['serving']}")
     click.echo(f"  live pipeline: {out['live_pipeline']}")
     click.echo(f"  event parse: {out['event_parse']}")
     if "log" in out:

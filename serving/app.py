@@ -82,7 +82,8 @@ class ServingApp:
         self.api = make_api(s.max_instances, s.max_candidates, s.model_name)
         spec = running_spec(cfg)
         # a declared spec's model takes its own request body (serving.spec_scoring)
-        self.spec_requests = None if is_default(spec) else SpecRequests(spec, s.max_instances)
+        self.spec_requests = None if is_default(spec) else SpecRequests(spec, s.max_instances,
+                                                                        s.max_candidates)
         if self.spec_requests is not None:
             self.inference.spec = SpecScorer(spec, self.features.store, self.guard, self.cache,
                                              on_lookup=self.metrics.lookup)
@@ -187,8 +188,7 @@ class ServingApp:
     async def _recommend(self, request: web.Request) -> web.Response:
         model = self._model(request)
         if self.spec_requests is not None:
-            raise RequestError(404, "recommend scores a user's candidate items (the default "
-                               "shape); a spec's model answers :predict with its instances")
+            return await self._recommend_spec(request, model)
         req = await self._parse(request, self.api.recommend)
         hour = req.context.hour if req.context.hour is not None else time.gmtime().tm_hour
         cands = Candidates(req.user_id, req.candidates, req.context.position, hour)
@@ -196,6 +196,19 @@ class ServingApp:
         probs = scored.probabilities
         order = np.argsort(-probs, kind="stable")[:req.top_k or len(probs)]
         items = [{"item_id": req.candidates[k], "score": float(probs[k])} for k in order.tolist()]
+        return json_response({"model_version": model.version, "items": items},
+                             headers=self._headers(model, scored))
+
+    async def _recommend_spec(self, request: web.Request, model: LoadedModel) -> web.Response:
+        try:
+            rows, cands, top_k = self.spec_requests.parse_recommend(await request.read())
+        except SpecRequestError as exc:
+            status = 404 if not self.spec_requests.candidate_fields else 400
+            raise RequestError(status, str(exc), exc.details) from None
+        scored: Scored = await self.batcher.submit((model, "spec"), len(rows), rows)
+        probs = scored.probabilities
+        order = np.argsort(-probs, kind="stable")[:top_k]
+        items = [{**cands[k], "score": float(probs[k])} for k in order.tolist()]
         return json_response({"model_version": model.version, "items": items},
                              headers=self._headers(model, scored))
 
@@ -212,9 +225,14 @@ class ServingApp:
         if self.spec_requests is None:
             return json_response(self.api.openapi)
         doc = dict(self.api.openapi)
-        doc["components"] = {**doc.get("components", {}), "schemas": {
-            **doc.get("components", {}).get("schemas", {}),
-            "PredictRequest": self.spec_requests.schema()}}
+        schemas = {**doc.get("components", {}).get("schemas", {}),
+                   "PredictRequest": self.spec_requests.schema()}
+        recommend = self.spec_requests.recommend_schema()
+        if recommend is not None:
+            schemas["RecommendRequest"], schemas["RecommendResponse"] = recommend
+        else:   # no candidates declared: no recommend endpoint to describe
+            doc["paths"] = {p: v for p, v in doc["paths"].items() if not p.endswith(":recommend")}
+        doc["components"] = {**doc.get("components", {}), "schemas": schemas}
         return json_response(doc)
 
     async def status(self, request: web.Request) -> web.Response:

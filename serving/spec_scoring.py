@@ -1,6 +1,9 @@
 """Serving a declared feature spec's model: its request body, its online features, its graph.
 
-A predict request under a spec is ``{"instances": [{<serving.request fields>}, ...]}``.  Each
+A predict request under a spec is ``{"instances": [{<serving.request fields>}, ...]}``; a
+recommend request, where the spec declares ``serving.candidates``, is ``{"context": {<the other
+request fields>}, "candidates": [{<serving.candidates fields>}, ...], "top_k": k}``, scored as
+one instance per candidate.  Each
 instance is checked by the spec's own generated event rules (``odl.spec.events.compile_field``:
 types, limits, folding), so what serving accepts is what training accepted; an unknown or bad
 field is a 400 naming ``instances[k].<field>`` and the rule's reason.
@@ -44,54 +47,97 @@ class SpecRequestError(ValueError):
 
 
 class SpecRequests:
-    """The predict body of a spec: parsed and checked by the spec's field rules."""
+    """The request bodies of a spec, parsed and checked by the spec's field rules: predict's
+    ``{"instances": [...]}`` and, where ``serving.candidates`` is declared, recommend's
+    ``{"context": {...}, "candidates": [{...}, ...], "top_k": k}``."""
 
-    def __init__(self, spec: FeatureSpec, max_instances: int):
+    def __init__(self, spec: FeatureSpec, max_instances: int, max_candidates: int | None = None):
         self.spec, self.max_instances = spec, max_instances
+        self.max_candidates = max_candidates or max_instances
         self.fields = list(spec.serving.request)
+        self.candidate_fields = list(spec.serving.candidates)
+        self.context_fields = [f for f in self.fields if f not in self.candidate_fields]
         self.checks = {f: compile_field(f, spec.field(f)) for f in self.fields}
         self.required = {f for f in self.fields if spec.field(f).required is True}
         self.lenient = {f for f in self.fields if spec.field(f).on_invalid == "default"}
 
-    def parse(self, body: bytes) -> list[dict[str, Any]]:
+    @staticmethod
+    def _json(body: bytes):
         try:
-            doc = orjson.loads(body)
+            return orjson.loads(body)
         except orjson.JSONDecodeError:
             raise SpecRequestError("body is not JSON") from None
+
+    def _check(self, row, fields: list[str], loc: str, problems: list[dict]) -> dict[str, Any]:
+        """``row``'s values of ``fields``, typed; each problem appended with its location."""
+        if not isinstance(row, dict):
+            problems.append({"loc": loc, "msg": "not an object"})
+            return {}
+        typed: dict[str, Any] = {}
+        for name in sorted(set(row) - set(fields)):
+            problems.append({"loc": f"{loc}.{name}", "msg": f"unknown field (allowed here: {fields})"})
+        for name in fields:
+            v = row.get(name)
+            if v is None:
+                if name in self.required:
+                    problems.append({"loc": f"{loc}.{name}", "msg": "required"})
+                typed[name] = None
+                continue
+            reason, value = self.checks[name](v)
+            if reason is not None and name not in self.lenient:
+                problems.append({"loc": f"{loc}.{name}", "msg": reason})
+            typed[name] = value if reason is None else None
+        return typed
+
+    @staticmethod
+    def _raise(problems: list[dict]) -> None:
+        if problems:
+            first = problems[0]
+            raise SpecRequestError(f"{first['loc']}: {first['msg']}", problems[:20])
+
+    def parse(self, body: bytes) -> list[dict[str, Any]]:
+        doc = self._json(body)
         rows = doc.get("instances") if isinstance(doc, dict) else None
         if not isinstance(rows, list) or not 1 <= len(rows) <= self.max_instances:
             raise SpecRequestError(f"body must be {{\"instances\": [1 to {self.max_instances} "
                                    f"objects of {self.fields}]}}")
-        problems, out = [], []
-        for k, row in enumerate(rows):
-            if not isinstance(row, dict):
-                problems.append({"loc": f"instances[{k}]", "msg": "not an object"})
-                continue
-            typed: dict[str, Any] = {}
-            for name in sorted(set(row) - set(self.checks)):
-                problems.append({"loc": f"instances[{k}].{name}",
-                                 "msg": f"unknown field (the spec's request fields: {self.fields})"})
-            for name, check in self.checks.items():
-                v = row.get(name)
-                if v is None:
-                    if name in self.required:
-                        problems.append({"loc": f"instances[{k}].{name}", "msg": "required"})
-                    typed[name] = None
-                    continue
-                reason, value = check(v)
-                if reason is not None and name not in self.lenient:
-                    problems.append({"loc": f"instances[{k}].{name}", "msg": reason})
-                typed[name] = value if reason is None else None
-            out.append(typed)
-        if problems:
-            first = problems[0]
-            raise SpecRequestError(f"{first['loc']}: {first['msg']}", problems)
+        problems: list[dict] = []
+        out = [self._check(row, self.fields, f"instances[{k}]", problems)
+               for k, row in enumerate(rows)]
+        self._raise(problems)
         return out
 
-    def schema(self) -> dict[str, Any]:
-        """The body's JSON schema (for the OpenAPI document), from the same field specs."""
+    def parse_recommend(self, body: bytes) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
+        """(one instance per candidate: its fields over the context's, the candidates as given
+        in their typed form with absent fields left out, top_k).  A candidate may be a bare value where the spec declares
+        one candidate field."""
+        if not self.candidate_fields:
+            raise SpecRequestError("this spec declares no serving.candidates: its model "
+                                   "answers :predict with its instances")
+        doc = self._json(body)
+        shape = (f"body must be {{\"context\"?: {{{', '.join(self.context_fields)}}}, "
+                 f"\"candidates\": [1 to {self.max_candidates} objects of "
+                 f"{self.candidate_fields}], \"top_k\"?: n}}")
+        if not isinstance(doc, dict) or set(doc) - {"context", "candidates", "top_k"}:
+            raise SpecRequestError(shape)
+        cands, top_k = doc.get("candidates"), doc.get("top_k")
+        if not isinstance(cands, list) or not 1 <= len(cands) <= self.max_candidates:
+            raise SpecRequestError(shape)
+        if top_k is not None and (type(top_k) is not int or not 1 <= top_k <= self.max_candidates):
+            raise SpecRequestError(f"top_k: an integer from 1 to {self.max_candidates}")
+        if len(self.candidate_fields) == 1:
+            cands = [c if isinstance(c, dict) else {self.candidate_fields[0]: c} for c in cands]
+        problems: list[dict] = []
+        context = self._check(doc.get("context", {}), self.context_fields, "context", problems)
+        typed = [self._check(c, self.candidate_fields, f"candidates[{k}]", problems)
+                 for k, c in enumerate(cands)]
+        self._raise(problems)
+        answered = [{f: v for f, v in c.items() if v is not None} for c in typed]
+        return [{**context, **c} for c in typed], answered, top_k or len(typed)
+
+    def _row_schema(self, fields: list[str], required: bool = True) -> dict[str, Any]:
         props = {}
-        for name in self.fields:
+        for name in fields:
             f = self.spec.field(name)
             if f.type.startswith("list["):
                 item = {"type": _JSON_TYPES[f.type[5:-1]]}
@@ -108,11 +154,37 @@ class SpecRequests:
                 if f.type == "string" and f.max_len:
                     p["maxLength"] = f.max_len
             props[name] = p
-        row = {"type": "object", "properties": props, "additionalProperties": False,
-               "required": sorted(self.required)}
+        return {"type": "object", "properties": props, "additionalProperties": False,
+                "required": sorted(self.required & set(fields))}
+
+    def schema(self) -> dict[str, Any]:
+        """The predict body's JSON schema (for the OpenAPI document), from the same field specs."""
         return {"type": "object", "required": ["instances"], "additionalProperties": False,
-                "properties": {"instances": {"type": "array", "items": row, "minItems": 1,
-                                             "maxItems": self.max_instances}}}
+                "properties": {"instances": {"type": "array", "items": self._row_schema(self.fields),
+                                             "minItems": 1, "maxItems": self.max_instances}}}
+
+    def recommend_schema(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The recommend request's and answer's JSON schemas; None where the spec declares no
+        candidates.  An answered item is its candidate, as checked, and its score."""
+        if not self.candidate_fields:
+            return None
+        cand = self._row_schema(self.candidate_fields)
+        if len(self.candidate_fields) == 1:
+            cand = {"oneOf": [cand, cand["properties"][self.candidate_fields[0]]]}
+        request = {"type": "object", "required": ["candidates"], "additionalProperties": False,
+                   "properties": {
+                       "context": self._row_schema(self.context_fields),
+                       "candidates": {"type": "array", "items": cand, "minItems": 1,
+                                      "maxItems": self.max_candidates},
+                       "top_k": {"type": "integer", "minimum": 1, "maximum": self.max_candidates}}}
+        item = self._row_schema(self.candidate_fields)
+        item["properties"]["score"] = {"type": "number"}
+        item["required"] = [*item["required"], "score"]
+        answer = {"type": "object", "required": ["model_version", "items"],
+                  "properties": {"model_version": {"type": "string"},
+                                 "items": {"type": "array", "items": item,
+                                           "description": "best first, top_k of them"}}}
+        return request, answer
 
 
 class SpecScorer:

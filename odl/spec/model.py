@@ -238,6 +238,9 @@ class ServingSpec(_Strict):
     request: list[str] = Field(default_factory=list, description="fields each request carries")
     entities: list[str] = Field(default_factory=list, description="key fields whose real-time "
                                 "features serving looks up in the online store")
+    candidates: list[str] = Field(default_factory=list, description="the request fields that "
+                                  "describe one candidate of a `:recommend` call (an item, an "
+                                  "ad); the other request fields are its shared context")
 
 
 class FeatureSpec(_Strict):
@@ -262,11 +265,17 @@ class FeatureSpec(_Strict):
     def hash(self) -> str:
         """Identity of what a model trained under this spec expects: recorded in checkpoints and
         manifests, so a stack refuses to mix state of two specs.  ``description`` is left out."""
-        body = self.model_dump(mode="json", exclude={"description"})
+        # serving.candidates shapes the recommend body, not what the model expects
+        body = self.model_dump(mode="json", exclude={"description": True,
+                                                     "serving": {"candidates": True}})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
     def field(self, name: str) -> FieldSpec:
         return self.events.fields[name]
+
+
+# each recommended item is answered as its candidate fields plus these
+_RECOMMEND_RESERVED = frozenset({"score", "rank"})
 
 
 def _reference_problems(spec: FeatureSpec):
@@ -336,6 +345,11 @@ def _reference_problems(spec: FeatureSpec):
         p = field_of("serving.request", f)
         if p:
             yield p
+    for f in spec.serving.candidates:
+        if f not in spec.serving.request:
+            yield f"serving.candidates: {f!r} is not in serving.request {spec.serving.request}"
+        elif f in _RECOMMEND_RESERVED:
+            yield f"serving.candidates: {f!r} is a name the recommend answer uses itself"
     keys = {k for c in spec.realtime.counts.values() for k in c.key} | \
            {s.key for s in spec.realtime.sequences.values()}
     for e in spec.serving.entities:

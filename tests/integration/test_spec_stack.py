@@ -124,5 +124,26 @@ def test_a_spec_runs_the_whole_stack(spec_stack_config):
         done = cp.trainer_rolled_back()
         assert done["ok"] and done["mode"] == "replay"
         assert cp.is_paused("exporter") and cp.pinned_version() == first["version"]
+
+        # recommend (serving.candidates: app, channel) scores each candidate as the instance of
+        # the context and that candidate, ranked. Publishing is paused, so predict of the same
+        # instances must give the same scores; the counts are read as of the wall clock, so a
+        # tile boundary between the two calls may move them: three tries.
+        rec_url = url.replace(":predict", ":recommend")
+        context = {k: row[k] for k in ("ip", "device", "os")}
+        cands = [{"app": a, "channel": c} for a, c in ((0, 5), (2, 5), (7, 1), (11, 3))]
+        for _ in range(3):
+            rec = requests.post(rec_url, json={"context": context, "candidates": cands, "top_k": 3},
+                                timeout=5)
+            assert rec.status_code == 200, rec.text
+            pred = requests.post(url, json={"instances": [{**context, **c} for c in cands]}, timeout=5)
+            scores = {(c["app"], c["channel"]): p for c, p in zip(cands, pred.json()["predictions"])}
+            items = rec.json()["items"]
+            if all(abs(scores[(i["app"], i["channel"])] - i["score"]) < 1e-6 for i in items):
+                break
+        else:
+            pytest.fail(f"recommend {items} disagrees with predict {scores}")
+        assert rec.json()["model_version"] == first["version"] and len(items) == 3
+        assert [i["score"] for i in items] == sorted(scores.values(), reverse=True)[:3]
     finally:
         stack.down(print)

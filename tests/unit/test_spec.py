@@ -55,6 +55,11 @@ def test_description_does_not_change_the_hash():
     b = parse_spec(MINIMAL.replace("name: tiny", "name: tiny\ndescription: words"))
     assert a.hash == b.hash
     assert parse_spec(MINIMAL.replace("dim: 8", "dim: 4")).hash != a.hash
+    # nor does the shape of the recommend body: the model is the same
+    c = parse_spec(MINIMAL.replace("label: {field: y}",
+                                   "label: {field: y}\nserving: {request: [user], candidates: [user]}"))
+    d = parse_spec(MINIMAL.replace("label: {field: y}", "label: {field: y}\nserving: {request: [user]}"))
+    assert c.hash == d.hash and c.serving.candidates == ["user"]
 
 
 @pytest.mark.parametrize("change, named", [
@@ -74,6 +79,8 @@ def test_description_does_not_change_the_hash():
     (("label: {field: y}", "label: {field: y}\nserving: {entities: [user]}"),
      "serving.entities: 'user' keys no real-time count"),
     (("price: {type: float, min: 0}", "price: {type: float, min: 5, max: 1}"), "min 5.0 > max 1.0"),
+    (("label: {field: y}", "label: {field: y}\nserving: {request: [user], candidates: [item]}"),
+     "serving.candidates: 'item' is not in serving.request ['user']"),
 ])
 def test_a_spec_that_cannot_work_names_the_entry(change, named):
     text = MINIMAL.replace(*change)
