@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from odl.spec.encode import count_input, count_inputs, numeric_values, sequence_keys, sparse_keys
+from odl.spec.encode import (columns, count_input, count_inputs, numeric_values, sequence_keys,
+                             sparse_keys)
 from odl.spec.model import FeatureSpec
 
 def sample_fields(spec: FeatureSpec) -> list[str]:
@@ -83,6 +84,9 @@ class SampleReader:
         self.counts = count_inputs(spec)
         self.lists = {f for f in sample_fields(spec) if spec.field(f).type.startswith("list")}
         self._caches: dict[str, dict] = {n: {} for n in [*spec.sparse, *spec.realtime.sequences]}
+        # every field a feature reads: taken from the records as columns in one pass
+        self._read_fields = [*(x for f in spec.sparse.values() for x in (f.cross or [f.field])),
+                             *(f.field for f in spec.numeric.values())]
         self._moments: dict[str, list[float]] = {n: [0.0, 0.0, 0.0] for n, f in spec.numeric.items()
                                                  if f.transform == "standardize"}
 
@@ -146,10 +150,11 @@ class SampleReader:
         spec, n = self.spec, len(docs)
         good = [d for d in docs if d is not None]
         fields = [d["fields"] for d in good]
+        by_field = columns(fields, self._read_fields)
         keys = {}
         for name, f in spec.sparse.items():
             cache = {} if probe else self._caches[name]
-            keys[name] = _spread(sparse_keys(spec, f, fields, cache)[0], valid)
+            keys[name] = _spread(sparse_keys(spec, f, fields, cache, by_field)[0], valid)
         for name, s in spec.realtime.sequences.items():
             lists = [(d.get("sequences") or {}).get(name) for d in good]
             cache = {} if probe else self._caches[name]
@@ -158,7 +163,7 @@ class SampleReader:
             return None
         cols = []
         for name, f in spec.numeric.items():
-            raw = _numbers([x.get(f.field) for x in fields])
+            raw = _numbers(list(by_field[f.field]))
             cols.append(numeric_values(f, raw, self._moments.get(name), frozen=self.frozen))
         if self.counts:
             counts = [d.get("counts") or {} for d in good]
