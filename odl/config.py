@@ -187,6 +187,10 @@ class TrainerScaleConfig(_Section):
     sync_every_steps: int = Field(20, ge=1, description="steps between a trainer's dense-weight "
                                   "exchanges with the averager")
     trainer_cpus: float = Field(1.0, gt=0, description="Ray CPUs each trainer actor asks for")
+    placement: Literal["spread", "pack"] = Field(
+        "spread", description="the group's trainers and shards on the Ray cluster's nodes: "
+        "spread (Ray's SPREAD: across the nodes, so every node's CPUs train and a lost node "
+        "takes part of the group, which restarts from its epoch) or pack (Ray's default)")
 
     @property
     def grouped(self) -> bool:

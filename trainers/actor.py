@@ -103,6 +103,11 @@ class TrainerActorImpl:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (where a group's members landed)."""
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
 
 def run(cfg: Config) -> int:
     """`odl run trainer`: create the actor on the cluster, keep it running, stop it on SIGTERM.

@@ -66,14 +66,15 @@ class TrainingGroupImpl:
         if commit is not None:
             commit.check_shape(n, s, GroupCommit.path(cfg))
         epoch = commit.epoch if commit else None
-        Shard = ray.remote(EmbeddingShard).options(num_cpus=0, max_restarts=0)
+        where = {"scheduling_strategy": "SPREAD"} if self.scale.placement == "spread" else {}
+        Shard = ray.remote(EmbeddingShard).options(num_cpus=0, max_restarts=0, **where)
         self.shards = [Shard.remote(cfg.trainer, k, s, checkpoint_dir(cfg, f"ps-{k}"), epoch)
                        for k in range(s)]
         self.averager = ray.remote(DenseAverager).options(num_cpus=0).remote(n)
         gpu = ray.cluster_resources().get("GPU", 0) >= n
         Trainer = ray.remote(TrainerActorImpl).options(
             max_concurrency=4, max_restarts=0, num_cpus=self.scale.trainer_cpus,
-            num_gpus=1 if gpu else 0)
+            num_gpus=1 if gpu else 0, **where)
         self.trainers = [
             Trainer.remote(cfg.model_dump_json(),
                            GroupMember(i, n, partitions_for(i, n, cfg.kafka.partitions),
@@ -101,16 +102,24 @@ class TrainingGroupImpl:
 
     def _restart(self, why: str) -> None:
         """Restart the whole group from its committed epoch, within the restart budget (a rate:
-        ``supervision``); beyond it ``BudgetExhausted`` ends ``run`` and the driver sees it."""
-        self.budget.record(why)
-        RESTARTS.set(self.restarts)
-        note_restart(self.cp, "trainer", self.log)
-        self.log.error("group member failed (%s); restarting the group from epoch %d "
-                       "(%d within %.0f s, %d in all)", why, self.epoch, self.budget.in_window,
-                       self.budget.window_s, self.restarts)
-        self._teardown()
-        time.sleep(1.0)
-        self._build()
+        ``supervision``); beyond it ``BudgetExhausted`` ends ``run`` and the driver sees it.
+        A member that dies while the group is rebuilt is another failure, not the end: when a
+        node is lost, Ray may place a new member on it before it is known to be dead."""
+        import ray
+        while True:
+            self.budget.record(why)
+            RESTARTS.set(self.restarts)
+            note_restart(self.cp, "trainer", self.log)
+            self.log.error("group member failed (%s); restarting the group from epoch %d "
+                           "(%d within %.0f s, %d in all)", why, self.epoch, self.budget.in_window,
+                           self.budget.window_s, self.restarts)
+            self._teardown()
+            time.sleep(1.0)
+            try:
+                self._build()
+                return
+            except (ray.exceptions.RayError, TimeoutError) as exc:
+                why = f"rebuilding: {type(exc).__name__}: {str(exc).splitlines()[0]}"
 
     # --- group checkpoints -------------------------------------------------------------------
     def _checkpoint(self, kind: str) -> None:
@@ -269,3 +278,9 @@ class TrainingGroupImpl:
         import ray
         return {"trainers": ray.get([t.pid.remote() for t in self.trainers]),
                 "shards": ray.get([s.pid.remote() for s in self.shards])}
+
+    def member_nodes(self) -> dict[str, list[str]]:
+        """The Ray node of each trainer and shard (``trainer.scale.placement``)."""
+        import ray
+        return {"trainers": ray.get([t.node_id.remote() for t in self.trainers]),
+                "shards": ray.get([s.node_id.remote() for s in self.shards])}

@@ -119,6 +119,11 @@ class EmbeddingShard:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this actor runs on (where a group's members landed)."""
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
     # --- state -------------------------------------------------------------------------------
     def state(self, since: int | None = None) -> dict[str, dict[str, np.ndarray]]:
         out = {f"table_{name}": t.state(since) for name, t in self.tables.items()}
