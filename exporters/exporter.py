@@ -27,7 +27,8 @@ from prometheus_client import Counter, Gauge
 from exporters import gate, savedmodel, spec_savedmodel
 from odl import dense_channel
 from odl.config import Config
-from odl.control import ControlPlane, redis_client
+from odl.control import ControlPlane
+from odl.redis_conn import redis_client
 from odl.embedding_store import HotEmbeddings, Pointer
 from odl.model_store import CachePolicy, Manifest, ModelStore
 from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect

@@ -74,6 +74,14 @@ class RedisConfig(_Section):
     port: int = Field(6390, ge=1, le=65535)
     password: str | None = None
     db: int = Field(0, ge=0)
+    cluster: bool = Field(False, description="host:port is a node of a Redis Cluster: clients "
+                          "follow its slot map (odl/redis_conn.py); db must be 0")
+
+    @model_validator(mode="after")
+    def _cluster_db(self) -> "RedisConfig":
+        if self.cluster and self.db != 0:
+            raise ValueError("redis.db: a Redis Cluster has only database 0")
+        return self
 
 
 class RayConfig(_Section):

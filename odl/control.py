@@ -16,17 +16,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import redis
 
 from odl import names
 from odl.config import Config
-
-
-def redis_client(cfg: Config, decode: bool = True, timeout_s: float = 5.0) -> redis.Redis:
-    r = cfg.redis
-    return redis.Redis(host=r.host, port=r.port, password=r.password, db=r.db,
-                       decode_responses=decode, socket_timeout=timeout_s,
-                       socket_connect_timeout=min(3.0, timeout_s))
+from odl.redis_conn import Client, atomic, redis_client
 
 
 @dataclass
@@ -46,7 +39,7 @@ class Heartbeat:
 
 
 class ControlPlane:
-    def __init__(self, cfg: Config, client: redis.Redis | None = None):
+    def __init__(self, cfg: Config, client: Client | None = None):
         self.cfg = cfg
         self.r = client or redis_client(cfg)
 
@@ -56,7 +49,7 @@ class ControlPlane:
 
     def resume(self, component: str) -> None:
         """Resuming the exporter is also the operator's override of a gate freeze."""
-        pipe = self.r.pipeline()
+        pipe = atomic(self.r, names.CP)
         pipe.srem(names.CP_PAUSED, component)
         if component == "exporter":
             pipe.delete(names.CP_FROZEN)
@@ -117,7 +110,7 @@ class ControlPlane:
 
     def promote(self, version: str) -> None:
         """Make ``version`` the newest as far as serving is concerned, and drop any pin."""
-        pipe = self.r.pipeline(transaction=True)
+        pipe = atomic(self.r, names.CP)
         pipe.set(names.CP_LATEST_VERSION, version)
         pipe.delete(names.CP_PINNED_VERSION)
         pipe.execute()
@@ -136,13 +129,13 @@ class ControlPlane:
 
     # --- versions -------------------------------------------------------------------------
     def register_version(self, manifest: dict[str, Any]) -> None:
-        pipe = self.r.pipeline(transaction=True)
+        pipe = atomic(self.r, names.CP)
         pipe.hset(names.CP_VERSIONS, manifest["version"], json.dumps(manifest))
         pipe.set(names.CP_LATEST_VERSION, manifest["version"])
         pipe.execute()
 
     def record_refused(self, record: dict[str, Any], keep: int = 50) -> None:
-        pipe = self.r.pipeline(transaction=True)
+        pipe = atomic(self.r, names.CP)
         pipe.lpush(names.CP_REFUSED, json.dumps(record))
         pipe.ltrim(names.CP_REFUSED, 0, keep - 1)
         pipe.execute()
@@ -177,7 +170,7 @@ class ControlPlane:
         mapping = {"component": hb.component, "instance": hb.instance, "ts": hb.ts,
                    "state": hb.state, "pid": hb.pid, "host": hb.host,
                    "version": hb.version or "", "metrics": json.dumps(hb.metrics)}
-        pipe = self.r.pipeline(transaction=True)
+        pipe = atomic(self.r, names.CP)
         pipe.hset(key, mapping=mapping)
         pipe.expire(key, self.cfg.control.heartbeat_ttl_s)
         pipe.sadd(names.CP_COMPONENTS, hb.instance)

@@ -16,6 +16,7 @@ import numpy as np
 import redis
 
 from odl import names
+from odl.redis_conn import atomic
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def publish(r: redis.Redis, model: str, base_version: str, trainer_step: int,
     """Write a refresh; returns its sequence number (one MULTI, so readers see it whole)."""
     key = names.dense_refresh(model)
     seq = int(r.hincrby(key, "next_seq", 1))
-    pipe = r.pipeline(transaction=True)
+    pipe = atomic(r, key)
     pipe.hset(key, mapping={"seq": seq, "base_version": base_version, "trainer_step": trainer_step,
                             "created_at": time.time(), "weights": encode(weights)})
     pipe.execute()

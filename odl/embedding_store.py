@@ -30,6 +30,7 @@ import numpy as np
 import redis
 
 from odl import names
+from odl.redis_conn import node_client, used_memory
 
 log = logging.getLogger("odl.exporter.embeddings")
 CHUNK = 5000                 # rows per MGET (serving) and the most rows per MSET
@@ -219,7 +220,7 @@ class HotEmbeddings:
             raise ValueError(f"{len(id_list)} ids but {len(values)} vectors")
         meta = names.emb_meta(table, gen)   # first, so that a crash mid-push leaves a findable set
         self.r.hset(meta, mapping={"dim": codec.dim, "dtype": codec.dtype})
-        with _Pipelined(self.r) as conn:
+        with _Pipelined(node_client(self.r, prefix)) as conn:   # one slot: the table's tag
             for start in range(0, len(id_list), chunk):
                 part = id_list[start:start + chunk]
                 args: list = [None] * (2 * len(part))
@@ -278,8 +279,7 @@ class HotEmbeddings:
     def memory(self) -> dict:
         """Redis memory and what the hot set holds: server ``used_memory`` and, per table, rows
         and their estimated bytes (``MEMORY USAGE`` of a few sampled rows times the row count)."""
-        info = self.r.info("memory")
-        out = {"redis_used_memory_bytes": int(info.get("used_memory", 0)),
+        out = {"redis_used_memory_bytes": used_memory(self.r),
                "generation": self.active, "dtype": self.codec.dtype, "tables": {}}
         for table, idx in self.index.items():
             rows = len(idx)

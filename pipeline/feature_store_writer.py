@@ -16,7 +16,7 @@ from redis import RedisError
 
 from odl import names
 from odl.config import Config
-from odl.control import redis_client
+from odl.redis_conn import redis_client
 from odl.feature_store import FeatureStore, FeatureUpdate, FeatureUpdateError
 from odl.kafka_util import consumer
 from odl.runtime import Component

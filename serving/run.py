@@ -19,7 +19,8 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from odl.model_store import ModelStore
 from odl.config import Config
-from odl.control import ControlPlane, Heartbeater, redis_client
+from odl.control import ControlPlane, Heartbeater
+from odl.redis_conn import redis_client
 from odl.runtime import Component, metrics_port
 from serving.app import ServingApp
 from serving.guard import Unavailable

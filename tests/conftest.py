@@ -1,4 +1,4 @@
-"""Shared fixtures: real servers on loopback (tansu broker, redis-server) started per session on
+"""Shared fixtures: real servers on loopback (tansu broker, redis-server, a Redis Cluster) started per session on
 free ports and stopped at its end, and configs pointing at them."""
 from __future__ import annotations
 
@@ -54,6 +54,46 @@ def redis_port(tmp_path_factory):
     wait_port(port, proc, "redis-server")
     yield port
     stop(proc)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (+10000) is free too."""
+    while True:
+        port = free_port()
+        if port + 10000 <= 65535 and not port_open("127.0.0.1", port + 10000):
+            return port
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A Redis Cluster of three primaries on loopback (no replicas, no persistence), built as an
+    operator builds one: three ``redis-server --cluster-enabled yes`` and ``redis-cli --cluster
+    create``.  Yields the first node's port; a client given it discovers the rest."""
+    procs, ports = [], []
+    try:
+        for _ in range(3):
+            port = _cluster_port()
+            d = tmp_path_factory.mktemp(f"redis-cluster-{port}")
+            procs.append(subprocess.Popen(
+                ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                 "--appendonly", "no", "--dir", str(d), "--cluster-enabled", "yes",
+                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            wait_port(port, procs[-1], "redis-server (cluster node)")
+            ports.append(port)
+        subprocess.run(["redis-cli", "--cluster", "create", *[f"127.0.0.1:{p}" for p in ports],
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while not all("cluster_state:ok" in subprocess.run(
+                ["redis-cli", "-p", str(p), "cluster", "info"], capture_output=True, text=True,
+                timeout=10).stdout for p in ports):
+            assert time.monotonic() < deadline, "the Redis Cluster did not reach cluster_state:ok"
+            time.sleep(0.2)
+        yield ports[0]
+    finally:
+        for proc in procs:
+            stop(proc)
 
 
 @pytest.fixture(scope="session")

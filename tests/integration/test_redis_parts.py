@@ -113,7 +113,7 @@ def test_bad_requests_get_json_4xx(served_model, method, path, body, raw, code):
 
 
 def test_feature_store_keeps_the_newest_version_and_reads_back(redis_cfg):
-    from odl.control import redis_client
+    from odl.redis_conn import redis_client
     from odl.feature_store import FeatureStore, FeatureUpdate
     from odl.features import Tile
 

@@ -23,6 +23,7 @@ from odl.features import DEFAULT_DENSE, Tile
 from odl.cli import main as cli
 from odl.config import dump_config
 from odl.control import ControlPlane
+from odl.redis_conn import redis_client
 from serving.app import DEGRADED_HEADER, VERSION_HEADER
 from serving.run import Replica
 from tests.conftest import free_port, make_config, stop, wait_port
@@ -38,18 +39,20 @@ USERS, ITEMS = list(range(0, 280, 7)), list(range(0, 200, 5))
 class Stack:
     """An exporter over an in-process trainer, and N replicas serving what it publishes."""
 
-    def __init__(self, tmp_path, redis_port: int, replicas: int = 1, **serving):
-        redis.Redis(port=redis_port).flushall()
+    def __init__(self, tmp_path, redis_port: int, replicas: int = 1, cluster: bool = False,
+                 **serving):
         tc = small_cfg(4096, DIM, (8,))
         self.cfg = make_config(
-            tmp_path, redis={"port": redis_port}, trainer=tc.model_dump(),
+            tmp_path, redis={"port": redis_port, "cluster": cluster}, trainer=tc.model_dump(),
             exporter={"min_samples_per_version": 0, "retire_generation_after_s": 0.01},
             control={"heartbeat_interval_s": 0.3},
             serving={"poll_interval_s": 0.2, "cache_ttl_s": 600, "redis_retry_s": 0.3, **serving})
         self.trainer = LocalTrainer(CTRModel(tc))
         self.trainer.train()
         self.cp = ControlPlane(self.cfg)
-        self.ex = Exporter(self.cfg, self.trainer, self.cp, Log(), r=redis.Redis(port=redis_port))
+        r = redis_client(self.cfg, decode=False)
+        r.flushall()
+        self.ex = Exporter(self.cfg, self.trainer, self.cp, Log(), r=r)
         self.replicas = [Replica(self.cfg, free_port(), f"serving-{n}", registry=CollectorRegistry())
                          for n in range(replicas)]
         self._ticking = threading.Event()
@@ -240,8 +243,11 @@ def test_fuzzed_requests_never_get_a_5xx(stack):
     assert seen.get(200) and seen.get(400) and seen.get(404)
 
 
-def test_cli_rollback_reaches_every_replica_with_the_recorded_predictions(tmp_path, redis_port):
-    with Stack(tmp_path, redis_port, replicas=2) as s:
+@pytest.mark.parametrize("cluster", [False, pytest.param(True, marks=pytest.mark.distributed)],
+                         ids=["redis", "redis-cluster"])
+def test_cli_rollback_reaches_every_replica_with_the_recorded_predictions(tmp_path, request, cluster):
+    port = request.getfixturevalue("redis_cluster" if cluster else "redis_port")
+    with Stack(tmp_path, port, replicas=2, cluster=cluster) as s:
         s.ex.publish_version()
         s.wait_version("1")
         recorded = [scores(r.url) for r in s.replicas]
