@@ -50,14 +50,19 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 ENV VIRTUAL_ENV=/opt/venv PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY deploy/flink-requirements.txt /tmp/flink-requirements.txt
+# The TaskManager runs the job's Python UDFs in its own JVM (PEMJA, python.execution-mode:
+# thread), which does not read the venv: PYTHONPATH names its site-packages (a stable link, so
+# that no Python version is spelled here).  Without it the tasks fail with "No module named
+# 'pyflink'" (found by tests/integration/test_distributed_flink.py).
 RUN python3 -m venv /opt/venv \
  && /opt/venv/bin/pip install -r /tmp/flink-requirements.txt \
+ && ln -s "$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" /opt/venv/site-packages \
  && cp /opt/flink/opt/flink-python-*.jar /opt/flink/lib/
 COPY --from=jars /jars/ /opt/flink/lib/
 COPY --chown=9999:9999 odl /opt/odl/odl
 COPY --chown=9999:9999 pipeline /opt/odl/pipeline
 COPY --chown=9999:9999 specs /opt/odl/specs
-ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/opt/odl \
+ENV PATH=/opt/venv/bin:$PATH PYTHONPATH=/opt/odl:/opt/venv/site-packages \
     ODL__FEATURE_JOB__DEPLOYMENT=cluster ODL__PATHS__STATE_DIR=/tmp/odl
 USER 9999
 
