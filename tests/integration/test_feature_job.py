@@ -272,6 +272,54 @@ def _collect(cfg, prefix, want_samples, want_dlq, job, timeout_s=150):
     raise AssertionError(f"timed out: samples={samples} dlq={dlq}")
 
 
+class EveryThirdClicked:
+    """A stream with known labels for the restart tests: request k shows items 1 and 2 to user
+    k % 16 at ``t0 + 200 k``; item 1 is clicked 0.5 s later in every third request."""
+
+    def __init__(self, bootstrap: str, prefix: str, t0: int):
+        self.prod = KafkaProducer(bootstrap_servers=bootstrap)
+        self.topic, self.t0 = prefix + "events", t0
+        self.expected: set[str] = set()
+        self.n = 0
+
+    def produce(self, first: int, n: int) -> None:
+        for k in range(first, first + n):
+            ts = self.t0 + 200 * k
+            rid = f"R{k}"
+            for item in (1, 2):
+                self.prod.send(self.topic, key=str(k % 16).encode(),
+                               value=Impression(rid, k % 16, item, item, ts).to_json(), timestamp_ms=ts)
+                self.expected.add(f"{rid}:{item}")
+            if k % 3 == 0:
+                self.prod.send(self.topic, key=str(k % 16).encode(),
+                               value=Click(rid, k % 16, 1, ts + 500).to_json(), timestamp_ms=ts + 500)
+        self.n = max(self.n, first + n)
+        self.prod.flush()
+
+    def close_windows(self) -> None:
+        """Later traffic on every partition closes the last windows (these need no sample)."""
+        ts = self.t0 + 200 * self.n + 60_000
+        for u in range(16):
+            self.prod.send(self.topic, key=str(u).encode(), value=Impression(f"Z{u}", u, 9, 0, ts).to_json(),
+                           timestamp_ms=ts)
+        self.prod.flush()
+
+    def check(self, samples: list[dict]) -> None:
+        """Every impression has its sample; a replay after a restart may repeat one, never
+        change it; each carries its one right label."""
+        by_id: dict[str, set[str]] = {}
+        for s in samples:
+            by_id.setdefault(s["sample_id"], set()).add(json.dumps(s, sort_keys=True))
+        assert self.expected <= set(by_id)
+        assert all(len(v) == 1 for k, v in by_id.items() if k in self.expected)
+        labels = {k: json.loads(next(iter(v)))["label"] for k, v in by_id.items() if k in self.expected}
+        assert all(labels[f"R{k}:1"] == (1 if k % 3 == 0 else 0) for k in range(self.n))
+        assert all(labels[f"R{k}:2"] == 0 for k in range(self.n))
+
+    def close(self) -> None:
+        self.prod.close()
+
+
 def test_killed_job_restarts_from_checkpoint_without_losing_samples(tmp_path, broker_port, redis_port):
     """kill -9 mid-stream, restart: every impression still yields a sample; duplicates are exact."""
     import os
@@ -284,29 +332,14 @@ def test_killed_job_restarts_from_checkpoint_without_losing_samples(tmp_path, br
                          ODL__FEATURE_JOB__CHECKPOINT_INTERVAL_S="2")
     cfg = make_config(tmp_path, kafka={"bootstrap_servers": f"127.0.0.1:{broker_port}", "topic_prefix": prefix})
     ensure_topics(cfg)
-    prod = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers)
-    t0 = int(time.time() * 1000) - 600_000
-    expected: set[str] = set()
-
-    def produce(first: int, n: int) -> None:
-        for k in range(first, first + n):
-            ts = t0 + 200 * k
-            rid = f"R{k}"
-            for item in (1, 2):
-                prod.send(prefix + "events", key=str(k % 16).encode(),
-                          value=Impression(rid, k % 16, item, item, ts).to_json(), timestamp_ms=ts)
-                expected.add(f"{rid}:{item}")
-            if k % 3 == 0:
-                prod.send(prefix + "events", key=str(k % 16).encode(),
-                          value=Click(rid, k % 16, 1, ts + 500).to_json(), timestamp_ms=ts + 500)
-        prod.flush()
+    stream = EveryThirdClicked(cfg.kafka.bootstrap_servers, prefix, int(time.time() * 1000) - 600_000)
 
     def start():
         return subprocess.Popen([sys.executable, "-m", "odl.cli", "run", "feature-job"], env=_env(overrides),
                                 stdout=open(tmp_path / "job.log", "ab"), stderr=subprocess.STDOUT,
                                 start_new_session=True)
 
-    produce(0, 300)
+    stream.produce(0, 300)
     job = start()
     ckpt_root = tmp_path / "var" / "checkpoints" / "flink"
     deadline = time.monotonic() + 90
@@ -316,30 +349,17 @@ def test_killed_job_restarts_from_checkpoint_without_losing_samples(tmp_path, br
     time.sleep(1)
     os.killpg(job.pid, signal.SIGKILL)  # mid-stream, no chance to clean up
     job.wait(30)
-    produce(300, 300)
-    # later traffic on every partition closes the last windows (these need no sample)
-    for u in range(16):
-        ts = t0 + 200 * 600 + 60_000
-        prod.send(prefix + "events", key=str(u).encode(), value=Impression(f"Z{u}", u, 9, 0, ts).to_json(),
-                  timestamp_ms=ts)
-    prod.flush()
+    stream.produce(300, 300)
+    stream.close_windows()
     job = start()
     try:
-        samples, _ = _collect(cfg, prefix, want_samples=expected, want_dlq=0, job=job, timeout_s=180)
+        samples, _ = _collect(cfg, prefix, want_samples=stream.expected, want_dlq=0, job=job, timeout_s=180)
     finally:
         job.terminate()
         job.wait(60)
+        stream.close()
     assert "restoring feature job state" in (tmp_path / "job.log").read_text()
-    by_id: dict[str, set[str]] = {}
-    for s in samples:
-        by_id.setdefault(s["sample_id"], set()).add(json.dumps(s, sort_keys=True))
-    assert expected <= set(by_id)
-    # an impression clicked once has one distinct positive row; replays after the restart may
-    # repeat it, never change it
-    assert all(len(v) == 1 for k, v in by_id.items() if k in expected)
-    labels = {k: json.loads(next(iter(v)))["label"] for k, v in by_id.items() if k in expected}
-    assert all(labels[f"R{k}:1"] == (1 if k % 3 == 0 else 0) for k in range(600))
-    assert all(labels[f"R{k}:2"] == 0 for k in range(600))
+    stream.check(samples)
 
 
 def test_delayed_feedback_emits_each_impression_at_once_as_a_provisional_negative(
