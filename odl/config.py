@@ -147,6 +147,12 @@ class FeatureJobConfig(_Section):
     restore: bool = Field(True, description="restart from the newest retained checkpoint")
     rest_ports: str = Field("8081-8099", pattern=r"^\d+(-\d+)?$",
                             description="Flink REST API port range (loopback); job metrics come from it")
+
+    @field_validator("rest_ports", mode="before")
+    @classmethod
+    def _one_port(cls, v):
+        """One port (``ODL__FEATURE_JOB__REST_PORTS=8081``, read as a number) is a range of one."""
+        return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
     group_id: str = "odl-feature-job"
     store_group_id: str = Field("odl-feature-store", description="consumer group of the writer "
                                 "that materialises feature updates into Redis")

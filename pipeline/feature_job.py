@@ -176,6 +176,29 @@ class JobObserver:
 
 
 def run(cfg: Config) -> int:
+    """``odl run feature-job``: submit the job to a local mini-cluster and supervise it; on
+    stop, cancel it (its newest checkpoint is the restart point)."""
+    return _supervise(cfg, cancel_on_stop=True)
+
+
+def main() -> int:
+    """``python -m pipeline.feature_job``: the job as a Flink cluster runs it (application mode
+    through PythonDriver: docker-compose's JobManager, the operator's FlinkDeployment).  Config
+    from ``ODL_CONFIG`` / ``ODL__`` variables, with ``feature_job.deployment: cluster``.  This
+    process lives as long as the job, on the JobManager, and reports it as the local driver does:
+    heartbeat, ``odl_feature_job_*`` on the feature job's metrics port, Flink's figures from the
+    REST API of the JobManager it runs beside."""
+    from odl.config import load_config
+    cfg = load_config()
+    if cfg.feature_job.deployment != "cluster":
+        raise SystemExit("python -m pipeline.feature_job runs on a Flink cluster: set "
+                         "ODL__FEATURE_JOB__DEPLOYMENT=cluster (locally use `odl run feature-job`)")
+    return _supervise(cfg, cancel_on_stop=False)
+
+
+def _supervise(cfg: Config, cancel_on_stop: bool) -> int:
+    """Submit, then observe until the job ends (exit 1: it failed or was cancelled) or this
+    process is stopped."""
     comp = Component(cfg, "feature-job")
     comp.install_signal_handlers()
     result, topics = submit(cfg)
@@ -209,7 +232,7 @@ def run(cfg: Config) -> int:
                 comp.log.error("job ended with status %s", state["status"])
                 return 1
             comp.stop.wait(1.0)
-        if client:
+        if client and cancel_on_stop:
             try:
                 client.cancel().result()
             except Exception as exc:  # noqa: BLE001
@@ -217,20 +240,6 @@ def run(cfg: Config) -> int:
         return 0
     finally:
         comp.close()
-
-
-def main() -> int:
-    """``python -m pipeline.feature_job``: the job as a Flink cluster runs it (application mode
-    through PythonDriver: docker-compose's JobManager, the operator's FlinkDeployment).  Config
-    from ``ODL_CONFIG`` / ``ODL__`` variables, with ``feature_job.deployment: cluster``."""
-    from odl.config import load_config
-    cfg = load_config()
-    if cfg.feature_job.deployment != "cluster":
-        raise SystemExit("python -m pipeline.feature_job runs on a Flink cluster: set "
-                         "ODL__FEATURE_JOB__DEPLOYMENT=cluster (locally use `odl run feature-job`)")
-    result, _ = submit(cfg)
-    result.wait()
-    return 0
 
 
 if __name__ == "__main__":

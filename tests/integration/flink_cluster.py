@@ -82,6 +82,8 @@ class FlinkCluster:
                     # not read the venv)
                     "PYTHONPATH": os.pathsep.join([repo, *site.getsitepackages()]),
                     "ODL__FEATURE_JOB__DEPLOYMENT": "cluster",
+                    # where the job's driver finds this JobManager's REST API (8081 in a container)
+                    "ODL__FEATURE_JOB__REST_PORTS": str(self.rest_port),
                     "ODL__FEATURE_JOB__CHECKPOINT_DIR": self.checkpoints.resolve().as_uri()})
         return env
 

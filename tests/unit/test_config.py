@@ -13,6 +13,8 @@ def test_env_overrides_are_typed():
     cfg = load_config(env={"ODL__SOURCE__RATE": "123.5", "ODL__SERVING__PORTS": "[9001, 9002, 9003]"})
     assert cfg.source.rate == 123.5
     assert cfg.serving.ports == (9001, 9002, 9003)
+    # one port for a port range: the variable reads as a number, the field keeps a range string
+    assert load_config(env={"ODL__FEATURE_JOB__REST_PORTS": "8081"}).feature_job.rest_ports == "8081"
 
 
 def test_yaml_file_then_env(tmp_path):

@@ -126,6 +126,8 @@ def test_prometheus_scrapes_every_component_on_its_metrics_port(compose):
             replica = int(argv[argv.index("--replica") + 1]) if "--replica" in argv else 0
             port = metrics_port(Config(), argv[2], replica)
             assert f"{name}:{port}" in targets, (name, port)
+        if "pipeline.feature_job" in (svc.get("command") or []):     # the job's driver
+            assert f"{name}:{metrics_port(Config(), 'feature-job')}" in targets, name
     assert {t.split(":")[0] for t in targets} <= set(compose["services"])
 
 
@@ -203,6 +205,13 @@ def test_custom_resources_carry_what_their_operators_require(rendered):
     flink = next(d for d in rendered if d["kind"] == "FlinkDeployment")
     assert flink["spec"]["job"]["entryClass"] == "org.apache.flink.client.python.PythonDriver"
     assert flink["spec"]["job"]["args"] == ["-pym", "pipeline.feature_job"]
+    # the job's driver serves odl_feature_job_* on the feature job's port, open to Prometheus
+    [main] = flink["spec"]["podTemplate"]["spec"]["containers"]
+    odl_port = metrics_port(Config(), "feature-job")
+    assert {"name": "odl-metrics", "containerPort": odl_port} in main["ports"]
+    scrape = next(d for d in rendered if d["kind"] == "NetworkPolicy"
+                  and d["metadata"]["name"] == "prometheus-scrapes-metrics")
+    assert {"protocol": "TCP", "port": odl_port} in scrape["spec"]["ingress"][0]["ports"]
     ray = next(d for d in rendered if d["kind"] == "RayCluster")
     gpu = [g for g in ray["spec"]["workerGroupSpecs"]
            if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
