@@ -269,7 +269,7 @@ def run(cfg: Config, spec: str | None = None) -> BenchResult:
         if late:   # they would count as outputs, and they are samples the job failed to make
             job.close()
             raise RuntimeError(f"{late:,} pre-loaded events went to the DLQ as late_event: the "
-                               "watermark overtook a partition (feature_job.idle_timeout_s)")
+                               "watermark overtook a partition (feature_job.idleness, idle_timeout_s)")
 
         # 4) latency at LIVE_RATE while the full job runs
         seen = len(arr.records)

@@ -126,19 +126,21 @@ class FeatureJobConfig(_Section):
     attribution_window_s: int = Field(10, ge=1)
     watermark_delay_ms: int = Field(1000, ge=0, description="event-time out-of-orderness allowed; "
                                     "later events go to the DLQ as late_event")
-    # A partition without records for this long stops holding the watermark back.  Flink judges
-    # that per partition while one reader thread works through the fetched records of the others,
-    # so during a catch-up (a restart with a backlog) a busy partition can look idle: at 5 s,
-    # replaying 480,000 pre-loaded events sent 62% of them to the DLQ as late_event (and lost
-    # their samples); at 30 s none (docs/features.md#idleness-and-catch-up).  The price: a
-    # partition that is really quiet closes its windows up to this much later.
-    idle_timeout_s: int = Field(30, ge=1, description="seconds without records before a Kafka "
-                                "partition stops holding the event-time watermark back")
-    # Off: each operator in its own task, so the parse UDF is backpressure to the source rather
-    # than time inside its thread, which Flink's idleness clock counts; not the default yet
-    # (docs/features.md#idleness-and-catch-up)
-    operator_chaining: bool = Field(True, description="false: no valid event turned late by a "
-                                    "backlog on a busy machine, but click attribution differed")
+    # A partition to which nothing was produced for this long stops holding the watermark back:
+    # the job's driver appends a watermark tick to it (pipeline.watermark_ticks), which Flink
+    # reads after the partition's last record, so a partition with unread records is never
+    # passed.  (Flink's own idleness, which judged by read time, passed backlogs during a
+    # catch-up on a busy machine and sent valid events to the DLQ as late_event;
+    # docs/features.md#idleness-and-catch-up.)  The price: a really quiet partition's windows
+    # close up to this much (plus one tick interval) later.
+    idle_timeout_s: int = Field(5, ge=1, description="seconds with nothing produced to a Kafka "
+                                "partition before it stops holding the event-time watermark back")
+    idleness: Literal["ticks", "flink"] = Field(
+        "ticks", description="ticks: the driver ticks quiet partitions (needs write access to "
+        "the events topic); flink: Flink's source idle-timeout, which can pass unread records "
+        "during a catch-up (late_event)")
+    operator_chaining: bool = Field(True, description="false: every operator in its own task "
+                                    "(each a thread; more hand-overs)")
     # Off by default: on Flink 2.0 the SQL parse (one JSON_VALUE per field, each re-reading the
     # payload) is no faster than the Python UDF (docs/features.md#throughput)
     sql_parse: bool = Field(False, description="a spec's events that SQL proves valid skip "

@@ -26,12 +26,14 @@ from pipeline import spec_udfs, udfs
 from pipeline.feature_sql import JobTopics, statements
 from pipeline.spec_sql import spec_statements
 from pipeline.flink_metrics import FlinkJobMetrics, port_range
+from pipeline.watermark_ticks import WatermarkTicker
 
 DLQ_REASONS = Counter("odl_feature_job_dlq_total", "events rejected to the DLQ", ["reason"])
 SAMPLES = Counter("odl_feature_job_samples_total", "samples emitted by the label join", ["label"])
 # Per-key state (dedup ids, temporal-join versions) expires this long after its last use; the
 # longest window must fit, or a quiet entity would lose state that a feature still needs.
 STATE_TTL_S = 2 * 3600
+TICK_EVERY_S = 1.0    # how often the driver looks for quiet partitions to tick
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -71,7 +73,11 @@ def build_table_env(cfg: Config):
         # keep the newest checkpoint when the job is cancelled or killed: it is the restart point
         "execution.checkpointing.externalized-checkpoint-retention": "RETAIN_ON_CANCELLATION",
         "execution.checkpointing.num-retained": "2",
-        "table.exec.source.idle-timeout": f"{cfg.feature_job.idle_timeout_s} s",
+        # no source idleness by default: it can pass a partition with unread records
+        # (FLINK-40234); quiet partitions get watermark ticks from the driver instead
+        # (pipeline.watermark_ticks)
+        "table.exec.source.idle-timeout": (f"{fj.idle_timeout_s} s" if fj.idleness == "flink"
+                                           else "0 ms"),
         "table.local-time-zone": "UTC",
         "table.exec.state.ttl": f"{STATE_TTL_S} s",
         # Python UDFs in-process (PEMJA): no Beam gRPC servers, no worker processes.
@@ -222,7 +228,23 @@ def _supervise(cfg: Config, cancel_on_stop: bool) -> int:
         finally:
             obs.close()
 
+    def tick() -> None:   # idleness in-band (pipeline.watermark_ticks): the job has none itself
+        ticker = None
+        while not comp.stop.is_set():
+            try:
+                ticker = ticker or WatermarkTicker(cfg.kafka.bootstrap_servers, topics.events,
+                                                   cfg.feature_job.idle_timeout_s)
+                ticker.step()
+                state["watermark_ticks"] = ticker.ticks
+            except Exception as exc:  # noqa: BLE001 - the broker may be away; try again
+                comp.log.warning("watermark ticks: %s", exc)
+            comp.stop.wait(TICK_EVERY_S)
+        if ticker is not None:
+            ticker.close()
+
     threading.Thread(target=observe, daemon=True).start()
+    if cfg.feature_job.idleness == "ticks":
+        threading.Thread(target=tick, name="odl-watermark-ticks", daemon=True).start()
     comp.start_heartbeat(lambda: ("running" if state["status"] == "RUNNING" else state["status"].lower(),
                                   job_id, {**state, "samples_per_s": round(
                                       state["samples"] / max(1e-3, time.time() - started), 1)}))

@@ -40,6 +40,7 @@ from odl.spec import FeatureSpec
 from odl.spec.model import FieldSpec
 from odl.spec.realtime import ENTITY_SEP
 from odl.spec.sample import sample_fields
+from pipeline.feature_sql import source_rows
 from pipeline.spec_udfs import ID_SEP, parsed_fields
 
 INT_TYPES = ("id", "int")
@@ -186,7 +187,7 @@ def checked_views(spec: FeatureSpec, record_ms: str, sql: bool = True) -> list[s
                   SELECT {", ".join(f"e.{c} AS {c}" for c in cols)}, {meta} FROM py_parsed"""]
     base = """SELECT payload, `partition`, `offset`, ts, pt,
                      ts <= CURRENT_WATERMARK(ts) AS late{extra}
-              FROM events_raw"""
+              FROM """ + source_rows()
     if not sql or sql_parse_gap(spec) is not None:
         return [f"CREATE TEMPORARY VIEW parse_in AS {base.format(extra='')}",
                 *(s.format(src="parse_in") for s in python),
