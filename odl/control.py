@@ -16,7 +16,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-
 from odl import names
 from odl.config import Config
 from odl.redis_conn import Client, atomic, redis_client

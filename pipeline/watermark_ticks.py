@@ -42,20 +42,22 @@ class WatermarkTicker:
         self._end: dict[TopicPartition, int] = {}       # end offset as of the last change
         self._changed: dict[TopicPartition, float] = {}  # when a record was last produced
         self._last_ts: dict[TopicPartition, int] = {}    # each partition's newest record time
+        self._stale: set[TopicPartition] = set()         # produced to since _last_ts was read
         self.ticks = 0
 
     def _partitions(self) -> list[TopicPartition]:
         parts = self._c.partitions_for_topic(self.topic) or set()
         return [TopicPartition(self.topic, p) for p in sorted(parts)]
 
-    def _read_last(self, ends: dict[TopicPartition, int], timeout_s: float = 5.0) -> None:
-        """The timestamp of each partition's last record (only the partitions that changed)."""
-        want = {tp for tp, end in ends.items() if end > 0}
+    def _read_last(self, timeout_s: float = 5.0) -> None:
+        """The timestamp of the last record of each partition produced to since it was read."""
+        want = {tp for tp in self._stale if self._end[tp] > 0}
+        self._stale.clear()
         if not want:
             return
         self._c.assign(sorted(want))
         for tp in want:
-            self._c.seek(tp, ends[tp] - 1)
+            self._c.seek(tp, self._end[tp] - 1)
         deadline = time.monotonic() + timeout_s
         while want and time.monotonic() < deadline:
             for tp, recs in self._c.poll(timeout_ms=200).items():
@@ -67,15 +69,18 @@ class WatermarkTicker:
         now = self.clock()
         tps = self._partitions()
         ends = self._c.end_offsets(tps) if tps else {}
-        changed = {tp: end for tp, end in ends.items() if self._end.get(tp) != end}
-        for tp, end in changed.items():
-            self._end[tp], self._changed[tp] = end, now
-        self._read_last(changed)
+        for tp, end in ends.items():
+            if self._end.get(tp) != end:
+                self._end[tp], self._changed[tp] = end, now
+                self._stale.add(tp)
+        quiet = [tp for tp in tps if now - self._changed[tp] >= self.idle_s]
+        if not quiet:
+            return 0                       # a busy topic costs one end-offsets request a step
+        self._read_last()
         if not self._last_ts:
             return 0                       # no record anywhere yet: nothing to tick to
         newest = min(max(self._last_ts.values()), self.wall_ms())
-        quiet = [tp for tp in tps if now - self._changed[tp] >= self.idle_s
-                 and self._last_ts.get(tp, -1) < newest]
+        quiet = [tp for tp in quiet if self._last_ts.get(tp, -1) < newest]
         futures = [(tp, self._p.send(self.topic, value=TICK.encode(), partition=tp.partition,
                                      timestamp_ms=newest)) for tp in quiet]
         self._p.flush()

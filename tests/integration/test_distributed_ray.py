@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from bench.common import synthetic_samples
@@ -23,9 +22,8 @@ from odl import names
 from odl.kafka_util import ensure_topics, producer
 from odl.ray_util import LOOPBACK_ENV
 from tests.conftest import free_port, make_config, wait_port
-from tests.integration.test_trainer_group import committed_ledger, wait_for
+from tests.integration.test_trainer_group import assert_committed_once, wait_for
 from trainers.group import GroupCommit
-from trainers.samples import sample_hash
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
@@ -178,8 +176,4 @@ def test_group_spreads_over_two_nodes_and_survives_losing_one(tmp_path, redis_po
         ray.get(group.stop.remote(), timeout=30)
         final = ray.get(run_ref, timeout=120)
     assert final["samples_trained"] == N_SAMPLES
-    e = epoch()
-    ledger = np.concatenate([committed_ledger(cfg, f"trainer-{i}", e) for i in range(2)])
-    expected = np.array(sorted(sample_hash(d["sample_id"]) for d in data), np.int64)
-    assert len(ledger) == N_SAMPLES, (len(ledger), N_SAMPLES)
-    np.testing.assert_array_equal(np.sort(ledger), expected)
+    assert_committed_once(cfg, data, epoch())

@@ -53,6 +53,15 @@ def committed_ledger(cfg, trainer: str, epoch: int) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def assert_committed_once(cfg, data: list[dict], epoch: int, trainers: int = 2) -> None:
+    """The trainers' ledgers along the committed lineage of ``epoch`` name every sample of
+    ``data`` exactly once."""
+    ledger = np.concatenate([committed_ledger(cfg, f"trainer-{i}", epoch) for i in range(trainers)])
+    expected = np.array(sorted(sample_hash(d["sample_id"]) for d in data), np.int64)
+    assert len(ledger) == len(expected), (len(ledger), len(expected))
+    np.testing.assert_array_equal(np.sort(ledger), expected)
+
+
 def wait_for(pred, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -160,8 +169,4 @@ def test_group_trains_every_sample_once_through_member_kills(tmp_path, redis_por
         ray.get(group.stop.remote(), timeout=30)
         final = ray.get(run_ref, timeout=120)
     assert final["samples_trained"] == N_SAMPLES
-    e = epoch()
-    ledger = np.concatenate([committed_ledger(cfg, f"trainer-{i}", e) for i in range(2)])
-    expected = np.array(sorted(sample_hash(d["sample_id"]) for d in data), np.int64)
-    assert len(ledger) == N_SAMPLES, (len(ledger), N_SAMPLES)
-    np.testing.assert_array_equal(np.sort(ledger), expected)
+    assert_committed_once(cfg, data, epoch())
