@@ -164,7 +164,8 @@ class ControlPlane:
     def restarts(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(names.CP_RESTARTS).items()}
 
-    def heartbeat(self, hb: Heartbeat) -> None:
+    def heartbeat(self, hb: Heartbeat) -> int:
+        """Publish ``hb``; returns the instance's restarts so far (read in the same round trip)."""
         key = names.cp_heartbeat(hb.instance)
         mapping = {"component": hb.component, "instance": hb.instance, "ts": hb.ts,
                    "state": hb.state, "pid": hb.pid, "host": hb.host,
@@ -173,7 +174,8 @@ class ControlPlane:
         pipe.hset(key, mapping=mapping)
         pipe.expire(key, self.cfg.control.heartbeat_ttl_s)
         pipe.sadd(names.CP_COMPONENTS, hb.instance)
-        pipe.execute()
+        pipe.hget(names.CP_RESTARTS, hb.instance)
+        return int(pipe.execute()[-1] or 0)
 
     def heartbeats(self) -> list[Heartbeat]:
         instances = sorted(self.r.smembers(names.CP_COMPONENTS))
@@ -199,8 +201,10 @@ class Heartbeater:
     """
 
     def __init__(self, cp: ControlPlane, component: str, instance: str,
-                 probe: Callable[[], tuple[str, str | None, dict[str, Any]]]):
+                 probe: Callable[[], tuple[str, str | None, dict[str, Any]]],
+                 on_restarts: Callable[[int], None] | None = None):
         self.cp, self.component, self.instance, self.probe = cp, component, instance, probe
+        self.on_restarts = on_restarts    # told the instance's recorded restarts at each beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"hb-{instance}", daemon=True)
         self.paused = False
@@ -211,8 +215,11 @@ class Heartbeater:
 
     def beat(self, final_state: str | None = None) -> None:
         state, version, metrics = self.probe()
-        self.cp.heartbeat(Heartbeat(self.component, self.instance, time.time(), final_state or state,
-                                    os.getpid(), socket.gethostname(), version, metrics))
+        restarts = self.cp.heartbeat(Heartbeat(self.component, self.instance, time.time(),
+                                               final_state or state, os.getpid(),
+                                               socket.gethostname(), version, metrics))
+        if self.on_restarts is not None:
+            self.on_restarts(restarts)
         if final_state is None:
             self.paused = self.cp.is_paused(self.component)
 

@@ -33,6 +33,7 @@ class ProcSpec:
     ready: Callable[[], bool] | None = None
     ready_timeout_s: float = 60.0
     env: dict[str, str] = field(default_factory=dict)
+    restart: bool = False    # run under odl.keeper: restarted when it dies (a container's policy)
 
 
 @dataclass
@@ -120,7 +121,7 @@ class LocalStack:
                                 "--advertised-listener-url", f"tcp://{host}:{kport}",
                                 "--storage-engine", "memory://tansu/"],
                      ready=lambda: port_open(host, kport)),
-            ProcSpec("redis", redis_argv, ready=redis_ready),
+            ProcSpec("redis", redis_argv, ready=redis_ready, restart=True),
             ProcSpec("ray", [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                              "--node-ip-address=127.0.0.1", f"--port={c.ray.port}",
                              f"--num-cpus={c.ray.num_cpus}", "--include-dashboard=false",
@@ -128,15 +129,15 @@ class LocalStack:
                      ready=lambda: port_open("127.0.0.1", c.ray.port), ready_timeout_s=90,
                      # a local head has no Serve replicas to drain: stop at once on SIGTERM
                      env={"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}),
-            ProcSpec("feature-job", self._odl("feature-job")),
-            ProcSpec("feature-store", self._odl("feature-store")),
-            ProcSpec("trainer", self._odl("trainer")),
-            ProcSpec("exporter", self._odl("exporter")),
+            ProcSpec("feature-job", self._odl("feature-job"), restart=True),
+            ProcSpec("feature-store", self._odl("feature-store"), restart=True),
+            ProcSpec("trainer", self._odl("trainer"), restart=True),
+            ProcSpec("exporter", self._odl("exporter"), restart=True),
         ]
         for n, port in enumerate(c.serving.ports):
             specs.append(ProcSpec(f"serving-{n}", self._odl("serving", "--replica", str(n)),
                                   ready=lambda port=port: port_open(c.serving.host, port),
-                                  ready_timeout_s=120))
+                                  ready_timeout_s=120, restart=True))
         specs.append(ProcSpec("source", self._odl("source")))
         return specs
 
@@ -152,6 +153,12 @@ class LocalStack:
         if self.cfg.source.log_path is not None:
             env["ODL__SOURCE__LOG_PATH"] = str(self.cfg.source.log_path.resolve())
         return env
+
+    def _argv(self, spec: ProcSpec) -> list[str]:
+        if not spec.restart:
+            return spec.argv
+        keeper = [sys.executable, "-m", "odl.keeper", spec.name]
+        return keeper + (["--config", self.config_path] if self.config_path else []) + ["--", *spec.argv]
 
     def _read_state(self) -> dict[str, ProcState]:
         if not self.state_file.is_file():
@@ -182,12 +189,13 @@ class LocalStack:
             for spec in self.specs():
                 log = self.cfg.paths.logs / f"{spec.name}.log"
                 fh = open(log, "ab")
-                proc = subprocess.Popen(spec.argv, stdout=fh, stderr=subprocess.STDOUT,
+                argv = self._argv(spec)
+                proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, env={**env, **spec.env},
                                         start_new_session=True, cwd=self.cfg.paths.state_dir)
                 fh.close()
                 self.procs[spec.name] = proc
-                states[spec.name] = ProcState(spec.name, proc.pid, str(log), spec.argv, time.time())
+                states[spec.name] = ProcState(spec.name, proc.pid, str(log), argv, time.time())
                 self._write_state(states)
                 progress(f"started {spec.name:<12} pid {proc.pid:<7} log {log}")
                 if spec.ready:

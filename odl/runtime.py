@@ -7,12 +7,15 @@ import signal
 import threading
 from typing import Any, Callable
 
-from prometheus_client import start_http_server
+from prometheus_client import Gauge, start_http_server
 
 from odl.config import Config
 from odl.control import ControlPlane, Heartbeater
 
 # Offsets from metrics.base_port, one per process kind; serving adds its replica index.
+RESTARTS = Gauge("odl_component_restarts", "restarts of this component instance that its "
+                 "supervisor recorded (odl.keeper in the local stack, the trainer's driver)",
+                 ["instance"])
 METRICS_PORT_OFFSETS = {"source": 0, "feature-job": 1, "trainer": 2, "exporter": 3,
                          "feature-store": 4, "serving": 10}
 
@@ -55,7 +58,9 @@ class Component:
         signal.signal(signal.SIGINT, _handler)
 
     def start_heartbeat(self, probe: Callable[[], tuple[str, str | None, dict[str, Any]]]) -> Heartbeater:
-        self._hb = Heartbeater(self.cp, self.component, self.instance, probe).start()
+        gauge = RESTARTS.labels(self.instance)
+        self._hb = Heartbeater(self.cp, self.component, self.instance, probe,
+                               on_restarts=gauge.set).start()
         return self._hb
 
     @property

@@ -40,9 +40,12 @@ def test_embeddings_round_trip_in_chunks(redis_cfg):
 
 def test_control_plane_heartbeats_pause_and_pin(redis_cfg):
     cp = ControlPlane(redis_cfg)
-    cp.heartbeat(Heartbeat("trainer", "trainer", time.time(), "running", 1, "h", None, {"auc": 0.7}))
+    beat = Heartbeat("trainer", "trainer", time.time(), "running", 1, "h", None, {"auc": 0.7})
+    assert cp.heartbeat(beat) == 0                          # no restart recorded yet
     [hb] = cp.heartbeats()
     assert hb.metrics == {"auc": 0.7} and hb.age_s < 5
+    cp.record_restart("trainer")
+    assert cp.heartbeat(beat) == 1 and cp.restarts() == {"trainer": 1}
     cp.pause("trainer")
     assert cp.is_paused("trainer") and cp.paused() == {"trainer"}
     cp.resume("trainer")
