@@ -349,7 +349,22 @@ class Exporter:
         self.hot.active, self.hot.index = None, {}
         if self.restored_for is not None:
             self.restored_for = None          # follow_served restores the held version again
+        self.reregister()
         return True
+
+    def reregister(self) -> int:
+        """A control plane that came back empty lists the model store's versions again (their
+        manifests are on disk), so `odl versions` and rollback still see them; returns how many.
+        Pins and pauses live only in Redis: without Redis persistence a restart drops them."""
+        if self.cp.versions():
+            return 0
+        versions = self.store.versions()
+        for v in versions:
+            self.cp.register_version(self.store.manifest(v))
+        if versions:
+            self.log.warning("control plane had no versions: registered %d from the model store "
+                             "again (%s..%s)", len(versions), versions[0], versions[-1])
+        return len(versions)
 
     def tick(self, schedule: Schedule, paused: bool) -> str:
         """One round of the loop; returns what it did."""

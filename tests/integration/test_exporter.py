@@ -62,6 +62,19 @@ def test_versions_carry_manifest_graph_and_snapshot(setup):
     assert {"serving_default", "apply_weights", "refresh_cache"} <= set(loaded.signatures)
 
 
+def test_redis_restarted_empty_gets_the_set_and_the_registry_back(setup):
+    cfg, trainer, ex, r = setup
+    assert ex.publish_version() == 1
+    trainer.train()
+    assert ex.publish_version() == 2
+    r.flushall()                                              # Redis restarted without persistence
+    assert ex.check_set()                                     # seen: the set is written again...
+    assert [m["version"] for m in ex.cp.versions()] == ["1", "2"]   # ...the registry refilled
+    assert ex.cp.latest_version() == "2" and ex.store.manifest(2) == ex.cp.versions()[1]
+    assert ex.resync("redis-restarted") > 0 and Pointer.read(r) is not None
+    assert ex.reregister() == 0                               # not twice
+
+
 def test_deltas_and_dense_refreshes_follow_training(setup):
     cfg, trainer, ex, r = setup
     ex.publish_version()
