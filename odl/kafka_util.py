@@ -79,3 +79,28 @@ class TopicCounter:
 
     def close(self) -> None:
         self._c.close()
+
+
+def read_topic(cfg: Config, topic: str, timeout_s: float = 120.0) -> list[tuple[int, int, bytes]]:
+    """Every record of ``topic`` now in the log, as (partition, offset, value): read from the
+    beginning of each partition up to the end offsets asked for first (an audit's view of a
+    topic nothing writes to any more).  TimeoutError if the end is not reached in time."""
+    c = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers, group_id=None,
+                      enable_auto_commit=False, client_id="odl-topic-reader", max_poll_records=20_000)
+    try:
+        tps = [TopicPartition(topic, p) for p in sorted(c.partitions_for_topic(topic) or ())]
+        if not tps:
+            return []
+        c.assign(tps)
+        c.seek_to_beginning(*tps)
+        ends = c.end_offsets(tps)
+        out: list[tuple[int, int, bytes]] = []
+        deadline = time.monotonic() + timeout_s
+        while any(c.position(tp) < ends[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{topic}: not read to its end in {timeout_s:.0f} s")
+            for tp, recs in c.poll(timeout_ms=500).items():
+                out.extend((tp.partition, r.offset, r.value) for r in recs if r.offset < ends[tp])
+        return out
+    finally:
+        c.close()

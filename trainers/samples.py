@@ -41,6 +41,17 @@ class RowLayout:
         return np.zeros((0, self.width), np.int64)
 
 
+def trained_mask(rows: np.ndarray, layout: RowLayout, delayed: bool) -> np.ndarray:
+    """Which rows the trainer trains (the rest are dropped or only settle figures): without
+    delayed feedback the final samples; with it provisional negatives and positives, a final
+    negative only settling its impression's figures (its impression was trained already).
+    The one rule the trainer's routing and the ledger audit (``trainers.audit``) share."""
+    provisional = rows[:, layout.provisional] == 1
+    if not delayed:
+        return ~provisional
+    return provisional | (rows[:, layout.label] != 0)
+
+
 DEFAULT_LAYOUT = RowLayout(ROW_WIDTH, label=4, ts=5, sid=SID, provisional=PROVISIONAL)
 # A provisional sample shares its impression's sample_id with the final sample that follows; its
 # key in the duplicate window (and the ledger) is the id's hash with this mask applied, so the

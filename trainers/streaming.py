@@ -37,7 +37,8 @@ from trainers.model import FrozenModel
 from trainers.kafka_source import SampleSource
 from trainers.prefetch import Prefetcher
 from trainers.delayed_feedback import ProvisionalScores
-from trainers.samples import PROVISIONAL_MASK, DedupWindow, Records, SampleCodec, codec_for_running_spec
+from trainers.samples import (PROVISIONAL_MASK, DedupWindow, Records, SampleCodec, codec_for_running_spec,
+                              trained_mask)
 
 log = logging.getLogger("odl.trainer")
 
@@ -64,6 +65,9 @@ def publish_occupancy(occ: dict[str, dict[str, int]]) -> dict[str, dict[str, int
     return occ
 
 
+SOLO_SHARD = "trainer-0"   # a trainer alone (not in a group) checkpoints as this shard
+
+
 def checkpoint_dir(cfg: Config, shard: str) -> Path:
     return cfg.paths.checkpoints / "trainer" / shard
 
@@ -76,7 +80,7 @@ class StreamingTrainer:
     ``codec`` is the sample shape (``trainers.samples.SampleCodec``): the running spec's by
     default.  The loop itself reads only the layout's label, time, id and provisional columns."""
 
-    def __init__(self, cfg: Config, partitions: list[int] | None = None, shard: str = "trainer-0",
+    def __init__(self, cfg: Config, partitions: list[int] | None = None, shard: str = SOLO_SHARD,
                  model=None, group: bool = False, group_epoch: int | None = None,
                  codec: SampleCodec | None = None):
         self.cfg = cfg
@@ -189,20 +193,19 @@ class StreamingTrainer:
         return trained
 
     def _route(self, rows: np.ndarray) -> np.ndarray:
-        """The rows to train.  Without delayed feedback: the final samples (a provisional one,
-        which the job sends only in that mode, is dropped and counted).  With it: provisional
-        negatives and positives; a final negative only settles its impression's figures."""
+        """The rows to train (``trainers.samples.trained_mask``).  Without delayed feedback a
+        provisional sample, which the job sends only in that mode, is dropped and counted; with
+        it a final negative settles its impression's figures."""
         lay = self.layout
-        provisional = rows[:, lay.provisional] == 1
+        keep = trained_mask(rows, lay, delayed=self.provisional is not None)
         if self.provisional is None:
-            if provisional.any():
-                SAMPLES.labels("provisional_ignored").inc(int(provisional.sum()))
-            return rows[~provisional]
-        negatives = ~provisional & (rows[:, lay.label] == 0)
-        self._settle(rows[negatives])
-        self.settled_negatives += int(negatives.sum())
-        SAMPLES.labels("settled_negative").inc(int(negatives.sum()))
-        return rows[~negatives]
+            if not keep.all():
+                SAMPLES.labels("provisional_ignored").inc(int((~keep).sum()))
+            return rows[keep]
+        self._settle(rows[~keep])
+        self.settled_negatives += int((~keep).sum())
+        SAMPLES.labels("settled_negative").inc(int((~keep).sum()))
+        return rows[keep]
 
     def _settle(self, finals: np.ndarray) -> None:
         scores, frozen, served, labels = self.provisional.settle(finals[:, self.layout.sid],

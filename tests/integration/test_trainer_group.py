@@ -18,6 +18,7 @@ from odl import names
 from odl.kafka_util import ensure_topics, producer
 from odl.ray_util import LOOPBACK_ENV
 from tests.conftest import make_config
+from trainers.audit import committed_ledger
 from trainers.checkpoint import CheckpointStore
 from trainers.group import GroupCommit
 from trainers.samples import sample_hash
@@ -41,22 +42,11 @@ def ray_cluster():
         ray.shutdown()
 
 
-def committed_ledger(cfg, trainer: str, epoch: int) -> np.ndarray:
-    """Ledgers from the trainer's checkpoint of ``epoch`` back through its predecessors."""
-    store = CheckpointStore(checkpoint_dir(cfg, trainer))
-    by_seq = {c.seq: c for c in store.list()}
-    seq = next(c.seq for c in by_seq.values() if c.meta["epoch"] == epoch)
-    parts = []
-    while seq is not None:
-        parts.append(store.read(by_seq[seq])["stream"]["ledger"])
-        seq = by_seq[seq].meta.get("previous")
-    return np.concatenate(parts)
-
-
 def assert_committed_once(cfg, data: list[dict], epoch: int, trainers: int = 2) -> None:
     """The trainers' ledgers along the committed lineage of ``epoch`` name every sample of
     ``data`` exactly once."""
-    ledger = np.concatenate([committed_ledger(cfg, f"trainer-{i}", epoch) for i in range(trainers)])
+    ledger = np.concatenate([committed_ledger(CheckpointStore(checkpoint_dir(cfg, f"trainer-{i}")), epoch)
+                             for i in range(trainers)])
     expected = np.array(sorted(sample_hash(d["sample_id"]) for d in data), np.int64)
     assert len(ledger) == len(expected), (len(ledger), len(expected))
     np.testing.assert_array_equal(np.sort(ledger), expected)
