@@ -13,7 +13,7 @@ from typing import Any
 import bench
 from odl.config import Config
 
-NOT_BENCHMARKS = {"registry", "common"}
+NOT_BENCHMARKS = {"registry", "common", "chaos_faults"}
 
 
 @dataclass

@@ -91,3 +91,9 @@ def fs_key(kind: str, entity_id: int | str) -> str:
     """Feature state of one entity: kind is ``user`` or ``item`` (``odl.features``), or a
     spec's ``count.<name>`` / ``seq.<name>`` (``odl.spec.realtime``)."""
     return f"{{odl:fs:{kind}}}:{entity_id}"
+
+
+# --- serving HTTP headers ------------------------------------------------------------------------
+VERSION_HEADER = "X-ODL-Model-Version"
+GENERATION_HEADER = "X-ODL-Embedding-Generation"   # with the version: what a replica serves
+DEGRADED_HEADER = "X-ODL-Degraded"                  # set when Redis was out of reach

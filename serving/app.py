@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from odl.embedding_store import EmbeddingReader
 from odl.config import Config
+from odl.names import DEGRADED_HEADER, GENERATION_HEADER, VERSION_HEADER
 from odl.spec import is_default, running_spec
 from serving.api import explain, make_api
 from serving.batching import Batcher, BatchPolicy
@@ -35,9 +36,6 @@ from serving.metrics import ServingMetrics
 from serving.model import LoadedModel, ModelHolder
 
 log = logging.getLogger("odl.serving.app")
-VERSION_HEADER = "X-ODL-Model-Version"
-GENERATION_HEADER = "X-ODL-Embedding-Generation"   # with the version: what a replica serves
-DEGRADED_HEADER = "X-ODL-Degraded"
 
 
 class RequestError(Exception):

@@ -24,7 +24,7 @@ from odl.cli import main as cli
 from odl.config import dump_config
 from odl.control import ControlPlane
 from odl.redis_conn import redis_client
-from serving.app import DEGRADED_HEADER, VERSION_HEADER
+from odl.names import DEGRADED_HEADER, VERSION_HEADER
 from serving.run import Replica
 from tests.conftest import free_port, make_config, stop, wait_port
 from tests.integration.helpers import DIM, LocalTrainer, Log
