@@ -265,7 +265,9 @@ def _drain(cfg: Config, stack: LocalStack, plan: ChaosPlan, progress) -> float:
             raise RuntimeError("drain: the samples topic never stopped growing")
         time.sleep(1)
     counter.close()
-    ends = _end_offsets(cfg, samples)
+    ends: dict[int, int] = {}
+    for part, off, _ in read_topic(cfg, samples):     # the true ends (see read_topic)
+        ends[part] = max(ends.get(part, 0), off + 1)
     from trainers.checkpoint import CheckpointStore
     from trainers.streaming import SOLO_SHARD, checkpoint_dir
     store = CheckpointStore(checkpoint_dir(cfg, SOLO_SHARD), keep_full=10_000)
@@ -280,16 +282,6 @@ def _drain(cfg: Config, stack: LocalStack, plan: ChaosPlan, progress) -> float:
     took = time.monotonic() - t0
     progress(f"drained in {took:.0f} s: {last} sample records, trainer checkpointed past them")
     return took
-
-
-def _end_offsets(cfg: Config, topic: str) -> dict[int, int]:
-    from kafka import KafkaConsumer, TopicPartition
-    c = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers, enable_auto_commit=False)
-    try:
-        tps = [TopicPartition(topic, p) for p in c.partitions_for_topic(topic) or ()]
-        return {tp.partition: o for tp, o in c.end_offsets(tps).items()}
-    finally:
-        c.close()
 
 
 def _audit(cfg: Config, progress):
@@ -328,7 +320,8 @@ def _report(plan, faults, client, audit, late, events, restarts, crashed, draine
     lines += [f"events produced: {events}",
               f"sample records: {audit.records} ({audit.malformed} malformed); to train: {audit.expected}; "
               f"committed ledger: {audit.trained}",
-              f"lost {audit.lost}, trained twice {audit.dup}, unknown to the topic {audit.unexpected}",
+              f"lost {audit.lost}, trained twice {audit.dup}, trained though not to be {audit.unexpected} "
+              f"({audit.unexpected_in_topic} of them on rows the topic holds)",
               f"valid events sent to the DLQ as late: {late}",
               f"requests: sent {s.sent}, ok {s.ok}, degraded {s.degraded}, retried {s.retried}, "
               f"failed {s.failed} {s.failures or ''}",

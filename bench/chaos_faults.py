@@ -6,8 +6,8 @@ is the fault's recovery time:
 - ``trainer``: SIGKILL of the trainer's Ray actor process.  Back when a new incarnation beats
   ``running`` and has trained more samples than it restored.
 - ``feature-job``: SIGKILL of the job's whole process tree (driver, Flink JVM, Python workers)
-  but its keeper.  Back when a new driver beats ``running`` and the job has written samples
-  beyond what the topic held at the kill.
+  but its keeper.  Back when a new driver beats ``running`` and the samples topic has grown
+  past its end at the kill.
 - ``exporter``: SIGKILL of the exporter process.  Back when a new one beats ``running`` with an
   embedding generation in Redis.
 - ``replica``: SIGKILL of one serving replica (chosen at random).  Back when it answers its
@@ -172,17 +172,23 @@ class TrainerKill(Fault):
 class FeatureJobKill(Fault):
     kind = "feature-job"
 
-    def kill(self) -> set[int]:
+    def _samples(self) -> int:
         from odl import names
         from odl.kafka_util import TopicCounter
         counter = TopicCounter(self.cfg)
-        self._samples_at_kill = counter.count(names.topic(names.SAMPLES, self.cfg.kafka.topic_prefix))
-        counter.close()
+        try:
+            return counter.count(names.topic(names.SAMPLES, self.cfg.kafka.topic_prefix))
+        finally:
+            counter.close()
+
+    def kill(self) -> set[int]:
+        self._samples_at_kill = self._samples()
         return self._kill_group("feature-job")
 
     def back(self) -> bool:
-        hb = self._new_beat("feature-job")
-        return bool(hb and hb.metrics.get("samples", 0) > self._samples_at_kill)
+        # the topic itself, not the heartbeat's count: a new driver's observer re-reads the
+        # topic from the start, which would add its catch-up to the recovery time
+        return bool(self._new_beat("feature-job") and self._samples() > self._samples_at_kill)
 
 
 class ExporterKill(Fault):

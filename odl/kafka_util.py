@@ -81,10 +81,13 @@ class TopicCounter:
         self._c.close()
 
 
-def read_topic(cfg: Config, topic: str, timeout_s: float = 120.0) -> list[tuple[int, int, bytes]]:
-    """Every record of ``topic`` now in the log, as (partition, offset, value): read from the
-    beginning of each partition up to the end offsets asked for first (an audit's view of a
-    topic nothing writes to any more).  TimeoutError if the end is not reached in time."""
+def read_topic(cfg: Config, topic: str, timeout_s: float = 120.0,
+               quiet_s: float = 2.0) -> list[tuple[int, int, bytes]]:
+    """Every record of ``topic`` now in the log, as (partition, offset, value): an audit's view
+    of a topic nothing writes to any more.  Read from the beginning of each partition until
+    every partition is at its end offset *and* polls have brought nothing for ``quiet_s`` (tansu
+    can report an end offset short of the true end, so the reported end alone is not trusted).
+    TimeoutError if that takes longer than ``timeout_s``."""
     c = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers, group_id=None,
                       enable_auto_commit=False, client_id="odl-topic-reader", max_poll_records=20_000)
     try:
@@ -93,14 +96,24 @@ def read_topic(cfg: Config, topic: str, timeout_s: float = 120.0) -> list[tuple[
             return []
         c.assign(tps)
         c.seek_to_beginning(*tps)
-        ends = c.end_offsets(tps)
         out: list[tuple[int, int, bytes]] = []
         deadline = time.monotonic() + timeout_s
-        while any(c.position(tp) < ends[tp] for tp in tps):
+        quiet_since = None
+        while True:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{topic}: not read to its end in {timeout_s:.0f} s")
-            for tp, recs in c.poll(timeout_ms=500).items():
-                out.extend((tp.partition, r.offset, r.value) for r in recs if r.offset < ends[tp])
-        return out
+            got = c.poll(timeout_ms=500)
+            for tp, recs in got.items():
+                out.extend((tp.partition, r.offset, r.value) for r in recs)
+            if got:
+                quiet_since = None
+                continue
+            ends = c.end_offsets(tps)
+            if any(c.position(tp) < ends[tp] for tp in tps):
+                quiet_since = None
+                continue
+            quiet_since = quiet_since or time.monotonic()
+            if time.monotonic() - quiet_since >= quiet_s:
+                return out
     finally:
         c.close()

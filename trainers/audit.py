@@ -58,29 +58,34 @@ class Audit:
     trained: int        # ledger entries along the committed lineage
     lost: int           # expected keys missing from the ledger
     dup: int            # ledger entries beyond each key's first
-    unexpected: int     # ledger keys the topic does not hold (should be 0)
+    unexpected: int     # ledger keys the trainer should not have trained (should be 0)
+    unexpected_in_topic: int   # of those, keys the topic does hold, on rows routed out
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
 def expected_keys(codec: SampleCodec, records: list[tuple[int, int, bytes]], delayed: bool
-                  ) -> tuple[np.ndarray, int]:
-    """(distinct row keys the trainer trains out of ``records``, records refused as malformed)."""
+                  ) -> tuple[np.ndarray, np.ndarray, int]:
+    """(distinct row keys the trainer trains out of ``records``, every distinct row key there,
+    records refused as malformed)."""
     if not records:
-        return np.zeros(0, np.int64), 0
+        empty = np.zeros(0, np.int64)
+        return empty, empty, 0
     parts, offs, vals = zip(*records)
     decoded = codec.decode_records(list(parts), list(offs), list(vals))
     rows = decoded.rows[decoded.valid]
     keep = trained_mask(rows, codec.layout, delayed)
-    return np.unique(rows[keep, codec.layout.sid]), int((~decoded.valid).sum())
+    sid = codec.layout.sid
+    return np.unique(rows[keep, sid]), np.unique(rows[:, sid]), int((~decoded.valid).sum())
 
 
 def audit(codec: SampleCodec, records: list[tuple[int, int, bytes]], ledger: np.ndarray,
           delayed: bool) -> Audit:
-    expected, malformed = expected_keys(codec, records, delayed)
+    expected, present, malformed = expected_keys(codec, records, delayed)
     keys, counts = np.unique(ledger, return_counts=True)
+    unexpected = np.setdiff1d(keys, expected, assume_unique=True)
     return Audit(records=len(records), malformed=malformed, expected=len(expected),
                  trained=len(ledger), lost=int(len(np.setdiff1d(expected, keys, assume_unique=True))),
-                 dup=int((counts - 1).sum()),
-                 unexpected=int(len(np.setdiff1d(keys, expected, assume_unique=True))))
+                 dup=int((counts - 1).sum()), unexpected=len(unexpected),
+                 unexpected_in_topic=int(np.isin(unexpected, present).sum()))
