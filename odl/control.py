@@ -75,6 +75,14 @@ class ControlPlane:
         raw = self.r.get(names.CP_TRAINER_ROLLBACK)
         return json.loads(raw) if raw else None
 
+    def pending_trainer_rollback(self) -> dict[str, Any] | None:
+        """The rollback request not answered yet (the trainer's side), or None."""
+        req = self.trainer_rollback_request()
+        if req is None:
+            return None
+        done = self.trainer_rolled_back()
+        return None if done is not None and done.get("id") == req["id"] else req
+
     def record_trainer_rollback(self, record: dict[str, Any]) -> None:
         """The trainer's answer: ``{"id", "ok", "reason", "step", "positions", ...}``."""
         self.r.set(names.CP_TRAINER_ROLLED_BACK, json.dumps({"ts": time.time(), **record}))

@@ -55,8 +55,9 @@ class TrainingGroupImpl:
         self.heartbeat = Heartbeater(self.cp, "trainer", "trainer", self._probe)
 
     # --- building and tearing down -----------------------------------------------------------
-    def _build(self) -> None:
-        """Start the shards, the averager and the trainers from the committed epoch (or afresh)."""
+    def _build(self, skip_ahead: bool = False) -> None:
+        """Start the shards, the averager and the trainers from the committed epoch (or afresh);
+        ``skip_ahead``: the trainers then go on from the newest offsets (a rollback's choice)."""
         import ray
         cfg, n, s = self.cfg, self.scale.trainers, self.scale.ps_shards
         commit = GroupCommit.read(cfg)
@@ -78,7 +79,7 @@ class TrainingGroupImpl:
         self.trainers = [
             Trainer.remote(cfg.model_dump_json(),
                            GroupMember(i, n, partitions_for(i, n, cfg.kafka.partitions),
-                                       self.shards, self.averager, epoch))
+                                       self.shards, self.averager, epoch, skip_ahead))
             for i in range(n)]
         # constructors restore; wait for them so a broken checkpoint fails here, loudly
         ray.get([a.pid.remote() for a in self.trainers + self.shards], timeout=600)
@@ -121,6 +122,55 @@ class TrainingGroupImpl:
             except (ray.exceptions.RayError, TimeoutError) as exc:
                 why = f"rebuilding: {type(exc).__name__}: {str(exc).splitlines()[0]}"
 
+    # --- rollback ----------------------------------------------------------------------------
+    def _follow_rollback(self) -> None:
+        """Carry out an `odl rollback --trainer` request once: the group goes back to the epoch
+        a version was cut from (``epoch-N``).  Its members are stopped, ``group.json`` is set to
+        that epoch, and the group is rebuilt from it: every member and shard restores it and
+        deletes the epochs written after it (as after a crash), so a restart resumes from the
+        rolled-back state.  Then either the samples since that epoch are replayed (they are new
+        to the restored duplicate windows and ledgers, so each trains again once) or, with
+        skip-ahead, the trainers go on from the newest offsets and a full epoch is committed at
+        once to make that choice durable.  The answer goes to the control plane."""
+        try:
+            req = self.cp.pending_trainer_rollback()
+        except Exception as exc:  # noqa: BLE001 - control plane away: look again later
+            self.log.warning("control plane: %s", exc)
+            return
+        if req is None:
+            return
+        answer: dict[str, Any] = {"id": req["id"], "instance": "trainer"}
+        try:
+            answer.update(ok=True, reason=None, **self._rollback(req["checkpoint"],
+                                                                 bool(req.get("skip_ahead"))))
+        except Exception as exc:  # noqa: BLE001 - answered, not fatal
+            self.log.error("rollback to %s failed: %s", req["checkpoint"], exc)
+            answer.update(ok=False, reason=str(exc))
+        self.cp.record_trainer_rollback(answer)
+
+    def _rollback(self, checkpoint: str, skip_ahead: bool) -> dict[str, Any]:
+        prefix = "epoch-"
+        if not checkpoint.startswith(prefix) or not checkpoint[len(prefix):].isdigit():
+            raise ValueError(f"{checkpoint!r} is not a group checkpoint (epoch-N): the version "
+                             "was cut from a lone trainer, not this group")
+        target = int(checkpoint[len(prefix):])
+        if not 0 < target <= self.epoch:
+            raise ValueError(f"epoch {target} is not committed (the group is at epoch {self.epoch})")
+        n, s = self.scale.trainers, self.scale.ps_shards
+        self.log.warning("rolling the group back from epoch %d to %d (%s)", self.epoch, target,
+                         "skipping ahead" if skip_ahead else "replaying")
+        self._teardown()
+        GroupCommit(target, n, s).write(self.cfg)
+        try:
+            self._build(skip_ahead=skip_ahead)
+            if skip_ahead:
+                self._checkpoint("full")
+        except Exception as exc:  # a member failed on the way: the group still has to run
+            self._restart(f"rolling back: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            raise
+        return {"checkpoint": checkpoint, "epoch": self.epoch, "step": self.metrics().get("step"),
+                "mode": "skip-ahead" if skip_ahead else "replay"}
+
     # --- group checkpoints -------------------------------------------------------------------
     def _checkpoint(self, kind: str) -> None:
         """Hold every trainer at a step boundary, write every part of the next epoch, commit."""
@@ -154,10 +204,13 @@ class TrainingGroupImpl:
         import ray
         self._build()
         self.heartbeat.start()
-        last_full = last_incr = time.monotonic()
+        last_full = last_incr = next_control = time.monotonic()
         next_summary = 0.0
         try:
             while not self.stop_event.is_set():
+                if time.monotonic() >= next_control:
+                    next_control = time.monotonic() + self.cfg.control.heartbeat_interval_s
+                    self._follow_rollback()
                 ready, _ = ray.wait(self.runs, timeout=0.5)
                 if ready:
                     try:

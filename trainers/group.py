@@ -46,6 +46,7 @@ class GroupMember:
     shards: list[Any]               # EmbeddingShard actor handles
     averager: Any                   # DenseAverager actor handle
     epoch: int | None               # committed epoch to restore, None = start afresh
+    skip_ahead: bool = False        # then go on from the newest offsets (a rollback's choice)
 
     @property
     def name(self) -> str:

@@ -91,6 +91,8 @@ class TrainerLoop:
             self.trainer = StreamingTrainer(cfg, member.partitions, member.name, model=model,
                                             group=True, group_epoch=member.epoch)
             self.instance = member.name
+            if member.skip_ahead:     # a group rolled back with --skip-ahead
+                self.trainer.skip_ahead()
         self.cp = ControlPlane(cfg)
         self.stop_event = threading.Event()
         self.paused = False
@@ -127,24 +129,20 @@ class TrainerLoop:
             log.warning("control plane: %s", exc)
 
     def _follow_rollback(self) -> None:
-        """Carry out an `odl rollback --trainer` request once (answered by its id)."""
-        req = self.cp.trainer_rollback_request()
+        """Carry out an `odl rollback --trainer` request once (answered by its id).  A group
+        member leaves it to the coordinator, which rebuilds the group (trainers.coordinator)."""
+        if self.member is not None:
+            return
+        req = self.cp.pending_trainer_rollback()
         if req is None:
             return
-        done = self.cp.trainer_rolled_back()
-        if done is not None and done.get("id") == req["id"]:
-            return
         answer: dict[str, Any] = {"id": req["id"], "instance": self.instance}
-        if self.member is not None:
-            answer.update(ok=False, reason="a training group rolls back through its coordinator "
-                          "(not supported yet): restore the group from its committed epoch")
-        else:
-            try:
-                answer.update(ok=True, reason=None, **self.trainer.rollback_to(
-                    req["checkpoint"], bool(req.get("skip_ahead"))))
-            except Exception as exc:  # noqa: BLE001 - answered, not fatal: training goes on
-                log.error("rollback to %s failed: %s", req["checkpoint"], exc)
-                answer.update(ok=False, reason=str(exc))
+        try:
+            answer.update(ok=True, reason=None, **self.trainer.rollback_to(
+                req["checkpoint"], bool(req.get("skip_ahead"))))
+        except Exception as exc:  # noqa: BLE001 - answered, not fatal: training goes on
+            log.error("rollback to %s failed: %s", req["checkpoint"], exc)
+            answer.update(ok=False, reason=str(exc))
         self.cp.record_trainer_rollback(answer)
 
     def checkpoint(self, kind: str) -> None:

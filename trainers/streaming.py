@@ -383,19 +383,12 @@ class StreamingTrainer:
             raise RuntimeError("rolling back needs the tables in this process; a training group "
                                "with parameter-server shards restores through its coordinator")
         chain = self.store.chain_to(checkpoint)
-        ends = None
-        if skip_ahead:    # the newest offsets, and never behind what was consumed already (a
-            # broker's end offsets can lag what it has served: tansu reports short)
-            ends = dict(self.positions)
-            for p, o in self.prefetcher().call(lambda src: src.end_offsets()).items():
-                ends[p] = max(ends.get(p, 0), o)
-        if self._prefetch is not None:       # drop what was fetched past the checkpoint
-            self._prefetch.close()
-            self._prefetch = None
+        ends = self._newest_positions() if skip_ahead else None
+        self._drop_prefetched()
         self.waiting = self.layout.empty()
         self._apply_chain(chain)
         if ends:
-            self.positions.update({int(p): int(o) for p, o in ends.items()})
+            self.positions.update(ends)
         self.ledger = []
         info = self.checkpoint("full")
         log.warning("rolled back to %s (%s): step %d, positions %s, new checkpoint %s",
@@ -404,6 +397,29 @@ class StreamingTrainer:
         return {"checkpoint": checkpoint, "step": self.model.step, "written": info.path.name,
                 "positions": {str(p): o for p, o in self.positions.items()},
                 "mode": "skip-ahead" if skip_ahead else "replay"}
+
+    def skip_ahead(self) -> dict[int, int]:
+        """Go on from the newest offsets instead of the restored positions (a group member
+        rebuilt by a rollback with skip-ahead; the coordinator checkpoints right after)."""
+        ends = self._newest_positions()
+        self._drop_prefetched()
+        self.waiting = self.layout.empty()
+        self.positions.update(ends)
+        log.warning("skipping ahead to the newest offsets %s", self.positions)
+        return dict(self.positions)
+
+    def _newest_positions(self) -> dict[int, int]:
+        """The newest offsets, never behind what was consumed already (a broker's end offsets
+        can lag what it has served: tansu reports short)."""
+        ends = dict(self.positions)
+        for p, o in self.prefetcher().call(lambda src: src.end_offsets()).items():
+            ends[int(p)] = max(ends.get(int(p), 0), int(o))
+        return ends
+
+    def _drop_prefetched(self) -> None:
+        if self._prefetch is not None:       # what was fetched from the old positions
+            self._prefetch.close()
+            self._prefetch = None
 
     def _commit_offsets(self) -> None:
         """Tell the group where the checkpoint stands (monitoring; restore uses the checkpoint)."""

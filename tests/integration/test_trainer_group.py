@@ -52,6 +52,24 @@ def assert_committed_once(cfg, data: list[dict], epoch: int, trainers: int = 2) 
     np.testing.assert_array_equal(np.sort(ledger), expected)
 
 
+def group_config(tmp_path, broker_port, redis_port, prefix="grp"):
+    return make_config(
+        tmp_path,
+        kafka={"bootstrap_servers": f"127.0.0.1:{broker_port}", "partitions": 4,
+               "topic_prefix": f"{prefix}{os.getpid()}."},
+        redis={"port": redis_port},
+        feature_job={"attribution_window_s": 5, "idle_timeout_s": 1, "watermark_delay_ms": 0},
+        trainer={"batch_size": 256, "max_batch_wait_ms": 1000, "frozen_baseline_after": None,
+                 "align_labels": True,   # the held-samples path through checkpoints
+                 "tables": {"user": {"dim": 8, "capacity": 4000},
+                            "item": {"dim": 8, "admit_min_count": 2}},
+                 "hidden_units": [16],
+                 "scale": {"trainers": 2, "ps_shards": 2, "sync_every_steps": 5,
+                           "trainer_cpus": 0.5},
+                 "checkpoint": {"incremental_interval_s": 0.7, "full_interval_s": 5,
+                                "keep_full": 1000, "ledger": True}})
+
+
 def wait_for(pred, timeout_s: float, what: str):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -65,21 +83,7 @@ def wait_for(pred, timeout_s: float, what: str):
 def test_group_trains_every_sample_once_through_member_kills(tmp_path, redis_port, broker_port,
                                                               ray_cluster):
     ray = ray_cluster
-    cfg = make_config(
-        tmp_path,
-        kafka={"bootstrap_servers": f"127.0.0.1:{broker_port}", "partitions": 4,
-               "topic_prefix": f"grp{os.getpid()}."},
-        redis={"port": redis_port},
-        feature_job={"attribution_window_s": 5, "idle_timeout_s": 1, "watermark_delay_ms": 0},
-        trainer={"batch_size": 256, "max_batch_wait_ms": 1000, "frozen_baseline_after": None,
-                 "align_labels": True,   # the held-samples path through checkpoints
-                 "tables": {"user": {"dim": 8, "capacity": 4000},
-                            "item": {"dim": 8, "admit_min_count": 2}},
-                 "hidden_units": [16],
-                 "scale": {"trainers": 2, "ps_shards": 2, "sync_every_steps": 5,
-                           "trainer_cpus": 0.5},
-                 "checkpoint": {"incremental_interval_s": 0.7, "full_interval_s": 5,
-                                "keep_full": 1000, "ledger": True}})
+    cfg = group_config(tmp_path, broker_port, redis_port)
     data = synthetic_samples(N_SAMPLES)
     rng = np.random.default_rng(3)
     stream = list(data)
@@ -160,3 +164,71 @@ def test_group_trains_every_sample_once_through_member_kills(tmp_path, redis_por
         final = ray.get(run_ref, timeout=120)
     assert final["samples_trained"] == N_SAMPLES
     assert_committed_once(cfg, data, epoch())
+
+
+def test_group_rolls_back_to_an_epoch_replaying_or_skipping_ahead(tmp_path, redis_port, broker_port,
+                                                                 ray_cluster):
+    """`odl rollback --trainer` on a group: back to a committed epoch, the samples since replayed
+    and committed once; then with skip-ahead, nothing replayed and the choice committed."""
+    ray = ray_cluster
+    cfg = group_config(tmp_path, broker_port, redis_port, prefix="grprb")
+    data = synthetic_samples(8_000, seed=5)
+    ensure_topics(cfg)
+    prod = producer(cfg)
+    topic = names.topic(names.SAMPLES, cfg.kafka.topic_prefix)
+
+    def send(rows):
+        for d in rows:
+            prod.send(topic, key=d["sample_id"].encode(), value=json.dumps(d).encode())
+        prod.flush()
+
+    from odl.control import ControlPlane
+    from trainers.coordinator import TrainingGroupImpl
+    cp = ControlPlane(cfg)
+    group = ray.remote(TrainingGroupImpl).options(max_concurrency=4, num_cpus=0).remote(
+        cfg.model_dump_json())
+    run_ref = group.run.remote()
+    metrics = lambda: ray.get(group.metrics.remote(), timeout=60)  # noqa: E731
+    epoch = lambda: GroupCommit.read(cfg).epoch if GroupCommit.read(cfg) else 0  # noqa: E731
+
+    def rollback(checkpoint, skip_ahead):
+        rid = cp.request_trainer_rollback(checkpoint, skip_ahead, "test")
+        return wait_for(lambda: (cp.trainer_rolled_back() or {}).get("id") == rid
+                        and cp.trainer_rolled_back(), 180, "the group's answer")
+    try:
+        send(data[:4000])
+        wait_for(lambda: metrics().get("samples_trained") == 4000 and epoch() >= 2, 240,
+                 "the first half trained and committed")
+        target = epoch()
+        send(data[4000:])
+        wait_for(lambda: metrics().get("samples_trained") == 8000 and epoch() > target, 240,
+                 "the second half trained")
+        # not a group checkpoint, or not committed: refused, and the group trains on
+        assert rollback("ckpt-00000003-full", False)["ok"] is False
+        assert "not committed" in rollback(f"epoch-{epoch() + 5}", False)["reason"]
+        done = rollback(f"epoch-{target}", False)
+        assert done["ok"] and done["mode"] == "replay" and done["epoch"] == target, done
+        # the second half is replayed from the epoch's positions: trained again, once
+        wait_for(lambda: metrics().get("samples_trained") == 8000 and epoch() > target, 240,
+                 "the replay")
+        last = epoch()
+        wait_for(lambda: epoch() > last, 60, "a commit after the replay")
+        assert_committed_once(cfg, data, epoch())
+        # skip-ahead: back to the epoch just committed, on from the newest offsets
+        back = epoch()
+        ledger_then = sum(len(committed_ledger(CheckpointStore(checkpoint_dir(cfg, f"trainer-{i}")), back))
+                          for i in range(2))
+        done = rollback(f"epoch-{back}", True)
+        assert done["ok"] and done["mode"] == "skip-ahead" and done["epoch"] == back + 1, done
+        assert epoch() == back + 1                      # the choice is committed at once
+        fresh = [{**d, "sample_id": f"new-{d['sample_id']}", "request_id": f"new-{d['request_id']}"}
+                 for d in synthetic_samples(500, seed=9)]
+        send(fresh)                                     # new samples after the skip train
+        wait_for(lambda: metrics().get("samples_trained") == 8500 and epoch() > back + 1, 240,
+                 "new samples after skipping ahead")
+    finally:
+        ray.get(group.stop.remote(), timeout=30)
+        ray.get(run_ref, timeout=120)
+    final = np.concatenate([committed_ledger(CheckpointStore(checkpoint_dir(cfg, f"trainer-{i}")), epoch())
+                            for i in range(2)])
+    assert len(final) == ledger_then + 500 and len(np.unique(final)) == len(final)
