@@ -31,8 +31,8 @@ from typing import Callable
 
 import yaml
 
-from bench.chaos_faults import FAULT_KINDS, Fault, Probes
-from bench.common import free_port
+from bench.chaos_faults import FAULT_KINDS, Fault, Probes, wait_until
+from bench.common import free_port, free_port_block
 from bench.registry import BenchResult
 from odl import names
 from odl.config import Config, load_config
@@ -66,24 +66,6 @@ class ChaosReport:
     lines: list[str]
 
 
-def _free_block(n: int) -> int:
-    for _ in range(100):
-        base = free_port()
-        if base + n < 65000 and all(_port_free(p) for p in range(base, base + n)):
-            return base
-    raise RuntimeError("no free block of ports")
-
-
-def _port_free(port: int) -> bool:
-    import socket
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-            return True
-        except OSError:
-            return False
-
-
 def stack_config(base: Config, state_dir: Path, plan: ChaosPlan) -> Path:
     """The private stack's config file: free loopback ports, the ledger on, every checkpoint of
     the run kept (the audit walks their lineage)."""
@@ -93,7 +75,7 @@ def stack_config(base: Config, state_dir: Path, plan: ChaosPlan) -> Path:
         "redis": {"port": free_port()},
         "ray": {"port": free_port()},
         "serving": {"ports": [free_port(), free_port()]},
-        "metrics": {"base_port": _free_block(12)},
+        "metrics": {"base_port": free_port_block(12)},
         "exporter": {"version_interval_s": 10, "min_samples_per_version": 100},
         "source": {"rate": plan.source_rate, "malformed_rate": 0.01, "seed": plan.seed},
         "feature_job": {"attribution_window_s": 5, "checkpoint_interval_s": 5},
@@ -132,15 +114,6 @@ class Burner:
             self.proc.wait()
 
 
-def _wait(pred: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 1.0) -> float:
-    t0 = time.monotonic()
-    while not pred():
-        if time.monotonic() - t0 > timeout_s:
-            raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(poll_s)
-    return time.monotonic() - t0
-
-
 def run_chaos(base: Config, plan: ChaosPlan, progress: Callable[[str], None] = print,
               keep_dir: Path | None = None) -> ChaosReport:
     with tempfile.TemporaryDirectory(prefix="odl-chaos-") as tmp:
@@ -177,7 +150,7 @@ def _run(cfg: Config, stack: LocalStack, plan: ChaosPlan, burner: Burner,
     cp = ControlPlane(cfg)
     probes = Probes(cfg, stack)
     t_up = time.monotonic()
-    _wait(probes.flowing, 300, "the stack to flow (samples trained, a version, replicas ready)", 2)
+    wait_until(probes.flowing, 300, "the stack to flow (samples trained, a version, replicas ready)", 2)
     progress(f"stack flowing after {time.monotonic() - t_up:.0f} s")
 
     urls = [f"http://127.0.0.1:{p}" for p in cfg.serving.ports]
@@ -278,7 +251,7 @@ def _drain(cfg: Config, stack: LocalStack, plan: ChaosPlan, progress) -> float:
             return False
         pos = {int(p): o for p, o in cks[-1].meta.get("positions", {}).items()}
         return all(pos.get(p, 0) >= e for p, e in ends.items())
-    _wait(covered, plan.drain_timeout_s, "the trainer's checkpoint to cover the samples topic")
+    wait_until(covered, plan.drain_timeout_s, "the trainer's checkpoint to cover the samples topic")
     took = time.monotonic() - t0
     progress(f"drained in {took:.0f} s: {last} sample records, trainer checkpointed past them")
     return took

@@ -140,21 +140,22 @@ class Fault:
         return set(kill_component(self.probes.group(name)))
 
 
-def _await(pred: Callable[[], object], timeout_s: float, what: str):
+def wait_until(pred: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.5):
+    """``pred()``'s first truthy value; RuntimeError naming ``what`` after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = pred()
         if got:
             return got
-        time.sleep(0.5)
-    raise RuntimeError(f"no {what} to inject the fault into within {timeout_s:.0f} s")
+        time.sleep(poll_s)
+    raise RuntimeError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 class TrainerKill(Fault):
     kind = "trainer"
 
     def kill(self) -> set[int]:
-        hb = _await(lambda: self.probes.beat("trainer"), 60, "trainer heartbeat")
+        hb = wait_until(lambda: self.probes.beat("trainer"), 60, "a trainer heartbeat to kill")
         os.kill(hb.pid, signal.SIGKILL)
         self._first: int | None = None
         return {hb.pid}

@@ -19,6 +19,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_port_block(n: int) -> int:
+    """The first of ``n`` consecutive free loopback ports (a stack's metrics ports are one
+    base plus offsets)."""
+    for _ in range(100):
+        base = free_port()
+        if base + n < 65000 and all(_port_free(p) for p in range(base, base + n)):
+            return base
+    raise RuntimeError(f"no block of {n} free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 @contextlib.contextmanager
 def managed_process(argv: list[str], ready: Callable[[], bool], what: str, timeout_s: float = 15,
                     stdout: IO | int = subprocess.DEVNULL) -> Iterator[subprocess.Popen]:

@@ -14,6 +14,7 @@ import requests
 import yaml
 from click.testing import CliRunner
 
+from bench.common import free_port_block
 from odl.embedding_store import EmbeddingReader
 from odl.cli import main as cli
 from odl.config import load_config
@@ -24,27 +25,6 @@ from tests.conftest import free_port
 
 pytestmark = pytest.mark.slow
 MIN_RUN_S = 30
-
-
-def _free_block(n: int) -> int:
-    import socket
-    for _ in range(50):
-        base = free_port()
-        if base + n > 65000:
-            continue
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                s.bind(("127.0.0.1", p))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
 
 
 def _stack_pids(pgids: set[int]) -> dict[int, str]:
@@ -77,7 +57,7 @@ def stack_config(tmp_path):
         "redis": {"port": free_port()},
         "ray": {"port": free_port()},
         "serving": {"ports": [free_port(), free_port()]},
-        "metrics": {"base_port": _free_block(12)},
+        "metrics": {"base_port": free_port_block(12)},
         "exporter": {"version_interval_s": 8, "min_samples_per_version": 100},
         "source": {"rate": 300, "malformed_rate": 0.01},
         "feature_job": {"attribution_window_s": 5, "checkpoint_interval_s": 5},
