@@ -22,7 +22,7 @@ from odl.spec.logs import write_log
 from odl.spec.realtime import count_kind, count_parts, count_values
 from odl.spec.synth import synthetic_rows
 from tests.conftest import free_port
-from tests.integration.test_stack_e2e import _free_block
+from bench.common import free_port_block
 
 pytestmark = pytest.mark.slow
 SPEC = SPECS_DIR / "adlog.yaml"
@@ -40,7 +40,7 @@ def spec_stack_config(tmp_path):
         "redis": {"port": free_port()},
         "ray": {"port": free_port()},
         "serving": {"ports": [free_port()]},
-        "metrics": {"base_port": _free_block(12)},
+        "metrics": {"base_port": free_port_block(12)},
         "exporter": {"version_interval_s": 8, "min_samples_per_version": 100},
         # ~120 s of log in ~80 s: longer than a minute, so the stream's clock always crosses a
         # minute boundary and the count tiles it closes land (at 3x, ~40 s, a replay that began
