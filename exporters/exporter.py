@@ -413,6 +413,7 @@ def wait_for_actor(ray, comp: Component, timeout_s: float = 300):
         try:
             return ray.get_actor(TRAINER_ACTOR, namespace=NAMESPACE)
         except ValueError:
+            comp.work.beat("export", waiting="the trainer actor")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"trainer actor {TRAINER_ACTOR!r} did not appear in {timeout_s}s")
             comp.stop.wait(1.0)
@@ -438,8 +439,10 @@ def run(cfg: Config) -> int:
         while not comp.stop.is_set():
             try:
                 ex.tick(schedule, comp.paused)
+                comp.work.beat("export")
             except redis.RedisError as exc:   # Redis away: keep the trainer's state, retry
                 comp.log.warning("redis unavailable (%s); retrying", exc)
+                comp.work.beat("export", waiting=f"redis unavailable ({exc})")
             except ray.exceptions.RayError as exc:   # the actor, or a group member, is away
                 comp.log.warning("trainer actor unavailable (%s); waiting for it", exc)
                 actor = wait_for_actor(ray, comp)

@@ -344,6 +344,8 @@ class MetricsConfig(_Section):
     host: str = Field("127.0.0.1", description="Prometheus endpoints bind here (0.0.0.0 in containers)")
     # Each component instance gets base_port + offset (odl.runtime.metrics_port).
     base_port: int = Field(9300, ge=1024, le=65000)
+    stall_s: float = Field(120.0, gt=0, description="liveness (/healthz) fails once a work loop "
+                           "made no progress this long (odl.probes)")
 
 
 class Config(_Section):

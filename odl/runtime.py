@@ -1,5 +1,6 @@
 """What every long-running ODL process shares: graceful stop on SIGTERM/SIGINT, a Prometheus
-endpoint on loopback, and a heartbeat in the control plane."""
+endpoint with liveness and readiness probes of its work loops (odl.probes) on ``metrics.host``,
+and a heartbeat in the control plane."""
 from __future__ import annotations
 
 import logging
@@ -7,10 +8,11 @@ import signal
 import threading
 from typing import Any, Callable
 
-from prometheus_client import Gauge, start_http_server
+from prometheus_client import REGISTRY, Gauge, generate_latest
 
 from odl.config import Config
 from odl.control import ControlPlane, Heartbeater
+from odl.probes import ProbeServer, WorkProbe
 
 # Offsets from metrics.base_port, one per process kind; serving adds its replica index.
 RESTARTS = Gauge("odl_component_restarts", "restarts of this component instance that its "
@@ -33,7 +35,9 @@ def setup_logging(instance: str) -> logging.Logger:
 
 
 class Component:
-    """Lifecycle shared by components: ``stop`` is set by signals; ``heartbeat`` runs in a thread."""
+    """Lifecycle shared by components: ``stop`` is set by signals; ``heartbeat`` runs in a thread;
+    the work loops report each pass to ``work`` (``comp.work.beat(loop)``), which the probes
+    judge."""
 
     def __init__(self, cfg: Config, component: str, instance: str | None = None,
                  metrics_port: int | None = None):
@@ -44,11 +48,14 @@ class Component:
         self.stop = threading.Event()
         self.cp = ControlPlane(cfg)
         self._hb: Heartbeater | None = None
+        self.work = WorkProbe(cfg.metrics.stall_s)
+        self.probes: ProbeServer | None = None
         if cfg.metrics.enabled:
             port = metrics_port if metrics_port is not None else (
                 cfg.metrics.base_port + METRICS_PORT_OFFSETS.get(component, 20))
-            start_http_server(port, addr=cfg.metrics.host)
-            self.log.info("prometheus metrics on %s:%d", cfg.metrics.host, port)
+            self.probes = ProbeServer(cfg.metrics.host, port, lambda: generate_latest(REGISTRY).decode(),
+                                      self.work.health, self.work.readiness)
+            self.log.info("prometheus metrics and probes on %s:%d", cfg.metrics.host, port)
 
     def install_signal_handlers(self) -> None:
         def _handler(signum, _frame):
@@ -70,3 +77,5 @@ class Component:
     def close(self, final_state: str = "stopped") -> None:
         if self._hb:
             self._hb.stop(final_state)
+        if self.probes:
+            self.probes.close()

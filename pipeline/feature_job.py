@@ -222,8 +222,11 @@ def _supervise(cfg: Config, cancel_on_stop: bool) -> int:
                     state["status"] = client.get_job_status().result().name if client else "?"
                     obs.poll()
                     state.update(obs.state)
+                    comp.work.beat("observe", waiting=None if state["status"] == "RUNNING"
+                                   else f"job {state['status'].lower()}")
                 except Exception as exc:  # noqa: BLE001
                     comp.log.warning("observe failed: %s", exc)
+                    comp.work.beat("observe", waiting=f"job status unknown ({exc})")
                 comp.stop.wait(cfg.control.heartbeat_interval_s)
         finally:
             obs.close()
@@ -236,12 +239,15 @@ def _supervise(cfg: Config, cancel_on_stop: bool) -> int:
                                                    cfg.feature_job.idle_timeout_s)
                 ticker.step()
                 state["watermark_ticks"] = ticker.ticks
+                comp.work.beat("watermark-ticks")
             except Exception as exc:  # noqa: BLE001 - the broker may be away; try again
                 comp.log.warning("watermark ticks: %s", exc)
+                comp.work.beat("watermark-ticks", waiting=f"the broker ({exc})")
             comp.stop.wait(TICK_EVERY_S)
         if ticker is not None:
             ticker.close()
 
+    comp.work.expect("observe")
     threading.Thread(target=observe, daemon=True).start()
     if cfg.feature_job.idleness == "ticks":
         threading.Thread(target=tick, name="odl-watermark-ticks", daemon=True).start()
@@ -252,6 +258,7 @@ def _supervise(cfg: Config, cancel_on_stop: bool) -> int:
         while not comp.stop.is_set():
             if state["status"] in ("FAILED", "CANCELED", "FINISHED"):
                 comp.log.error("job ended with status %s", state["status"])
+                comp.work.fail(f"job ended with status {state['status']}")
                 return 1
             comp.stop.wait(1.0)
         if client and cancel_on_stop:

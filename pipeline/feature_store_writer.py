@@ -53,6 +53,7 @@ def run(cfg: Config) -> int:
         **stats, "updates_per_s": round(stats["updates"] / max(1e-3, time.time() - started), 1)}))
     try:
         while not comp.stop.is_set():
+            comp.work.beat("consume")
             batch = c.poll(timeout_ms=500)
             values = [r.value for recs in batch.values() for r in recs]
             if not values:
@@ -67,6 +68,7 @@ def run(cfg: Config) -> int:
                 except RedisError as exc:  # keep the offsets: retry until Redis is back
                     stats["redis_errors"] += 1
                     comp.log.warning("redis write failed (%s); retrying", exc)
+                    comp.work.beat("consume", waiting=f"redis unavailable ({exc})")
                     comp.stop.wait(1.0)
             else:
                 break

@@ -46,6 +46,7 @@ def run(cfg: Config) -> int:
     try:
         for rec in source.records():
             while not comp.stop.is_set():
+                comp.work.beat("produce")   # per record, and per 0.2 s of waiting or pause
                 if comp.paused:  # hold the stream; event times shift by the pause
                     time.sleep(0.2)
                     paused_ms += 200

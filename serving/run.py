@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from odl.model_store import ModelStore
 from odl.config import Config
 from odl.control import ControlPlane, Heartbeater
+from odl.probes import WorkProbe
 from odl.redis_conn import redis_client
 from odl.runtime import Component, metrics_port
 from serving.app import ServingApp
@@ -44,6 +45,8 @@ class Replica:
                               instance, registry=registry)
         self._threads: list[threading.Thread] = []
         self._heartbeat: Heartbeater | None = None
+        # the replica's loops report here (a component's probes judge them; tests: unjudged)
+        self.work = WorkProbe(cfg.metrics.stall_s).expect("follow", "model")
 
     @property
     def url(self) -> str:
@@ -60,6 +63,7 @@ class Replica:
         r = redis_client(cfg, decode=False, timeout_s=FOLLOW_BLOCK_MS / 1000 + cfg.serving.redis_timeout_s + 1)
         down = False
         while not self.stop.is_set():
+            self.work.beat("follow")   # Redis away is degraded serving, not unready
             try:
                 self.app.cache.follow(r, block_ms=FOLLOW_BLOCK_MS)
                 down = False
@@ -95,6 +99,7 @@ class Replica:
                     await asyncio.to_thread(self.poll_model)
                 except Exception as exc:  # noqa: BLE001 - control plane away: keep the current model
                     self.log.warning("model poll failed: %s", exc)
+                self.work.beat("model", waiting=None if self.holder.current else "no model version loaded")
                 await asyncio.sleep(self.cfg.serving.poll_interval_s)
         finally:
             await runner.cleanup()
@@ -133,7 +138,7 @@ def run(cfg: Config, replica: int = 0) -> int:
     comp = Component(cfg, "serving", instance,
                      metrics_port=metrics_port(cfg, "serving", replica))
     rep = Replica(cfg, cfg.serving.ports[replica], instance, comp.cp, registry=REGISTRY)
-    rep.stop = comp.stop
+    rep.stop, rep.work = comp.stop, comp.work
     comp.start_heartbeat(rep.probe)
     rep.start_threads(heartbeat=False)
 

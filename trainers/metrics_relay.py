@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
+
+from odl.probes import ProbeServer
 
 POLL_S = 5.0
 
@@ -68,25 +69,9 @@ class MetricsRelay:
         self.ended: str | None = None       # why the run loop ended, once it has
         self.last_error: str | None = None
         self._stop = threading.Event()
-        relay = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
-                code, body, kind = relay.respond(self.path)
-                data = body.encode()
-                self.send_response(code)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *_):   # probes every few seconds: not worth a log line
-                pass
-
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, name="odl-metrics-relay",
-                         daemon=True).start()
+        self.probes = ProbeServer(host, port, self.metrics_text, self.health, self.readiness,
+                                  name="odl-metrics-relay")
+        self.port = self.probes.port
         threading.Thread(target=self._poll, name="odl-metrics-poll", daemon=True).start()
 
     def _poll(self) -> None:
@@ -113,32 +98,27 @@ class MetricsRelay:
             return f"trainer actor has not answered for {age:.0f} s ({self.last_error})"
         return None
 
-    def respond(self, path: str) -> tuple[int, str, str]:
-        path = path.split("?", 1)[0]
-        if path == "/metrics":
-            age = self.age_s()
-            up = int(age is not None and self.health() is None)
-            driver = (
-                "# HELP odl_trainer_up 1 while the trainer actor answers its driver\n"
-                "# TYPE odl_trainer_up gauge\n"
-                f"odl_trainer_up {up}\n"
-                "# HELP odl_trainer_restarts_total trainer actor processes that died and were restarted\n"
-                "# TYPE odl_trainer_restarts_total counter\n"
-                f"odl_trainer_restarts_total {self.restarts}\n"
-                "# HELP odl_trainer_relay_age_seconds age of the relayed actor metrics\n"
-                "# TYPE odl_trainer_relay_age_seconds gauge\n"
-                f"odl_trainer_relay_age_seconds {-1 if age is None else round(age, 3)}\n")
-            return 200, self.text + driver, "text/plain; version=0.0.4; charset=utf-8"
-        if path == "/healthz":
-            why = self.health()
-            return (200, "ok\n", "text/plain") if why is None else (503, why + "\n", "text/plain")
-        if path == "/ready":
-            ok = self.answered_at is not None and self.health() is None
-            return (200, "ready\n", "text/plain") if ok else (
-                503, (self.health() or "trainer actor starting") + "\n", "text/plain")
-        return 404, "not found\n", "text/plain"
+    def readiness(self) -> str | None:
+        """None once the actor has answered and is live, else why not."""
+        if self.answered_at is None:
+            return self.health() or "trainer actor starting"
+        return self.health()
+
+    def metrics_text(self) -> str:
+        age = self.age_s()
+        up = int(age is not None and self.health() is None)
+        driver = (
+            "# HELP odl_trainer_up 1 while the trainer actor answers its driver\n"
+            "# TYPE odl_trainer_up gauge\n"
+            f"odl_trainer_up {up}\n"
+            "# HELP odl_trainer_restarts_total trainer actor processes that died and were restarted\n"
+            "# TYPE odl_trainer_restarts_total counter\n"
+            f"odl_trainer_restarts_total {self.restarts}\n"
+            "# HELP odl_trainer_relay_age_seconds age of the relayed actor metrics\n"
+            "# TYPE odl_trainer_relay_age_seconds gauge\n"
+            f"odl_trainer_relay_age_seconds {-1 if age is None else round(age, 3)}\n")
+        return self.text + driver
 
     def close(self) -> None:
         self._stop.set()
-        self.server.shutdown()
-        self.server.server_close()
+        self.probes.close()

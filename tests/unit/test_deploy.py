@@ -19,7 +19,9 @@ import yaml
 
 from odl.cli import COMPONENTS
 from odl.config import Config, ConfigError, load_config
+from odl.probes import HEALTH_PATH, READY_PATH
 from odl.runtime import metrics_port
+from tests.deploy_files import compose as load_compose, dotenv, prometheus_targets
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Config().paths.cache_dir
@@ -29,31 +31,14 @@ ODL_IMAGES = ("odl", "ghcr.io/odl/odl")
 
 
 # --- docker-compose ------------------------------------------------------------------------------
-def _dotenv() -> dict[str, str]:
-    out = {}
-    for line in (REPO / ".env").read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            k, _, v = line.partition("=")
-            out[k.strip()] = v.strip()
-    return out
-
-
-def _interpolate(text: str, env: dict[str, str]) -> str:
-    def sub(m: re.Match) -> str:
-        name = m.group(1)
-        assert name in env, f"docker-compose.yml uses ${{{name}}}, which .env does not set"
-        return env[name]
-    return re.sub(r"(?<!\$)\$\{([A-Za-z_][A-Za-z0-9_]*)\}", sub, text)
-
-
 @pytest.fixture(scope="module")
 def compose() -> dict:
-    return yaml.safe_load(_interpolate((REPO / "docker-compose.yml").read_text(), _dotenv()))
+    return load_compose()
 
 
 def _odl_argv(svc: dict) -> list[str] | None:
     """The argv of a service running the ODL image (entrypoint `odl` unless overridden)."""
-    if svc.get("image") != _dotenv()["ODL_IMAGE"]:
+    if svc.get("image") != dotenv()["ODL_IMAGE"]:
         return None
     return list(svc.get("entrypoint", ["odl"])) + list(svc.get("command", []))
 
@@ -110,6 +95,23 @@ def test_health_checks_dependencies_and_volumes_hang_together(compose):
     assert services["serving-0"]["ports"] == ["8501:8501"] and services["serving-1"]["ports"] == ["8502:8502"]
 
 
+def test_every_odl_service_checks_the_liveness_of_its_work(compose):
+    """Not /metrics (the HTTP thread): the work loops' probe (odl.probes), on the port the
+    config gives the component; serving's own health on its API port."""
+    cfg = load_config(env={k: str(v) for k, v in compose["x-odl-env"].items()})
+    for name, svc in compose["services"].items():
+        command = svc.get("command") or []
+        if command[:1] != ["run"]:
+            continue
+        component = command[1]
+        if component == "serving":
+            replica = int(command[command.index("--replica") + 1])
+            url = f"http://localhost:{cfg.serving.ports[replica]}{HEALTH_PATH}"
+        else:
+            url = f"http://localhost:{metrics_port(cfg, component)}{HEALTH_PATH}"
+        assert url in " ".join(svc["healthcheck"]["test"]), (name, svc.get("healthcheck"))
+
+
 def _code_metric_names() -> set[str]:
     names = set()
     for path in REPO.glob("*/*.py"):
@@ -118,8 +120,7 @@ def _code_metric_names() -> set[str]:
 
 
 def test_prometheus_scrapes_every_component_on_its_metrics_port(compose):
-    prom = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())
-    targets = {t for job in prom["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]}
+    targets = {t for job in prometheus_targets().values() for t, _ in job}
     for name, svc in compose["services"].items():
         argv = _odl_argv(svc)
         if argv and argv[:2] == ["odl", "run"]:
@@ -244,9 +245,13 @@ def test_containers_commands_ports_probes_and_resources_agree_with_the_code(rend
             assert args[0] == "run" and args[1] in COMPONENTS, (name, args)
             seen.add(args[1])
             assert ports["metrics"] == metrics_port(cfg, args[1]), (name, ports)
+            # liveness: the work loops' probe; readiness: the work's, or serving's API health
+            assert c["livenessProbe"]["httpGet"] == {"path": HEALTH_PATH, "port": "metrics"}, name
             if args[1] == "serving":
                 assert ports["http"] == cfg.serving.ports[0]
-                assert c["readinessProbe"]["httpGet"]["path"] == "/healthz"
+                assert c["readinessProbe"]["httpGet"] == {"path": HEALTH_PATH, "port": "http"}
+            else:
+                assert c["readinessProbe"]["httpGet"] == {"path": READY_PATH, "port": "metrics"}, name
     assert seen == set(COMPONENTS) - {"feature-job"}
 
 
