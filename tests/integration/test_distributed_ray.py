@@ -22,6 +22,7 @@ from odl import names
 from odl.kafka_util import ensure_topics, producer
 from odl.ray_util import LOOPBACK_ENV
 from tests.conftest import free_port, make_config, wait_port
+from tests.integration.prometheus import Prometheus
 from tests.integration.test_trainer_group import assert_committed_once, wait_for
 from trainers.group import GroupCommit
 
@@ -38,7 +39,7 @@ import sys, threading
 from ray._private.node import Node
 from ray._private.parameter import RayParams
 params = RayParams(gcs_address=sys.argv[1], node_ip_address="127.0.0.1", num_cpus=int(sys.argv[2]),
-                   include_log_monitor=False, node_manager_port=0, min_worker_port=0,
+                   metrics_export_port=int(sys.argv[3]), include_log_monitor=False, node_manager_port=0, min_worker_port=0,
                    max_worker_port=0, object_store_memory=200 * 1024 * 1024)
 params.dashboard_agent_listen_port = None
 Node(params, head=False, shutdown_at_exit=True, spawn_reaper=True)
@@ -64,11 +65,13 @@ def _kill_node(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def two_nodes(tmp_path):
-    """(ray, the head's node id, the second node's id, the second node's process)."""
-    port = free_port()
+    """(ray, the head's node id, the second node's id, the second node's process, Prometheus
+    scraping both nodes' metrics as compose's ``ray-head:8080`` and ``ray-worker:8080``)."""
+    port, head_metrics, second_metrics = free_port(), free_port(), free_port()
     head = _ray_node([str(Path(sys.executable).parent / "ray"), "start", "--head", "--block",
                       "--node-ip-address=127.0.0.1", f"--port={port}", "--num-cpus=2",
                       "--include-dashboard=false", "--disable-usage-stats",
+                      f"--metrics-export-port={head_metrics}",
                       '--resources={"odl-head": 1}', f"--temp-dir=/tmp/odl-ray-2n-{os.getpid()}"],
                      tmp_path / "ray-head.log")
     second = None
@@ -76,7 +79,7 @@ def two_nodes(tmp_path):
     import ray
     try:
         wait_port(port, head, "ray head", timeout=90)
-        second = _ray_node([sys.executable, "-c", JOIN, f"127.0.0.1:{port}", "2"],
+        second = _ray_node([sys.executable, "-c", JOIN, f"127.0.0.1:{port}", "2", str(second_metrics)],
                            tmp_path / "ray-second.log")
         ray.init(address=f"127.0.0.1:{port}", namespace="odl-2n-test", log_to_driver=False,
                  _node_ip_address="127.0.0.1")
@@ -84,7 +87,10 @@ def two_nodes(tmp_path):
             [n for n in ray.nodes() if n["Alive"]]) == 2 else None, 90, "the second node to join")
         head_id = next(n["NodeID"] for n in alive if "odl-head" in n["Resources"])
         second_id = next(n["NodeID"] for n in alive if n["NodeID"] != head_id)
-        yield ray, head_id, second_id, second
+        with Prometheus(tmp_path / "prometheus", {"ray": {
+                "ray-head:8080": f"127.0.0.1:{head_metrics}",
+                "ray-worker:8080": f"127.0.0.1:{second_metrics}"}}) as prom:
+            yield ray, head_id, second_id, second, prom
     finally:
         ray.shutdown()
         for proc in (second, head):
@@ -94,7 +100,10 @@ def two_nodes(tmp_path):
 
 def test_group_spreads_over_two_nodes_and_survives_losing_one(tmp_path, redis_port, broker_port,
                                                                two_nodes):
-    ray, head_id, second_id, second = two_nodes
+    ray, head_id, second_id, second, prom = two_nodes
+    # Prometheus scrapes both nodes' metrics agents, as deploy/prometheus/prometheus.yml names them
+    prom.wait_all_up(120)
+    assert prom.value('count(count by (instance) ({job="ray", __name__=~"ray_.+"}))') == 2
     cfg = make_config(
         tmp_path,
         kafka={"bootstrap_servers": f"127.0.0.1:{broker_port}", "partitions": 4,
