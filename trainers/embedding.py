@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from itertools import repeat
 from dataclasses import dataclass
 
 import numpy as np
@@ -115,34 +116,39 @@ class DynamicEmbedding:
     # --- lookups ----------------------------------------------------------------------------
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Rows for scoring or serving: never admits; unknown ids get the default row 0."""
-        with self.lock:
-            get = self._rows.get
-            return np.fromiter((get(i, 0) for i in np.asarray(ids).tolist()), np.int64, len(ids))
+        ids = np.asarray(ids).tolist()
+        with self.lock:   # one dict lookup per id at C speed (map), not a generator's frame
+            return np.fromiter(map(self._rows.get, ids, repeat(0, len(ids))), np.int64, len(ids))
 
     def lookup_train(self, ids: np.ndarray, clock_ms: int, step: int, with_known: bool = False):
         """Rows for a training batch at event time ``clock_ms``; admits, counts, marks the rows
         as changed at ``step`` (the caller updates them in that step).  ``with_known`` also
-        returns, per id, whether it had a row before this call (scoring as before the update)."""
+        returns, per id, whether it had a row before this call (scoring as before the update).
+
+        The ids that have rows are looked up at once; only the others (admission, allocation)
+        take a Python step each.  An allocation that must evict never takes a row this batch
+        uses."""
         with self.lock:
             uniq, inverse, counts = np.unique(np.asarray(ids, np.int64), return_inverse=True,
                                               return_counts=True)
-            urows = np.zeros(len(uniq), np.int64)
-            known = np.zeros(len(uniq), bool)
-            fresh: list[tuple[int, int]] = []
-            protect: set[int] = set()
-            for k, i in enumerate(uniq.tolist()):
-                r = self._rows.get(i)
-                known[k] = r is not None
-                if r is None and self._admit(i, int(counts[k]), clock_ms):
-                    r = self._allocate(i, protect, step)
-                    fresh.append((r, i))
-                if r:
-                    urows[k] = r
-                    protect.add(r)
-                else:
-                    self.stats.default_lookups += int(counts[k])
-            if fresh:
-                self._initialise(fresh)
+            ul = uniq.tolist()
+            urows = np.fromiter(map(self._rows.get, ul, repeat(0, len(ul))), np.int64, len(ul))
+            known = urows > 0
+            missing = np.flatnonzero(~known).tolist()
+            if missing:
+                fresh: list[tuple[int, int]] = []
+                protect = set(urows[known].tolist())
+                for k in missing:
+                    i, n = ul[k], int(counts[k])
+                    if self._admit(i, n, clock_ms):
+                        r = self._allocate(i, protect, step)
+                        fresh.append((r, i))
+                        urows[k] = r
+                        protect.add(r)
+                    else:
+                        self.stats.default_lookups += n
+                if fresh:
+                    self._initialise(fresh)
             hit = urows > 0
             rows = urows[hit]
             self.freq[rows] += counts[hit]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import secrets
 import threading
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -452,7 +453,8 @@ class FrozenModel:
 
     def _vectors(self, table: str, ids: np.ndarray) -> tf.Tensor:
         rows_of, var = self.tables[table]
-        rows = np.fromiter((rows_of.get(i, 0) for i in ids.tolist()), dtype=np.int64, count=len(ids))
+        ids = ids.tolist()
+        rows = np.fromiter(map(rows_of.get, ids, repeat(0, len(ids))), dtype=np.int64, count=len(ids))
         return tf.constant(var[rows])
 
     def predict(self, batch: Batch) -> np.ndarray:

@@ -88,6 +88,18 @@ def test_lfu_eviction_at_capacity_keeps_the_frequent_and_the_current_batch():
     assert t.allocated == 129                                             # never beyond the cap
 
 
+def test_an_eviction_never_takes_a_row_the_same_batch_uses():
+    t = table(capacity=128, initial_rows=8)
+    t.lookup_train(np.arange(100, 228), 0, step=1)       # full; all equal, so the lowest ids go first
+    before = t.rows_of(np.array([100, 101]))
+    # id 5 is new and sorts first: making room for it must not evict 100 and 101, which this
+    # batch trains (they would come back as fresh rows, their learned vectors lost)
+    rows = t.lookup_train(np.array([101, 5, 100]), 0, step=2)
+    np.testing.assert_array_equal(rows[[2, 0]], before)
+    assert t.rows_of(np.array([102, 103])).tolist() == [0, 0]    # the next least used went instead
+    assert t.stats.evicted_lfu == 2 and rows[1] > 0
+
+
 def test_capacity_smaller_than_a_batch_is_a_clear_error():
     t = table(capacity=4, initial_rows=2)
     with pytest.raises(RuntimeError, match="capacity"):
