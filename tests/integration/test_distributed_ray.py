@@ -103,7 +103,8 @@ def test_group_spreads_over_two_nodes_and_survives_losing_one(tmp_path, redis_po
     ray, head_id, second_id, second, prom = two_nodes
     # Prometheus scrapes both nodes' metrics agents, as deploy/prometheus/prometheus.yml names them
     prom.wait_all_up(120)
-    assert prom.value('count(count by (instance) ({job="ray", __name__=~"ray_.+"}))') == 2
+    wait_for(lambda: prom.value('count(count by (instance) ({job="ray", __name__=~"ray_.+"}))') == 2,
+             60, "ray_* series from both nodes")
     cfg = make_config(
         tmp_path,
         kafka={"bootstrap_servers": f"127.0.0.1:{broker_port}", "partitions": 4,
