@@ -4,6 +4,16 @@ from __future__ import annotations
 from odl.config import EmbeddingTableConfig, TrainerConfig
 
 
+class FakeClock:
+    """A monotonic clock a test moves by hand (``clock.t += 60``)."""
+
+    def __init__(self, t: float = 0.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
 def small_cfg(capacity: int = 256, dim: int = 8, hidden: tuple[int, ...] = (16,), **over) -> TrainerConfig:
     table = EmbeddingTableConfig(dim=dim, capacity=capacity, initial_rows=min(64, capacity + 1))
     over.setdefault("batch_size", min(256, capacity))

@@ -10,6 +10,7 @@ import time
 import pytest
 import yaml
 
+from bench.chaos_faults import wait_until
 from odl.keeper import Keeper, group_members, kill_component
 from odl.supervision import RestartBudget
 from tests.conftest import free_port
@@ -50,26 +51,18 @@ def keeper_group(tmp_path):
         proc.wait()
 
 
-def _wait(pred, timeout_s=15):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError("condition not reached")
-
-
 def test_a_killed_component_is_swept_and_restarted_and_sigterm_stops_all(keeper_group):
     proc = keeper_group
-    first = set(_wait(lambda: len(group_members(proc.pid)) >= 4 and group_members(proc.pid)))
+    first = set(wait_until(lambda: len(group_members(proc.pid)) >= 4 and group_members(proc.pid),
+                           15, "the group's members", poll_s=0.05))
     # the crash: every process of the group but the keeper (sh and both sleeps)
     assert len(kill_component(proc.pid)) == 3
-    again = _wait(lambda: (set(group_members(proc.pid)) - first - {proc.pid}
-                           if len(group_members(proc.pid)) >= 4 else None))
+    again = wait_until(lambda: (set(group_members(proc.pid)) - first - {proc.pid}
+                                if len(group_members(proc.pid)) >= 4 else None),
+                       15, "the restarted members", poll_s=0.05)
     assert again and proc.poll() is None
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(30) == 0
-    _wait(lambda: not group_members(proc.pid))
+    wait_until(lambda: not group_members(proc.pid), 15, "the group to end", poll_s=0.05)
     out = proc.stdout.read()
     assert "killed by SIGKILL" in out and "restart 1" in out, out

@@ -2,18 +2,11 @@
 import requests
 
 from odl.probes import HEALTH_PATH, METRICS_PATH, READY_PATH, ProbeServer, WorkProbe
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
+from tests.unit.helpers import FakeClock
 
 
 def test_a_stalled_loop_fails_liveness_and_a_waiting_one_only_readiness():
-    clock = Clock()
+    clock = FakeClock(1000.0)
     work = WorkProbe(stall_s=60, clock=clock).expect("observe")
     # starting: alive (a job being submitted is not a failure), not ready
     assert work.health() is None and work.readiness() == "starting (observe)"

@@ -5,18 +5,11 @@ import time
 import pytest
 
 from odl.supervision import BudgetExhausted, RestartBudget, RunOnce
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
+from tests.unit.helpers import FakeClock
 
 
 def test_budget_is_a_rate_not_a_lifetime_count():
-    clock = Clock()
+    clock = FakeClock()
     b = RestartBudget(max_restarts=3, window_s=3600, clock=clock)
     for _ in range(30):          # one failure a day for a month: never gives up
         b.record("crash")
@@ -25,7 +18,7 @@ def test_budget_is_a_rate_not_a_lifetime_count():
 
 
 def test_budget_gives_up_on_a_crash_loop():
-    clock = Clock()
+    clock = FakeClock()
     b = RestartBudget(max_restarts=3, window_s=3600, clock=clock)
     for _ in range(3):
         b.record("crash")
@@ -35,7 +28,7 @@ def test_budget_gives_up_on_a_crash_loop():
 
 
 def test_budget_window_slides():
-    clock = Clock()
+    clock = FakeClock()
     b = RestartBudget(max_restarts=2, window_s=100, clock=clock)
     b.record("a")
     clock.t = 60
