@@ -29,6 +29,7 @@ from odl.spec import running_spec
 from serving.model import ModelHolder
 
 FOLLOW_BLOCK_MS = 500
+LOOPS = ("follow", "model")   # the work loops a replica's probes judge (odl.probes)
 
 
 class Replica:
@@ -46,7 +47,7 @@ class Replica:
         self._threads: list[threading.Thread] = []
         self._heartbeat: Heartbeater | None = None
         # the replica's loops report here (a component's probes judge them; tests: unjudged)
-        self.work = WorkProbe(cfg.metrics.stall_s).expect("follow", "model")
+        self.work = WorkProbe(cfg.metrics.stall_s).expect(*LOOPS)
 
     @property
     def url(self) -> str:
@@ -138,7 +139,7 @@ def run(cfg: Config, replica: int = 0) -> int:
     comp = Component(cfg, "serving", instance,
                      metrics_port=metrics_port(cfg, "serving", replica))
     rep = Replica(cfg, cfg.serving.ports[replica], instance, comp.cp, registry=REGISTRY)
-    rep.stop, rep.work = comp.stop, comp.work
+    rep.stop, rep.work = comp.stop, comp.work.expect(*LOOPS)
     comp.start_heartbeat(rep.probe)
     rep.start_threads(heartbeat=False)
 
