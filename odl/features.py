@@ -159,6 +159,28 @@ def parse_clicks(raw: str | None) -> list[tuple[int, int, int]]:
     return out
 
 
+TILE_HISTORY = 2   # tiles the job's versioned state of a part holds (pipeline.feature_sql)
+
+
+def tile_at(raw: str | bytes | None, as_of_ms: int) -> Tile | None:
+    """The newest tile ending at or before ``as_of_ms`` of a part's encoded value.
+
+    The online store holds one tile (``Tile.encode``).  The job's temporal join reads its own
+    versioned state, which holds the newest ``TILE_HISTORY`` tiles space-separated: a tile's
+    version time is its window's last millisecond, so an impression on exactly that millisecond
+    (one in ``tile_ms`` of them) finds the tile that contains it, which ends after it, and
+    needs the one before."""
+    if raw is None:
+        return None
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    best = None
+    for tok in text.split():
+        t = Tile.decode(tok)
+        if t is not None and t.end_ms <= as_of_ms and (best is None or t.end_ms > best.end_ms):
+            best = t
+    return best
+
+
 def tile_counts(tile: Tile | None, as_of_ms: int) -> tuple[int, int]:
     """(impressions, clicks) of the window ending at the latest slide boundary <= ``as_of_ms``.
 

@@ -143,6 +143,20 @@ def tiles_view(name: str, key: str, window_s: int) -> str:
         GROUP BY {key}, window_start, window_end, window_time"""
 
 
+def tile_history_view(name: str, source: str, tile: str) -> str:
+    """``source``'s tiles as the job's temporal joins must see them: each version holds the
+    entity's newest ``TILE_HISTORY`` tiles (``odl.features.tile_at`` picks the one in force).
+    A version's time is its tile's last millisecond, so an impression on that millisecond finds
+    the tile that contains it and needs the one before; ``tile``: the tile's encoding in terms
+    of ``source``'s columns."""
+    return f"""CREATE TEMPORARY VIEW {name} AS
+        SELECT entity_id, window_time,
+               LISTAGG({tile}, ' ') OVER (PARTITION BY entity_id ORDER BY window_time
+                                          ROWS BETWEEN {F.TILE_HISTORY - 1} PRECEDING AND CURRENT ROW)
+                 AS tiles
+        FROM {source}"""
+
+
 def latest_view(name: str, source: str, time_col: str) -> str:
     """A versioned view (newest row per entity) for event-time temporal joins."""
     return f"""CREATE TEMPORARY VIEW {name} AS
@@ -193,7 +207,8 @@ def _user_state_views() -> list[str]:
     serving reads from Redis."""
     return carried_state_views(
         "user_state",
-        [(p, name, "window_time", F.tile_sql()) for name, kind, _, p in TILES if kind == "user"]
+        [(p, f"{name}_history", "window_time", "tiles") for name, kind, _, p in TILES
+         if kind == "user"]
         + [("clicks", "last_clicks", "ts", "entries")])
 
 
@@ -229,7 +244,8 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
               FROM events WHERE etype = 'impression'""",
            "CREATE TEMPORARY VIEW clicks AS SELECT * FROM events WHERE etype = 'click'",
            *[tiles_view(name, f"{kind}_id", w) for name, kind, w, _ in TILES],
-           latest_view("latest_item_tiles_1h", "item_tiles_1h", "window_time"),
+           *[tile_history_view(f"{name}_history", name, F.tile_sql()) for name, *_ in TILES],
+           latest_view("latest_item_tiles_1h", "item_tiles_1h_history", "window_time"),
            f"""CREATE TEMPORARY VIEW last_clicks AS
               SELECT user_id AS entity_id, ts, ts_ms,
                      LISTAGG({F.click_entry_sql()}, ' ') OVER (
@@ -241,7 +257,7 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
               SELECT i.request_id, i.user_id, i.item_id, i.`position`, i.`hour`, i.category,
                      i.ts_ms, i.ts,
                      odl_features(i.ts_ms, {", ".join(f"COALESCE(u.{p}, '')" for p in USER_PARTS)},
-                                  COALESCE({F.tile_sql("it.end_ms", "it.imps", "it.clicks")}, ''))
+                                  COALESCE(it.tiles, ''))
                        AS features
               FROM imps AS i
               LEFT JOIN latest_user_state FOR SYSTEM_TIME AS OF i.ts AS u

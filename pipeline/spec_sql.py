@@ -7,7 +7,8 @@ events that SQL proves valid skip the parse UDF, ``pipeline.spec_parse_sql``)::
     events_raw ─ parse, check ───┬─ refused, late ──────────────────────────────────► events.dlq
                                  └─ valid ─ [dedup by events.id_field] ─┬─ duplicates ► events.dlq
                                                                         └─ events
-    events ─ HOP tiles per (count, window), keyed by the count's key ─┐
+    events ─ HOP tiles per (count, window), keyed by the count's key, ┐
+             each version the newest two tiles                      │
            ─ each sequence key's last clicks (ROWS window) ───────────┴─ one versioned view
                                                                         per count / sequence
     impressions ─ a temporal join per count and sequence AS OF impression time
@@ -37,7 +38,7 @@ from odl.spec import FeatureSpec
 from odl.spec.realtime import SEQUENCE_PART, count_kind, count_parts, sequence_kind
 from pipeline.feature_sql import (JobTopics, carried_state_views, dlq_sink_ddl, epoch_ms,
                                   features_sink_ddl, interval, kafka_opts, latest_view,
-                                  ltz_epoch_ms, source_ddl)
+                                  ltz_epoch_ms, source_ddl, tile_history_view)
 from pipeline.spec_parse_sql import checked_views
 from pipeline.spec_udfs import parsed_fields
 
@@ -138,7 +139,8 @@ def spec_statements(cfg: Config, spec: FeatureSpec,
                                {interval(rt.windows[w] * 1000)}))
                 WHERE c{i} <> ''
                 GROUP BY c{i}, window_start, window_end, window_time""")
-            updates.append((f"w_{w}", view, "window_time", "tile"))
+            ddl.append(tile_history_view(f"{view}_history", view, "tile"))
+            updates.append((f"w_{w}", f"{view}_history", "window_time", "tiles"))
         ddl += carried_state_views(f"count{i}", updates)
     # sequences: a key's last clicks, one more than kept (the impression's own click, a
     # labelled row's, is left out by its time)

@@ -6,7 +6,7 @@ one feature evaluation per impression.
 """
 from __future__ import annotations
 
-from odl.features import ItemState, Tile, UserState, features_as_of
+from odl.features import ItemState, UserState, features_as_of, tile_at
 
 PARSED_FIELDS = (("reason", "STRING"), ("etype", "STRING"), ("event_id", "STRING"),
                  ("request_id", "STRING"), ("user_id", "BIGINT"), ("item_id", "BIGINT"),
@@ -25,11 +25,13 @@ def parse_row(payload: str | None, record_ts_ms: int | None) -> tuple:
 
 
 def features_row(as_of_ms, user_t5m, user_t1h, user_clicks, item_t1h) -> tuple:
-    """The features of an impression from its entities' state as the feature store holds it
-    (encoded tiles, click entries; '' for a part with no history yet)."""
-    f = features_as_of(UserState(Tile.decode(user_t5m or None), Tile.decode(user_t1h or None),
+    """The features of an impression from its entities' state as the job's temporal joins see it
+    (each tile part its newest tiles, ``odl.features.tile_at``; the click entries; '' for a part
+    with no history yet)."""
+    at = int(as_of_ms)
+    f = features_as_of(UserState(tile_at(user_t5m or None, at), tile_at(user_t1h or None, at),
                                  user_clicks or None),
-                       ItemState(Tile.decode(item_t1h or None)), int(as_of_ms))
+                       ItemState(tile_at(item_t1h or None, at)), at)
     u, i = f.user, f.item
     return ((u.imps_5m, u.clicks_5m, u.imps_1h, u.clicks_1h, list(u.last_items),
              list(u.last_categories)), (i.imps_1h, i.clicks_1h, i.ctr_1h))

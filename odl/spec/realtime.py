@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from odl.features import Tile, smoothed_ctr
+from odl.features import Tile, smoothed_ctr, tile_at
 from odl.spec.model import FeatureSpec
 
 ENTITY_SEP = "|"
@@ -75,12 +75,13 @@ def tile_in_force(tile: Tile | None, as_of_ms: int, tile_ms: int,
 def count_values(spec: FeatureSpec, tiles: Sequence[str | None], as_of_ms: int,
                  in_flight: bool = False) -> dict[str, float]:
     """The record's ``counts`` (``odl.spec.encode.count_names``; zeros left out, absent = 0)
-    from the encoded tiles of ``count_parts(spec)``."""
+    from the encoded tiles of ``count_parts(spec)`` (each the online store's one tile or the
+    job's newest tiles, ``odl.features.tile_at``)."""
     rt = spec.realtime
     tile_ms = rt.tile_s * 1000
     out: dict[str, float] = {}
     for (cname, w), raw in zip(count_parts(spec), tiles):
-        imps, clicks = tile_in_force(Tile.decode(raw or None), as_of_ms, tile_ms, in_flight)
+        imps, clicks = tile_in_force(tile_at(raw or None, as_of_ms), as_of_ms, tile_ms, in_flight)
         for v in rt.counts[cname].values:
             x = smoothed_ctr(imps, clicks) if v == "ctr" else (imps if v == "impressions" else clicks)
             if x:

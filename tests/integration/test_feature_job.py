@@ -153,13 +153,19 @@ def test_feature_job_labels_features_dlq_and_online_store(tmp_path, broker_port,
     probes = {u: f"P{u}" for u in range(1000, 1012)}
     for u, rid in probes.items():
         s.add(Impression(rid, u, 1001, 0, probe_t, {"category": 1}))
+    # a tile's last millisecond: the tile in force is the one ending at +180 s, as it is at +180 s
+    edges = {u: (f"E{u}", f"F{u}") for u in probes}
+    for u, (at_start, at_last_ms) in edges.items():
+        s.add(Impression(at_start, u, 1002, 0, base + 180_000, {"category": 2}))
+        s.add(Impression(at_last_ms, u, 1002, 0, base + 239_999, {"category": 2}))
     for u in range(16):  # moves every partition's watermark past the probes, not to +300 s
         s.add(Impression(f"Z{u}", 900 + u, 999, 0, probe_t + 6000), key=u)
     prod = KafkaProducer(bootstrap_servers=cfg.kafka.bootstrap_servers)
     for key, value, ts in s.records:
         prod.send(prefix + "events", key=key, value=value, timestamp_ms=ts)
     prod.flush()
-    want_samples = set(labels) | {f"{rid}:1001" for rid in probes.values()}
+    want_samples = set(labels) | {f"{rid}:1001" for rid in probes.values()} \
+        | {f"{rid}:1002" for pair in edges.values() for rid in pair}
     job = _start("feature-job", overrides, tmp_path / "job.log")
     store_proc = _start("feature-store", overrides, tmp_path / "store.log")
     try:
@@ -203,6 +209,14 @@ def test_feature_job_labels_features_dlq_and_online_store(tmp_path, broker_port,
     assert (g.item.imps_1h, g.item.clicks_1h) == (1, 0)
     assert g.item.ctr_1h == pytest.approx(F.smoothed_ctr(1, 0))
     assert by_id["A:2"]["category"] == 5
+
+    # -- an impression on a tile's last millisecond reads the tile before, not nothing
+    def counts(rid):
+        f = Features.from_json(by_id[f"{rid}:1002"]["features"])
+        return f.user.imps_5m, f.user.clicks_5m, f.user.imps_1h, f.user.clicks_1h, f.item
+    assert all(counts(a) == counts(b) for a, b in edges.values()), \
+        {u: (counts(a), counts(b)) for u, (a, b) in edges.items()}
+    assert sum(counts(a)[2] for a, _ in edges.values()) > 0
 
     # -- property: no feature depends on a later event.  The copy (ids + 5000) has the same
     # events plus more after T; every sample before T must have identical features.

@@ -81,6 +81,14 @@ def _shop_rows(base: int, n: int, seed: int = 5) -> list[dict]:
         if rng.random() < 0.7:
             row["price"] = round(rng.uniform(0, 90), 2)
         rows.append(row)
+    # some rows on a tile's last millisecond (the job's temporal join finds the tile containing
+    # them there; the one before is in force)
+    moved = 0
+    for k in range(50, n - 1):
+        last_ms = rows[k]["ts_ms"] // 10_000 * 10_000 + 9_999     # tile_s is 10
+        if moved < 8 and last_ms < rows[k + 1]["ts_ms"]:
+            rows[k]["ts_ms"] = last_ms
+            moved += 1
     return rows
 
 
@@ -145,6 +153,7 @@ def test_spec_job_writes_the_inputs_eval_computes(tmp_path, broker_port, redis_p
                           for r, c in bad[:10]]
     # not vacuous: the windows, the cross and the sequence all said something
     assert sum("sequences" in x for x in samples) > 300
+    assert sum(x["ts_ms"] % 10_000 == 9_999 and "counts" in x for x in samples) >= 3
     counts = Counter(k for x in samples for k in x.get("counts", {}))
     assert counts["user.impressions_1m"] > 300 and counts["user_item.impressions_5m"] > 100
 

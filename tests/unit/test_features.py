@@ -1,6 +1,6 @@
 """The feature definition (odl.features): windows, the tile rule, last clicks, encoding."""
 from odl import features as F
-from odl.features import Features, ItemState, Tile, UserState, features_as_of, tile_counts
+from odl.features import Features, ItemState, Tile, UserState, features_as_of, tile_at, tile_counts
 
 MIN = 60_000
 B = 1_800_000_000_000 // MIN * MIN      # a minute boundary
@@ -14,6 +14,17 @@ def test_tile_is_used_only_for_its_slide():
     assert tile_counts(t, B + 2 * MIN) == (0, 0)        # the entity went quiet
     assert tile_counts(t, B - 1) == (0, 0)              # never a tile from the future
     assert tile_counts(None, B) == (0, 0)
+
+
+def test_the_jobs_tile_history_gives_the_tile_before_on_a_tiles_last_millisecond():
+    # the job's temporal join, as of B + MIN - 1, finds the version of the tile ending at
+    # B + MIN (its version time is its last millisecond): the tile in force is the one before
+    history = f"{Tile(B, 7, 2).encode()} {Tile(B + MIN, 9, 3).encode()}"
+    assert tile_at(history, B + MIN - 1) == Tile(B, 7, 2)
+    assert tile_at(history, B + MIN) == Tile(B + MIN, 9, 3)
+    assert tile_at(Tile(B, 7, 2).encode(), B + 5) == Tile(B, 7, 2)   # the store's one tile
+    assert tile_at(Tile(B, 7, 2).encode().encode(), B - 1) is None
+    assert tile_at("junk 1|2", B) is None and tile_at(None, B) is None
 
 
 def test_last_clicks_exclude_the_impressions_own_moment():

@@ -51,3 +51,7 @@ def test_features_take_only_the_tile_in_force():
     # by_ip 10m in force; by_ip 1h absent; by_app's tile ended a slide early: nothing in it
     assert frag["counts"] == {"by_ip.impressions_10m": 3, "by_app.ctr_1h": smoothed_ctr(0, 0),
                               "by_ip_app.impressions_10m": 4}
+    # the job's state holds the newest two tiles: on a tile's last millisecond the temporal join
+    # finds the tile containing the impression, and the one before is in force
+    frag = json.loads("{" + f.fragment(239_999, "180000|3|1 240000|8|2", "", "", "")[1:] + "}")
+    assert frag["counts"]["by_ip.impressions_10m"] == 3
