@@ -7,7 +7,9 @@ With ``--spec FILE`` the samples are the spec's (``odl.spec.sample`` records of 
 of that spec, ``odl.spec.synth``, each event validated by the spec as the feature job does) and
 both sides train the spec's model (``trainers.spec_model``); without it, the default shape.
 
-The ratio says whether the stream starves the model (goal >= 0.9).  The clock starts at the
+The ratio says whether the stream starves the model (goal >= 0.9).  A third run each time
+streams with the decode in the other place (``trainer.decode_process``: a child process or the
+prefetch thread), so the two are compared side by side.  The clock starts at the
 first record, as the in-memory loop's starts at its first batch: the consumer's one-off start
 (metadata, group coordinator) is not part of either rate.
 
@@ -20,6 +22,8 @@ the first trained sample to the last, and the ratio N-trainer group / single tra
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -36,6 +40,7 @@ from odl.config import Config
 from odl.kafka_util import ensure_topics, producer
 from trainers.samples import DefaultCodec, SampleCodec
 from trainers.streaming import StreamingTrainer
+from trainers.tf_threads import apply_intra_op_threads, intra_op_threads
 
 DESCRIPTION = "streaming trainer vs in-memory loop: samples/s, checkpoint time and size"
 SAMPLES = 100_000
@@ -88,6 +93,36 @@ def _streaming(cfg: Config, codec: SampleCodec, n: int, warm,
     return n / elapsed, (tr.prefetcher().waited_s - waited0) / elapsed, tr
 
 
+def _in_memory_own_process(cfg: Config, spec: str | None, rows: np.ndarray, tmp: str) -> list[float]:
+    """The in-memory loop in a process of its own under TensorFlow's default threads (this one
+    runs the trainer's, ``trainer.intra_op_threads``, and a process has one setting): the
+    baseline is the better of the two, so the trainer's setting cannot flatter the ratio."""
+    path = Path(tmp) / "rows.npy"
+    np.save(path, rows)
+    out = subprocess.run([sys.executable, "-m", "bench.trainer", str(path), spec or "",
+                          cfg.trainer.model_dump_json()], capture_output=True, text=True,
+                         timeout=1800, cwd=Path(__file__).resolve().parent.parent)
+    line = [x for x in out.stdout.splitlines() if x.startswith("IN_MEMORY ")]
+    if out.returncode or not line:
+        raise RuntimeError(f"in-memory child failed ({out.returncode}): {out.stderr[-2000:]}")
+    return [float(x) for x in line[-1].split()[1:]]
+
+
+def _child(rows_path: str, spec: str, trainer_json: str) -> None:
+    from odl.config import TrainerConfig
+    if spec:
+        from odl.spec import load_spec
+        from trainers.spec_samples import SpecCodec
+        make = lambda: SpecCodec(load_spec(spec))   # noqa: E731
+    else:
+        make = DefaultCodec
+    cfg = Config(trainer=TrainerConfig.model_validate_json(trainer_json))
+    rows = np.load(rows_path)
+    warm = make().to_batch(rows[:cfg.trainer.batch_size])
+    rates = [_in_memory(cfg, make(), rows, warm) for _ in range(RUNS)]
+    print("IN_MEMORY " + " ".join(f"{r:.1f}" for r in rates), flush=True)
+
+
 def _records(spec_path: str | None) -> tuple[list[tuple[bytes, bytes]], Callable[[], SampleCodec], str]:
     """(key, value) sample records, a maker of fresh codecs for them, and what they are."""
     if spec_path is None:
@@ -117,6 +152,9 @@ def run(cfg: Config, scale: int | None = None, spec: str | None = None) -> Bench
         if spec is not None:
             raise TypeError("--scale runs the default shape; give --scale or --spec")
         return run_scale(cfg, scale)
+    # the trainer's, as it runs (0 if TensorFlow had started already: its default)
+    threads = (intra_op_threads(cfg.trainer.intra_op_threads)
+               if apply_intra_op_threads(cfg.trainer.intra_op_threads) else 0)
     records, make_codec, shape = _records(spec)
     values = [v for _, v in records]
     decoded = make_codec().decode_records([0] * len(values), list(range(len(values))), values)
@@ -136,16 +174,22 @@ def run(cfg: Config, scale: int | None = None, spec: str | None = None) -> Bench
         _produce(bcfg, records)
 
         # best of RUNS each, alternating: this VM's neighbours make single runs vary by +-30%
-        mem, stream, starved = [], [], []
+        mem, stream, starved, in_thread = [], [], [], []
+        thread_cfg = bcfg.model_copy(update={"trainer": bcfg.trainer.model_copy(
+            update={"decode_process": not bcfg.trainer.decode_process})})
         for run in range(RUNS):
             codec = make_codec()
             mem.append(_in_memory(bcfg, codec, rows, warm))
+            # the other place to decode (trainer.decode_process), side by side
+            rate, _, other = _streaming(thread_cfg, make_codec(), len(rows), warm, f"o{run}")
+            in_thread.append(rate)
+            other.close()
             rate, waited, tr = _streaming(bcfg, codec, len(rows), warm, run)
             stream.append(rate)
             starved.append(waited)
             if run < RUNS - 1:
                 tr.close()
-        mem_rate, stream_rate = max(mem), max(stream)
+        stream_rate, other_rate = max(stream), max(in_thread)
         starved_share = starved[stream.index(stream_rate)]
 
         t = time.perf_counter()
@@ -160,24 +204,37 @@ def run(cfg: Config, scale: int | None = None, spec: str | None = None) -> Bench
         full_mb, inc_mb = full.size_bytes / 1e6, inc.size_bytes / 1e6
         occ = tr.model.occupancy()
         tr.close()
+        tf_default = _in_memory_own_process(bcfg, spec, rows, tmp)
+        mem_rate = max(mem + tf_default)
 
     ratio = stream_rate / mem_rate
+    here, there = (("process", "prefetch thread") if bcfg.trainer.decode_process
+                   else ("prefetch thread", "process"))
     lines = [f"{SAMPLES:,} samples ({shape}), batch {bcfg.trainer.batch_size}, "
              f"{sum(o['rows'] for o in occ.values()):,} embedding rows in {len(occ)} tables, "
              f"sparse optimizer {bcfg.trainer.sparse_optimizer}",
              f"in-memory loop:    {mem_rate:,.0f} samples/s (best of "
-             f"{', '.join(f'{x:,.0f}' for x in mem)})",
+             f"{', '.join(f'{x:,.0f}' for x in mem)} at {threads} intra-op threads, the "
+             f"trainer's; {', '.join(f'{x:,.0f}' for x in tf_default)} in a process of its own "
+             "at TensorFlow's default)",
              f"streaming trainer: {stream_rate:,.0f} samples/s (best of "
              f"{', '.join(f'{x:,.0f}' for x in stream)}; broker, decode, dedup, label alignment, "
              f"scheduled checkpoints)",
              f"  of which the trainer waited for records: {100 * starved_share:.1f}% of the time "
              "(the rest of the gap is the stream's work sharing the CPU with the model)",
+             f"  decoding in a {here} (trainer.decode_process: {bcfg.trainer.decode_process}); "
+             f"in a {there} instead: {other_rate:,.0f} samples/s (best of "
+             f"{', '.join(f'{x:,.0f}' for x in in_thread)}), ratio {other_rate / mem_rate:.3f}",
              f"full checkpoint:        {full_s * 1000:.0f} ms, {full_mb:.2f} MB",
              f"incremental checkpoint: {inc_s * 1000:.0f} ms, {inc_mb:.2f} MB "
              f"({INCREMENT_BATCHES} batches after the full one)"]
     return BenchResult({"ratio": round(ratio, 3), "starved_share": round(starved_share, 4),
                         "streaming_samples_per_s": round(stream_rate),
+                        "decode_process": bcfg.trainer.decode_process,
+                        "other_decode_ratio": round(other_rate / mem_rate, 3),
                         "in_memory_samples_per_s": round(mem_rate),
+                        "intra_op_threads": threads,
+                        "in_memory_tf_default_samples_per_s": round(max(tf_default)),
                         "full_ckpt_ms": round(full_s * 1000, 1), "full_ckpt_mb": round(full_mb, 2),
                         "incr_ckpt_ms": round(inc_s * 1000, 1), "incr_ckpt_mb": round(inc_mb, 3),
                         "samples": SAMPLES, "shape": shape}, lines)
@@ -264,3 +321,7 @@ def run_scale(cfg: Config, scale: int) -> BenchResult:
                         "group1_samples_per_s": round(group1),
                         "single_samples_per_s": round(single), "samples": SAMPLES,
                         "cpus": os.cpu_count()}, lines)
+
+
+if __name__ == "__main__":      # the in-memory loop's own process (_in_memory_own_process)
+    _child(*sys.argv[1:4])

@@ -228,6 +228,12 @@ class TrainerConfig(_Section):
     group_id: str = "odl-trainer"
     batch_size: int = Field(128, ge=1)
     max_batch_wait_ms: int = Field(500, ge=1, description="a partial batch is trained after this")
+    decode_process: bool = Field(
+        True, description="decode sample records in a child process, off the training "
+                          "process's GIL (trainers/decode_process.py)")
+    intra_op_threads: int | None = Field(
+        None, ge=1, description="TensorFlow intra-op threads of a trainer process; default: "
+                                "every core but one, which the stream keeps (trainers/tf_threads.py)")
     tables: dict[str, EmbeddingTableConfig] = Field(default_factory=_default_tables)
     sparse_optimizer: Literal["adagrad", "adam", "ftrl"] = "adagrad"
     sparse_learning_rate: float = Field(0.2, gt=0)

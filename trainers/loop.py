@@ -20,6 +20,7 @@ from odl.control import ControlPlane, Heartbeat
 from trainers.group import GroupMember
 from trainers.ps import ShardedCTRModel, ShardedTables
 from trainers.streaming import StreamingTrainer
+from trainers.tf_threads import apply_intra_op_threads
 
 log = logging.getLogger("odl.trainer")
 
@@ -83,6 +84,7 @@ class TrainerLoop:
     def __init__(self, cfg: Config, member: GroupMember | None = None):
         self.cfg = cfg
         self.member = member
+        apply_intra_op_threads(cfg.trainer.intra_op_threads)    # before the model's first op
         if member is None:
             self.trainer = StreamingTrainer(cfg)
             self.instance = "trainer"

@@ -8,6 +8,10 @@ operation on the source (pause, commit, end offsets) is a call executed by that 
 
 Prefetched records are not consumed in the exactly-once sense: the trainer's positions advance
 only for records it has taken, so a restart re-fetches whatever was still queued.
+
+With a ``process_decoder`` the decode runs in a child process (``trainers.decode_process``) and
+the thread only fetches: chunk k is decoded there while chunk k+1 is fetched here, and neither
+holds the GIL that training needs.
 """
 from __future__ import annotations
 
@@ -18,6 +22,9 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
+import numpy as np
+
+from trainers.decode_process import DecodeProcess
 from trainers.samples import ROW_WIDTH, Records, decode_records
 
 log = logging.getLogger("odl.trainer.prefetch")
@@ -25,9 +32,14 @@ log = logging.getLogger("odl.trainer.prefetch")
 
 class Prefetcher:
     def __init__(self, make_source: Callable[[], Any], max_chunks: int = 64, poll_records: int = 2000,
-                 decode: Callable[..., Records] = decode_records, width: int = ROW_WIDTH):
+                 decode: Callable[..., Records] = decode_records, width: int = ROW_WIDTH,
+                 process_decoder: Any = None, absorb: Callable[[Any], None] | None = None):
         self._make = make_source
         self._decode = decode      # the sample shape's (``SampleCodec.decode_records``)
+        # or, in a child process, this (``SampleCodec.process_decoder()``); each chunk's
+        # ``Decoded`` then goes to ``absorb`` here (its refusals, the moments after it)
+        self._process_decoder = process_decoder
+        self._absorb = absorb
         self._width = width
         self._chunks: queue.Queue[Records] = queue.Queue(maxsize=max_chunks)
         self._calls: queue.Queue[tuple[Callable, Future]] = queue.Queue()
@@ -48,27 +60,58 @@ class Prefetcher:
             self._error = exc
             self._ready.set()
             return
-        self._ready.set()
+        worker: DecodeProcess | None = None
+        pending: tuple | None = None       # (partitions, offsets) of the chunk in the child
         try:
+            if self._process_decoder is not None:
+                worker = DecodeProcess(self._process_decoder)
+                log.info("decoding in process %d", worker.pid)
+            self._ready.set()
             while not self._stop.is_set():
                 self._run_calls(source)
                 if source.paused:
+                    if pending is not None and worker.ready(0):
+                        self._put(self._collect(worker, pending), source)
+                        pending = None
                     time.sleep(0.02)
                     continue
                 fetched = source.fetch(self._poll_records, 0.1)
-                chunk = self._decode(*zip(*fetched)) if fetched else None
-                while chunk is not None and not self._stop.is_set():
-                    try:
-                        self._chunks.put(chunk, timeout=0.1)
-                        break
-                    except queue.Full:
-                        self._run_calls(source)
+                if worker is None:
+                    if fetched:
+                        self._put(self._decode(*zip(*fetched)), source)
+                    continue
+                if pending is not None and (fetched or worker.ready(0.05)):
+                    self._put(self._collect(worker, pending), source)
+                    pending = None
+                if fetched:
+                    partitions, offsets, values = zip(*fetched)
+                    worker.submit(values)
+                    pending = (partitions, offsets)
         except BaseException as exc:  # noqa: BLE001
             log.error("prefetch failed: %s", exc)
             self._error = exc
         finally:
+            self._ready.set()
             self._run_calls(source)
             source.close()
+            if worker is not None:
+                worker.close()
+
+    def _collect(self, worker: DecodeProcess, pending: tuple) -> Records:
+        decoded = worker.result()
+        if self._absorb is not None:
+            self._absorb(decoded)
+        partitions, offsets = pending
+        return Records(np.asarray(partitions, np.int32), np.asarray(offsets, np.int64),
+                       decoded.rows, decoded.valid)
+
+    def _put(self, chunk: Records, source) -> None:
+        while not self._stop.is_set():
+            try:
+                self._chunks.put(chunk, timeout=0.1)
+                return
+            except queue.Full:
+                self._run_calls(source)
 
     def _run_calls(self, source) -> None:
         while True:

@@ -12,13 +12,16 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import orjson
 
 from odl.features import NUM_DENSE, dense_of_json
-from trainers.model import Batch
+from trainers.decode_process import Decoded
+
+if TYPE_CHECKING:     # TensorFlow stays out of a decode process (``trainers.decode_process``)
+    from trainers.model import Batch
 
 Row = tuple[int, ...]   # user, item, position, hour, label, ts_ms, sid, provisional, *feature bits
 SID, PROVISIONAL = 6, 7
@@ -236,6 +239,7 @@ def rows_array(rows) -> np.ndarray:
 def to_batch(rows: np.ndarray, delayed: bool = False) -> Batch | None:
     """int64 rows [n, ROW_WIDTH] -> a model Batch (None if empty); ``delayed``: every row is a
     delayed-feedback sample (importance-weighted, ``trainers.delayed_feedback``)."""
+    from trainers.model import Batch
     a = rows_array(rows)
     if not len(a):
         return None
@@ -256,6 +260,13 @@ class SampleCodec(Protocol):
 
     def decode_records(self, partitions: list[int], offsets: list[int],
                        values: list[bytes]) -> Records: ...
+
+    # what a decode process runs instead (``trainers.decode_process``: ``decode(values)`` ->
+    # ``Decoded``) when ``trainer.decode_process`` is on; ``absorb`` takes each chunk's
+    # ``Decoded`` back (refusals, moments)
+    def process_decoder(self) -> Any: ...
+
+    def absorb(self, decoded: Any) -> None: ...
 
     def to_batch(self, rows: np.ndarray, delayed: bool = False) -> Any: ...
 
@@ -281,6 +292,14 @@ class DefaultCodec:
     to_batch = staticmethod(to_batch)
 
     @staticmethod
+    def process_decoder() -> "DefaultRows":
+        return DefaultRows()
+
+    @staticmethod
+    def absorb(decoded: Any) -> None:
+        pass     # no stream state: refusals are counted from ``valid``
+
+    @staticmethod
     def new_model(cfg):
         from trainers.model import CTRModel
         return CTRModel(cfg)
@@ -292,6 +311,15 @@ class DefaultCodec:
     @staticmethod
     def set_numeric_moments(moments: dict[str, list[float]] | None) -> None:
         pass
+
+
+class DefaultRows:
+    """The default shape's decode as a decode process runs it (``trainers.decode_process``)."""
+
+    @staticmethod
+    def decode(values: list[bytes]) -> Decoded:
+        r = decode_records([0] * len(values), [0] * len(values), values)
+        return Decoded(r.rows, r.valid)
 
 
 def codec_for_running_spec(cfg: Any = None) -> SampleCodec:

@@ -14,9 +14,9 @@ import numpy as np
 
 from odl.spec import FeatureSpec
 from odl.spec.encode import count_names
-from odl.spec.sample import SampleReader
-from trainers.samples import Records, RowLayout, row_key
+from trainers.samples import Records, RowLayout
 from trainers.spec_model import SpecBatch, SpecModel, spec_inputs
+from trainers.spec_rows import Decoded, SpecRows
 
 HEADER = 4
 
@@ -27,7 +27,6 @@ class SpecCodec:
         self.spec_hash = spec.hash
         self.labels_arrive_late = spec.label.join is not None
         self.inputs = spec_inputs(spec)
-        self.reader = SampleReader(spec)
         self.num_numeric = len(spec.numeric) + len(count_names(spec))
         self.spans: dict[str, slice] = {}
         at = HEADER
@@ -36,24 +35,34 @@ class SpecCodec:
             at += i.width
         self.numeric_at = at
         self.layout = RowLayout(at + self.num_numeric, label=0, ts=1, sid=2, provisional=3)
+        self.rows = SpecRows(spec, self.spans, self.numeric_at, self.layout)
         self.rejected: list[str] = []      # the latest malformed records' reasons (a few)
 
+    @property
+    def reader(self):
+        return self.rows.reader
+
     def decode_records(self, partitions, offsets, values) -> Records:
-        b = self.reader.read(list(values))
-        n = len(b.valid)
-        rows = np.zeros((n, self.layout.width), np.int64)
-        lay = self.layout
-        rows[:, lay.label], rows[:, lay.ts], rows[:, lay.provisional] = b.labels, b.ts_ms, b.provisional
-        rows[:, lay.sid] = [row_key(s, p) if ok else 0
-                            for s, p, ok in zip(b.sample_ids, b.provisional.tolist(), b.valid)]
-        for name, span in self.spans.items():
-            rows[:, span] = b.keys[name]
-        rows[:, self.numeric_at:] = b.numeric.view(np.int32)
-        rows[~b.valid] = 0
-        if b.errors:
-            self.rejected = (self.rejected + b.errors)[-10:]
-        return Records(np.asarray(partitions, np.int32), np.asarray(offsets, np.int64), rows,
-                       b.valid)
+        d = self.rows.decode(values)
+        self._note_errors(d)
+        return Records(np.asarray(partitions, np.int32), np.asarray(offsets, np.int64), d.rows,
+                       d.valid)
+
+    def process_decoder(self) -> SpecRows:
+        """What a decode process runs (``trainers.decode_process``): the rows encoder with its
+        stream state as of now (a fresh prefetcher, e.g. after a restore, takes the restored
+        moments with it)."""
+        return self.rows
+
+    def absorb(self, decoded: Decoded) -> None:
+        """A chunk decoded in a decode process: its refusals, and the moments after it."""
+        self._note_errors(decoded)
+        if decoded.moments:
+            self.rows.reader.set_moments(decoded.moments)
+
+    def _note_errors(self, decoded: Decoded) -> None:
+        if decoded.errors:
+            self.rejected = (self.rejected + decoded.errors)[-10:]
 
     def to_batch(self, rows: np.ndarray, delayed: bool = False) -> SpecBatch | None:
         a = np.asarray(rows, np.int64).reshape(-1, self.layout.width)

@@ -144,8 +144,10 @@ class StreamingTrainer:
 
     def prefetcher(self) -> Prefetcher:
         if self._prefetch is None:
+            remote = self.codec.process_decoder() if self.cfg.trainer.decode_process else None
             self._prefetch = Prefetcher(self._open_source, decode=self.codec.decode_records,
-                                        width=self.layout.width)
+                                        width=self.layout.width, process_decoder=remote,
+                                        absorb=self.codec.absorb)
         return self._prefetch
 
     def poll_batch(self, timeout_s: float | None = None) -> Records:

@@ -57,3 +57,84 @@ def test_a_failing_source_is_reported():
         pf.call(lambda s: None)
     with pytest.raises(RuntimeError, match="no broker"):
         pf.take(1, 0.1)
+
+
+def _spec_values(n: int, bad_at: int | None = None) -> tuple:
+    import orjson
+
+    from odl.spec import SPECS_DIR, EventValidator, load_spec
+    from odl.spec.sample import sample_record
+    from odl.spec.synth import synthetic_rows
+    spec = load_spec(SPECS_DIR / "criteo.yaml")
+    check = EventValidator(spec.events).check
+    values = []
+    for k, row in enumerate(synthetic_rows(spec, n, seed=2)):
+        ev = check(row, now_ms=row["ts_ms"])[1]
+        values.append(orjson.dumps(sample_record(spec, f"c{k}", ev["ts_ms"], k % 2, ev)))
+    if bad_at is not None:
+        values[bad_at] = b'{"sample_id": "x", "ts_ms": 5, "label": 7}'
+    return spec, values
+
+
+def test_a_decode_process_gives_the_rows_the_thread_gives():
+    """Decoding in a child process (``trainers.decode_process``): the same rows, refusals and
+    moments as in the thread, in order, and the child is gone after close."""
+    from trainers.spec_samples import SpecCodec
+    spec, values = _spec_values(1500, bad_at=1234)
+    want = SpecCodec(spec).decode_records([0] * len(values), list(range(len(values))), values)
+    codec = SpecCodec(spec)
+    src = FakeSource(list(enumerate(values)))
+    pf = Prefetcher(lambda: src, poll_records=700, decode=codec.decode_records,
+                    width=codec.layout.width, process_decoder=codec.process_decoder(),
+                    absorb=codec.absorb)
+    got = []
+    while sum(map(len, got)) < len(values):
+        got.append(pf.take(512, 10.0))
+        assert len(got[-1])
+    recs = Records.concat(got)
+    assert recs.offsets.tolist() == list(range(len(values)))
+    assert (recs.rows == want.rows).all() and (recs.valid == want.valid).all()
+    assert not recs.valid[1234] and len(codec.rejected) == 1 and "label 7" in codec.rejected[0]
+    pf.close()
+    assert src.closed
+
+
+def test_a_dead_decode_process_is_reported_not_waited_for():
+    import os
+    import signal
+
+    from trainers.decode_process import DecodeFailed, DecodeProcess
+    from trainers.spec_samples import SpecCodec
+    spec, values = _spec_values(50)
+    proc = DecodeProcess(SpecCodec(spec).process_decoder())
+    proc.submit(values)
+    assert proc.result().valid.all()
+    os.kill(proc.pid, signal.SIGKILL)
+    with pytest.raises(DecodeFailed, match=f"decode process {proc.pid} (died|is gone)"):
+        proc.submit(values)
+        proc.result()
+    proc.close()
+
+
+def test_moments_come_back_from_the_decode_process_and_a_restore_goes_to_it():
+    from tests.unit.test_spec_samples import standardized_docs
+    from trainers.decode_process import DecodeProcess
+    from trainers.spec_samples import SpecCodec
+    spec, docs = standardized_docs()
+    local = SpecCodec(spec)
+    local.decode_records([0] * 17, range(17), docs[:17])
+    codec = SpecCodec(spec)
+    proc = DecodeProcess(codec.process_decoder())
+    proc.submit(docs[:17])
+    codec.absorb(proc.result())
+    proc.close()
+    assert codec.numeric_moments() == local.numeric_moments() and codec.numeric_moments()["x"][0]
+    # a restore sets the parent's moments; the next process starts from them
+    codec.set_numeric_moments({"x": [5.0, 10.0, 30.0]})
+    local.set_numeric_moments({"x": [5.0, 10.0, 30.0]})
+    want = local.decode_records([0] * 23, range(23), docs[17:])
+    proc = DecodeProcess(codec.process_decoder())
+    proc.submit(docs[17:])
+    got = proc.result()
+    proc.close()
+    assert (got.rows == want.rows).all() and got.moments == local.numeric_moments()

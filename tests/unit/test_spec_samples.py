@@ -36,6 +36,29 @@ def _label(spec, ev) -> int:
     return int(v >= spec.label.threshold if spec.label.threshold is not None else v > 0)
 
 
+STANDARDIZED = """
+name: num
+events: {type_field: null, version_field: null, version: null, max_age_s: null,
+         max_future_skew_s: null,
+         fields: {ts_ms: {type: int, required: true}, x: {type: float}, y: {type: id},
+                  label: {type: int, required: true}}}
+tables: {t: {dim: 4}}
+sparse: {y: {table: t, field: y}}
+numeric: {x: {field: x, transform: standardize}}
+label: {field: label}
+"""
+
+
+def standardized_docs(n: int = 40):
+    """A spec with a standardised numeric input, and ``n`` of its records."""
+    from odl.spec import parse_spec
+    spec = parse_spec(STANDARDIZED)
+    return spec, [orjson.dumps(sample_record(spec, f"s{k}", 1000 + k, k % 2,
+                                             {"x": float(k * k % 7) if k % 5 else None,
+                                              "y": k % 3}))
+                  for k in range(n)]
+
+
 @pytest.mark.parametrize("name", ["adlog", "criteo", "movielens"])
 def test_stream_reads_the_inputs_odl_eval_computes_from_the_same_log(name, tmp_path: Path):
     """Records built from a log's rows, with the log's real-time counts, decode to the keys and
@@ -115,21 +138,7 @@ def test_malformed_records_are_refused_in_place_with_a_reason():
 
 def test_standardize_moments_carry_from_batch_to_batch():
     """A stream decoding in two batches gives the same inputs as one pass over the whole log."""
-    from odl.spec import parse_spec
-    spec = parse_spec("""
-name: num
-events: {type_field: null, version_field: null, version: null, max_age_s: null,
-         max_future_skew_s: null,
-         fields: {ts_ms: {type: int, required: true}, x: {type: float}, y: {type: id},
-                  label: {type: int, required: true}}}
-tables: {t: {dim: 4}}
-sparse: {y: {table: t, field: y}}
-numeric: {x: {field: x, transform: standardize}}
-label: {field: label}
-""")
-    docs = [orjson.dumps(sample_record(spec, f"s{k}", 1000 + k, k % 2,
-                                       {"x": float(k * k % 7) if k % 5 else None, "y": k % 3}))
-            for k in range(40)]
+    spec, docs = standardized_docs()
     whole = SampleReader(spec).read(docs).numeric
     reader = SampleReader(spec)
     parts = np.concatenate([reader.read(docs[:17]).numeric, reader.read(docs[17:]).numeric])
