@@ -26,7 +26,7 @@ from odl.probes import HEALTH_PATH, READY_PATH
 from tests.conftest import free_port
 from tests.deploy_files import odl_env, prometheus_targets
 from tests.integration.prometheus import Prometheus
-from tests.integration.test_stack_e2e import _listeners, _stack_pids
+from tests.integration.processes import listeners_of, stack_pids
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 BIND = "127.0.0.2"
@@ -97,7 +97,7 @@ def test_the_stack_under_the_container_configuration_is_scraped_whole(tmp_path, 
                                  json={"instances": [{"user_id": 1, "item_id": 2}]})
             assert resp.status_code == 200, resp.text
         assert stack.crashed() == []
-        listeners = _listeners(set(_stack_pids(pgids)))
+        listeners = listeners_of(set(stack_pids(pgids)))
         assert not [a for a in listeners if not re.match(r"^(127\.|\[::1\]|\[::ffff:127\.)", a)]
         # what honours the setting listens on it; nothing else of ODL's on 127.0.0.2
         assert {f"{BIND}:{p}" for p in cfg.serving.ports} | set(where.values()) <= set(listeners)

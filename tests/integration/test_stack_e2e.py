@@ -5,7 +5,6 @@ and nothing outlives `odl down`."""
 import os
 import re
 import signal
-import subprocess
 import time
 
 import pytest
@@ -22,31 +21,10 @@ from odl.control import ControlPlane
 from odl.launcher import LocalStack
 from odl.runtime import metrics_port
 from tests.conftest import free_port
+from tests.integration.processes import listeners_of, stack_pids
 
 pytestmark = pytest.mark.slow
 MIN_RUN_S = 30
-
-
-def _stack_pids(pgids: set[int]) -> dict[int, str]:
-    """Live (non-zombie) processes in the stack's process groups.  A zombie has exited; it only
-    waits for its parent (or init, after a re-parenting) to reap it."""
-    out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,stat=,comm="], capture_output=True, text=True).stdout
-    pids = {}
-    for line in out.splitlines():
-        pid, pgid, stat, comm = line.split(None, 3)
-        if int(pgid) in pgids and not stat.startswith("Z"):
-            pids[int(pid)] = comm
-    return pids
-
-
-def _listeners(pids: set[int]) -> list[str]:
-    out = subprocess.run(["ss", "-tlnpH"], capture_output=True, text=True).stdout
-    found = []
-    for line in out.splitlines():
-        owners = {int(p) for p in re.findall(r"pid=(\d+)", line)}
-        if owners & pids:
-            found.append(line.split()[3])
-    return found
 
 
 @pytest.fixture
@@ -157,16 +135,16 @@ def test_stack_end_to_end(stack_config):
         assert stack.crashed() == []
 
         # every socket of every stack process is on loopback
-        pids = set(_stack_pids(pgids))
-        listeners = _listeners(pids)
+        pids = set(stack_pids(pgids))
+        listeners = listeners_of(pids)
         assert listeners
         bad = [a for a in listeners if not re.match(r"^(127\.|\[::1\]|\[::ffff:127\.)", a)]
         assert not bad, f"listening beyond loopback: {bad}"
     finally:
         stack.down(print)
-    left = _stack_pids(pgids)
+    left = stack_pids(pgids)
     assert not left, f"processes outlived odl down: {left}"
-    assert not _listeners(pgids)
+    assert not listeners_of(pgids)
 
 
 def _beat(cp, instance, missing_ok=False):
