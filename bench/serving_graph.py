@@ -185,26 +185,6 @@ def run(cfg: Config, spec: str | None = None) -> BenchResult:
     return BenchResult(result, lines)
 
 
-def _spec_request(net, batch: int, seed: int) -> dict[str, tf.Tensor]:
-    """A spec model's request: vectors per input, every single-valued input present, list and
-    sequence inputs partly filled, numeric inputs."""
-    from exporters.spec_savedmodel import request_specs
-    rng = np.random.default_rng(seed)
-    mask = np.zeros((batch, net.width), np.float32)
-    for a, b in net.spans:
-        mask[:, a] = 1.0
-        if b - a > 1:
-            mask[:, a + 1:b] = rng.random((batch, b - a - 1)) < 0.5
-    out = {}
-    for name, spec in request_specs(net).items():
-        if name == "mask":
-            out[name] = tf.constant(mask)
-        else:
-            shape = [batch] + spec.shape.as_list()[1:]
-            out[name] = tf.constant(rng.normal(size=shape).astype(np.float32))
-    return out
-
-
 def run_spec(cfg: Config, spec_path: str) -> BenchResult:
     """The spec's serving graph (``exporters.spec_savedmodel``): optimised vs the project's own
     plain export of the same weights, both loaded from disk, at batch 64 and 512."""
@@ -225,13 +205,13 @@ def run_spec(cfg: Config, spec_path: str) -> BenchResult:
         models = {name: tf.saved_model.load(str(Path(tmp) / d)).signatures["serving_default"]
                   for name, d in (("plain", "plain"), ("optimised", "optimised"), (other, "other"),
                                   ("optimised-bf16", "bf16"))}
-        check = _spec_request(net, 512, 99)
+        check = spec_savedmodel.probe_request(net, 512, 99)
         ref = models["plain"](**check)["probability"].numpy()
         diff = float(np.abs(ref - models["optimised"](**check)["probability"].numpy()).max())
         diff16 = float(np.abs(ref - models["optimised-bf16"](**check)["probability"].numpy()).max())
         lines, result = [], {}
         for b in (64, 512):
-            m = _measure(models, _spec_request(net, b, b), rows=b)
+            m = _measure(models, spec_savedmodel.probe_request(net, b, b), rows=b)
             ratio = m["optimised"]["rows_per_s"] / m["plain"]["rows_per_s"]
             result[f"ratio{b}"] = round(ratio, 3)
             result[f"ratio{b}_{other}"] = round(m[other]["rows_per_s"] / m["plain"]["rows_per_s"], 3)

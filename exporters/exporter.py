@@ -99,6 +99,10 @@ class Exporter:
         self.spec = running_spec(cfg)
         # a declared spec's model: its own graph (exporters.spec_savedmodel), its tables' widths
         self.spec_net = None if is_default(self.spec) else SpecNet.of(self.spec)
+        if ec.precision != "float32" and (self.spec_net is None or not ec.optimised_graph):
+            raise ValueError(f"exporter.precision {ec.precision} applies to a declared spec's "
+                             "optimised graph (the default shape's graph and the plain one are "
+                             "float32): set it back to float32, or run a spec")
         dims = {t: s.dim for t, s in self.spec.tables.items()} if self.spec_net else None
         self.hot = HotEmbeddings(self.r, cfg.trainer.embedding_dim, ec.embedding_dtype,
                                  ec.hot_rows_per_table, ec.retire_generation_after_s, dims=dims)
@@ -255,8 +259,14 @@ class Exporter:
 
         def write(path):
             if self.spec_net is not None:
-                save = spec_savedmodel.save_optimised if ec.optimised_graph else spec_savedmodel.save
-                manifest.graph = save(self.spec_net, snap["weights"], path)
+                manifest.graph = spec_savedmodel.save_published(
+                    self.spec_net, snap["weights"], path, ec.optimised_graph, ec.precision,
+                    ec.precision_tolerance)
+                check = (manifest.graph or {}).get("precision_check")
+                if check and manifest.graph["precision"] != check["wanted"]:
+                    self.log.warning("version %s published in float32: %s differs by %.4f on the "
+                                     "probe request (exporter.precision_tolerance %.4f)", version,
+                                     check["wanted"], check["max_diff"], check["tolerance"])
             elif ec.optimised_graph:
                 manifest.graph = savedmodel.save_optimised(snap["weights"], dim, path)
             else:

@@ -51,6 +51,36 @@ def serving_fn(net: SpecNet, precision: str = "float32"):
     return fn
 
 
+def probe_request(net: SpecNet, batch: int, seed: int) -> dict[str, tf.Tensor]:
+    """A request of ``batch`` rows: unit-normal vectors per input (far wider than trained
+    embeddings: a stress, not a sample), every single-valued input present, list and sequence
+    inputs partly filled, unit-normal numeric inputs."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros((batch, net.width), np.float32)
+    for a, b in net.spans:
+        mask[:, a] = 1.0
+        if b - a > 1:
+            mask[:, a + 1:b] = rng.random((batch, b - a - 1)) < 0.5
+    out = {}
+    for name, spec in request_specs(net).items():
+        if name == "mask":
+            out[name] = tf.constant(mask)
+        else:
+            shape = [batch] + spec.shape.as_list()[1:]
+            out[name] = tf.constant(rng.normal(size=shape).astype(np.float32))
+    return out
+
+
+def precision_error(net: SpecNet, weights: dict[str, np.ndarray], precision: str,
+                    rows: int = 256) -> float:
+    """The largest difference of click probabilities between ``precision`` and float32 with
+    these weights, on a probe request (``probe_request``)."""
+    w = {k: tf.constant(v) for k, v in weights.items()}
+    req = probe_request(net, rows, seed=0)
+    ref, low = serving_fn(net)(w, **req), serving_fn(net, precision)(w, **req)
+    return float(tf.reduce_max(tf.abs(ref - low)))
+
+
 class SpecServingModule(tf.Module):
     def __init__(self, net: SpecNet, weights: dict[str, np.ndarray]):
         super().__init__(name="odl_spec_ctr")
@@ -81,3 +111,22 @@ def save_optimised(net: SpecNet, weights: dict[str, np.ndarray], path: Path,
                         signatures=exported_signatures(module, {"serving_default": "serve"}))
     return {**module.reports["serve"].to_dict(), "xla": module.jit,
             "xla_twins": bool(module.xla_twins), "precision": precision}
+
+
+def save_published(net: SpecNet, weights: dict[str, np.ndarray], path: Path, optimised: bool,
+                   precision: str = "float32", tolerance: float = 0.02) -> dict | None:
+    """What the exporter publishes (``exporter.optimised_graph``, ``exporter.precision``): the
+    plain graph, or the optimised one in ``precision`` if, with these weights, its probabilities
+    stay within ``tolerance`` of float32's on a probe request -- else in float32, the report's
+    ``precision_check`` saying why.  Each version is checked with its own weights."""
+    if not optimised:
+        save(net, weights, path)
+        return None
+    check = None
+    if precision != "float32":
+        err = precision_error(net, weights, precision)
+        check = {"wanted": precision, "max_diff": err, "tolerance": tolerance}
+        if not err <= tolerance:
+            precision = "float32"
+    report = save_optimised(net, weights, path, precision=precision)
+    return {**report, "precision_check": check} if check else report

@@ -287,6 +287,12 @@ class ExporterConfig(_Section):
     min_samples_per_version: int = Field(500, ge=0)
     keep_versions: int = Field(5, ge=1, description="versions kept in the store (retention)")
     optimised_graph: bool = Field(True, description="publish the optimised serving graph")
+    precision: Literal["float32", "bfloat16"] = Field(
+        "float32", description="a declared spec's optimised graph: the dense layers' arithmetic "
+                               "(exporters/spec_savedmodel.py; checked per version)")
+    precision_tolerance: float = Field(
+        0.02, gt=0, description="largest probability difference from float32 a reduced "
+                                "precision may make on the probe request, else float32 is published")
     cache_every_n_calls: int = Field(1000, ge=1, description="CallGraphOp cache refresh: calls")
     cache_every_s: float = Field(5.0, gt=0, description="CallGraphOp cache refresh: seconds")
     embedding_dtype: Literal["float32", "float16"] = "float32"

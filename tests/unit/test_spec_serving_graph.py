@@ -53,3 +53,29 @@ def test_exported_graphs_score_as_the_trainer_does(name, tmp_path: Path):
     np.testing.assert_allclose(got["opt"], want, atol=1e-6)
     assert np.abs(got["bf16"] - want).max() < 0.02
     assert report["precision"] == "float32"
+
+
+def test_a_reduced_precision_is_published_only_within_its_tolerance(tmp_path: Path):
+    spec = load_spec(SPECS_DIR / "criteo.yaml")
+    model = SpecCodec(spec).new_model(TrainerConfig(hidden_units=[64, 32]))
+    net, weights = model.net, model.dense_weights()
+    err = spec_savedmodel.precision_error(net, weights, "bfloat16")
+    assert 0 < err < 0.02
+    ok = spec_savedmodel.save_published(net, weights, tmp_path / "a", True, "bfloat16", 0.02)
+    assert ok["precision"] == "bfloat16" and ok["precision_check"]["max_diff"] == err
+    strict = spec_savedmodel.save_published(net, weights, tmp_path / "b", True, "bfloat16", err / 2)
+    assert strict["precision"] == "float32" and strict["precision_check"]["wanted"] == "bfloat16"
+    req = spec_savedmodel.probe_request(net, 64, seed=3)
+    fp32, bf16 = (tf.saved_model.load(str(tmp_path / d)).signatures["serving_default"](**req)
+                  ["probability"].numpy() for d in ("b", "a"))
+    assert np.abs(fp32 - bf16).max() <= err * 1.5 and not np.array_equal(fp32, bf16)
+    assert spec_savedmodel.save_published(net, weights, tmp_path / "c", False) is None
+
+
+def test_a_reduced_precision_for_the_default_shape_is_refused(tmp_path: Path):
+    from exporters.exporter import Exporter
+    from odl.control import ControlPlane
+    from tests.conftest import make_config
+    cfg = make_config(tmp_path, exporter={"precision": "bfloat16"})
+    with pytest.raises(ValueError, match="exporter.precision bfloat16 applies to a declared spec"):
+        Exporter(cfg, None, ControlPlane(cfg), None, r=object())
