@@ -91,10 +91,14 @@ def spec_logits(net: SpecNet, w: dict, gathered: list, mask, numeric,
     groups: dict[int, list[int]] = {}
     for k in singles:
         groups.setdefault(net.dims[k], []).append(k)
+    # The attention queries: only for tables an attention-pooled input reads (a graph computes
+    # what it traces, and 26 slices and sums per request are not free).
+    attended = {i.table for i in net.inputs if i.width > 1 and i.pooling == "attention"}
     queries: dict[str, tf.Tensor] = {}
     for k in singles:
         t = net.inputs[k].table
-        queries[t] = queries.get(t, 0.0) + gathered[k][:, 0, :]
+        if t in attended:
+            queries[t] = queries.get(t, 0.0) + gathered[k][:, 0, :]
     vecs, firsts, fm_sums, fm_squares, fm_members = [], [], [], [], 0
     for d, idx in groups.items():
         stacked = gathered[idx[0]] if len(idx) == 1 else tf.concat([gathered[k] for k in idx], 1)
