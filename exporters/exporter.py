@@ -34,7 +34,7 @@ from odl.model_store import CachePolicy, Manifest, ModelStore
 from odl.ray_util import NAMESPACE, TRAINER_ACTOR, connect
 from odl.runtime import Component
 from odl.spec import is_default, running_spec
-from trainers.spec_model import SpecNet
+from odl.spec.net import SpecNet
 
 ROWS_PUSHED = Counter("odl_exporter_rows_pushed_total", "embedding rows written to Redis", ["table"])
 ROWS_DELETED = Counter("odl_exporter_rows_deleted_total", "rows deleted from Redis", ["reason"])

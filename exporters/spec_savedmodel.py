@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from trainers.spec_model import SpecNet, spec_logits
+from odl.spec.net import MASK, NUMERIC, PACKED_SIGNATURE, SpecNet, emb_name, singles_name
+from trainers.spec_model import spec_logits, stacked_logits
 
 
-def request_specs(net: SpecNet) -> dict[str, tf.TensorSpec]:
-    specs = {f"{i.name}_emb": tf.TensorSpec([None, i.width, d], tf.float32, name=f"{i.name}_emb")
-             for i, d in zip(net.inputs, net.dims)}
-    specs["mask"] = tf.TensorSpec([None, net.width], tf.float32, name="mask")
-    specs["numeric"] = tf.TensorSpec([None, net.num_numeric], tf.float32, name="numeric")
-    return specs
+def request_specs(net: SpecNet, packed: bool = False) -> dict[str, tf.TensorSpec]:
+    """A request's tensors in the per-input or the packed layout (``odl.spec.net``)."""
+    return {name: tf.TensorSpec(list(shape), tf.float32, name=name)
+            for name, shape in net.request_shapes(packed).items()}
 
 
 def bfloat16_dense(x: tf.Tensor, kernel: tf.Tensor) -> tf.Tensor:
@@ -45,9 +44,20 @@ def serving_fn(net: SpecNet, precision: str = "float32"):
     dense = PRECISIONS[precision]
 
     def fn(w, **req):
-        gathered = [req[f"{i.name}_emb"] for i in net.inputs]
-        return tf.sigmoid(spec_logits(net, w, gathered, req["mask"], req["numeric"],
-                                      dense=dense)[0])
+        gathered = [req[emb_name(i)] for i in net.inputs]
+        return tf.sigmoid(spec_logits(net, w, gathered, req[MASK], req[NUMERIC], dense=dense)[0])
+    return fn
+
+
+def packed_serving_fn(net: SpecNet, precision: str = "float32"):
+    """``serving_fn`` on a packed request: the same forward pass from the stacked tensors."""
+    dense = PRECISIONS[precision]
+
+    def fn(w, **req):
+        singles = {d: req[singles_name(d)] for d in net.single_groups}
+        multi = {k: req[emb_name(net.inputs[k])] for k in net.multi_valued}
+        return tf.sigmoid(stacked_logits(net, w, singles, multi, req[MASK], req[NUMERIC],
+                                         dense=dense)[0])
     return fn
 
 
@@ -100,15 +110,20 @@ def save(net: SpecNet, weights: dict[str, np.ndarray], path: Path) -> None:
 
 def save_optimised(net: SpecNet, weights: dict[str, np.ndarray], path: Path,
                    jit: bool | None = None, precision: str = "float32") -> dict:
-    """The optimised SavedModel: ``serving_default``, ``apply_weights`` (in-place dense
-    refresh) and ``refresh_cache``; returns the passes' report."""
+    """The optimised SavedModel: ``serving_default`` (per-input request, as the plain one),
+    ``serving_packed`` (``odl.spec.net``'s packed request: what serving calls), their XLA
+    twins where the module has them, ``apply_weights`` (in-place dense refresh) and
+    ``refresh_cache``; returns the passes' report of ``serving_default``."""
     from exporters.graph.module import OptimisedModule, Signature
-    module = OptimisedModule({"serve": Signature(serving_fn(net, precision), request_specs(net),
-                                                 "probability")}, weights, jit=jit)
+    module = OptimisedModule({
+        "serve": Signature(serving_fn(net, precision), request_specs(net), "probability"),
+        "serve_packed": Signature(packed_serving_fn(net, precision),
+                                  request_specs(net, packed=True), "probability")},
+        weights, jit=jit)
     module.warm()
     from exporters.savedmodel import exported_signatures
-    tf.saved_model.save(module, str(path),
-                        signatures=exported_signatures(module, {"serving_default": "serve"}))
+    tf.saved_model.save(module, str(path), signatures=exported_signatures(
+        module, {"serving_default": "serve", PACKED_SIGNATURE: "serve_packed"}))
     return {**module.reports["serve"].to_dict(), "xla": module.jit,
             "xla_twins": bool(module.xla_twins), "precision": precision}
 

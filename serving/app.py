@@ -24,6 +24,7 @@ from odl.embedding_store import EmbeddingReader
 from odl.config import Config
 from odl.names import DEGRADED_HEADER, GENERATION_HEADER, VERSION_HEADER
 from odl.spec import is_default, running_spec
+from odl.spec.net import PACKED_SIGNATURE
 from serving.api import explain, make_api
 from serving.batching import Batcher, BatchPolicy
 from odl.feature_store import FeatureStore
@@ -247,7 +248,7 @@ class ServingApp:
         except RequestError as exc:
             return error(exc.status, exc.message)
         sigs = {}
-        for name in ("serving_default", "score_candidates"):
+        for name in ("serving_default", "score_candidates", PACKED_SIGNATURE):
             fn = m.saved.signatures.get(name) if m.saved is not None else None
             if fn is not None:
                 specs = fn.structured_input_signature[1]

@@ -23,6 +23,7 @@ from odl.dense_channel import DenseRefresh
 from odl.features import NUM_DENSE
 from odl.model_store import CachePolicy, ModelStore
 from odl.spec import check_spec
+from odl.spec.net import PACKED_SIGNATURE
 from serving.graph_cache import CacheRefresher
 
 log = logging.getLogger("odl.serving.model")
@@ -87,6 +88,8 @@ class LoadedModel:
     def __post_init__(self):
         sigs = getattr(self.saved, "signatures", {}) if self.saved is not None else {}
         self.candidates_fn = sigs.get("score_candidates_xla" if self.xla else "score_candidates")
+        # a spec's optimised graph also takes the packed request (odl.spec.net): fewer tensors
+        self.packed_fn = sigs.get(f"{PACKED_SIGNATURE}_xla" if self.xla else PACKED_SIGNATURE)
         # versions exported before the model took real-time features have no such input
         self.takes_features = "features" in self.fn.structured_input_signature[1]
         self.takes_user_item = "user_emb" in self.fn.structured_input_signature[1]
@@ -102,12 +105,13 @@ class LoadedModel:
     def created_at(self) -> float:
         return float(self.manifest.get("created_at", self.loaded_at))
 
-    def predict_inputs(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def predict_inputs(self, inputs: dict[str, np.ndarray], packed: bool = False) -> np.ndarray:
         """[B] probabilities from the signature's inputs by name (a spec's model:
-        ``serving.spec_scoring``)."""
+        ``serving.spec_scoring``), in the packed layout when ``packed`` (``packed_fn``)."""
         args = {k: tf.constant(v) for k, v in inputs.items()}
+        fn = self.packed_fn if packed else self.fn
         with self.lock.read():
-            out = self.fn(**args)
+            out = fn(**args)
         if self.cache is not None:
             self.cache.on_call()
         return out["probability"].numpy()
@@ -116,10 +120,11 @@ class LoadedModel:
         """Run each signature once per batch bucket before the model takes traffic, so the first
         requests do not pay TensorFlow's first-call costs."""
         if not self.takes_user_item:      # a spec's model: its own inputs
-            specs = self.fn.structured_input_signature[1]
-            for b in batch_sizes:
-                self.predict_inputs({k: np.zeros([b, *s.shape[1:]], s.dtype.as_numpy_dtype)
-                                     for k, s in specs.items()})
+            for packed, fn in ((False, self.fn), (True, self.packed_fn)):
+                specs = fn.structured_input_signature[1] if fn is not None else {}
+                for b in batch_sizes if specs else ():
+                    self.predict_inputs({k: np.zeros([b, *s.shape[1:]], s.dtype.as_numpy_dtype)
+                                         for k, s in specs.items()}, packed)
             return
         d = self.embedding_dim
         for b in batch_sizes:

@@ -33,6 +33,7 @@ from odl.spec import FeatureSpec
 from odl.spec.events import compile_field
 from odl.spec.realtime import (SEQUENCE_PART, count_kind, count_values, entity_key,
                                sequence_kind, sequence_values)
+from odl.spec.net import MASK, NUMERIC, SpecNet, emb_name, pack_request
 from odl.spec.sample import SampleReader
 from serving.guard import RedisGuard, Unavailable
 
@@ -192,7 +193,6 @@ class SpecScorer:
 
     def __init__(self, spec: FeatureSpec, store: FeatureStore, guard: RedisGuard, cache,
                  on_lookup=lambda table, lookup: None):
-        from trainers.spec_model import SpecNet
         self.spec, self.store, self.guard, self.cache = spec, store, guard, cache
         self.on_lookup = on_lookup
         self.net = SpecNet.of(spec)
@@ -251,16 +251,17 @@ class SpecScorer:
             found = self.cache.lookup(i.table, keys.ravel().tolist(), dim)
             self.on_lookup(i.table, found)
             degraded = degraded or found.degraded
-            out[f"{i.name}_emb"] = found.vectors.reshape(len(rows), i.width, dim)
+            out[emb_name(i)] = found.vectors.reshape(len(rows), i.width, dim)
             masks.append((keys != 0).astype(np.float32))
-        out["mask"] = np.concatenate(masks, axis=1)
-        out["numeric"] = batch.numeric
+        out[MASK] = np.concatenate(masks, axis=1)
+        out[NUMERIC] = batch.numeric
         return out, degraded
 
     def run(self, model, batch: list[list[dict]]) -> list[tuple[np.ndarray, bool]]:
         rows = [r for req in batch for r in req]
         inputs, degraded = self.inputs(rows, int(time.time() * 1000), model)
-        probs = model.predict_inputs(inputs)
+        packed = model.packed_fn is not None
+        probs = model.predict_inputs(pack_request(self.net, inputs) if packed else inputs, packed)
         out, start = [], 0
         for req in batch:
             out.append((probs[start:start + len(req)], degraded))

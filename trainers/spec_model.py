@@ -22,98 +22,60 @@ import tensorflow as tf
 
 from odl.config import EmbeddingTableConfig, TrainerConfig
 from odl.spec import FeatureSpec
-from odl.spec.encode import PAD, count_names, list_width
+from odl.spec.encode import PAD
+from odl.spec.net import SpecNet
 from trainers import sparse_optim
 from trainers.embedding import DynamicEmbedding
 from trainers.model import (LearnedState, dcn_head, init_head, is_trainable, new_incarnation,
                             update_moving_moments, weighted_loss)
 
 
-@dataclass(frozen=True)
-class Input:
-    name: str
-    table: str
-    width: int
-    pooling: str        # sum | mean | attention
-
-
-def spec_inputs(spec: FeatureSpec) -> list[Input]:
-    """The model's embedding inputs, in a fixed order: sparse features, then sequences."""
-    out = [Input(n, f.table, list_width(spec, f), f.pooling) for n, f in spec.sparse.items()]
-    out += [Input(n, s.table, s.length, s.pooling) for n, s in spec.realtime.sequences.items()]
-    return out
-
-
-@dataclass(frozen=True)
-class SpecNet:
-    """The shape of a spec's network: its inputs, where each sits in the [n, W] row matrix,
-    their dims and the FM group's dim -- what the trainer and the exported serving graph share
-    (``spec_logits``)."""
-    inputs: tuple[Input, ...]
-    spans: tuple[tuple[int, int], ...]
-    dims: tuple[int, ...]
-    fm_dim: int
-    num_numeric: int
-
-    @staticmethod
-    def of(spec: FeatureSpec) -> "SpecNet":
-        inputs = tuple(spec_inputs(spec))
-        spans, at = [], 0
-        for i in inputs:
-            spans.append((at, at + i.width))
-            at += i.width
-        dims = tuple(spec.tables[i.table].dim for i in inputs)
-        fm_dim = max(set(dims), key=dims.count) if dims else 0
-        return SpecNet(inputs, tuple(spans), dims, fm_dim,
-                       len(spec.numeric) + len(count_names(spec)))
-
-    @property
-    def width(self) -> int:
-        """Columns of the row matrix (all inputs side by side)."""
-        return self.spans[-1][1] if self.spans else 0
-
-    @property
-    def head_width(self) -> int:
-        """Inputs of the DCN head: every pooled vector and the numeric features."""
-        return sum(self.dims) + self.num_numeric
+def stack_singles(net: SpecNet, gathered: list) -> dict[int, tf.Tensor]:
+    """dim -> the single-valued inputs of that dim stacked, [B, k, dim] (``SpecNet.single_groups``:
+    the packed request's ``singles_<dim>``)."""
+    return {d: gathered[ks[0]] if len(ks) == 1 else tf.concat([gathered[k] for k in ks], 1)
+            for d, ks in net.single_groups.items()}
 
 
 def spec_logits(net: SpecNet, w: dict, gathered: list, mask, numeric,
                 training: bool = False, dense=tf.matmul) -> tuple[tf.Tensor, dict]:
     """Logits [B] (and BatchNorm moments when training) from each input's looked-up vectors
-    ``gathered`` ([B, width, dim] each), the [B, W] mask of real keys and the numeric inputs:
-    first-order weights + FM over the inputs of the common dim + the DCN head, whose input is
-    the single-valued inputs (grouped by dim, in input order), then the pooled list and
-    sequence inputs, then the numeric ones."""
-    # Single-valued inputs of one dim are stacked into one [B, k, d] tensor and handled by a
-    # few ops, not a few per input: with 26 inputs (Criteo) per-input ops dominated a request.
-    singles = [k for k, i in enumerate(net.inputs) if i.width == 1]
-    groups: dict[int, list[int]] = {}
-    for k in singles:
-        groups.setdefault(net.dims[k], []).append(k)
+    ``gathered`` ([B, width, dim] each), the [B, W] mask of real keys and the numeric inputs
+    (``stacked_logits``)."""
+    return stacked_logits(net, w, stack_singles(net, gathered),
+                          {k: gathered[k] for k in net.multi_valued}, mask, numeric,
+                          training=training, dense=dense)
+
+
+def stacked_logits(net: SpecNet, w: dict, singles: dict[int, tf.Tensor], multi: dict[int, tf.Tensor],
+                   mask, numeric, training: bool = False, dense=tf.matmul) -> tuple[tf.Tensor, dict]:
+    """The forward pass over the stacked single-valued inputs (``stack_singles``) and the list
+    and sequence inputs by index: first-order weights + FM over the inputs of the common dim +
+    the DCN head, whose input is the single-valued inputs (grouped by dim, in input order),
+    then the pooled list and sequence inputs, then the numeric ones.  Stacking handles 26
+    single-valued inputs (Criteo) in a few ops, not a few per input."""
+    groups = net.single_groups
     # The attention queries: only for tables an attention-pooled input reads (a graph computes
-    # what it traces, and 26 slices and sums per request are not free).
-    attended = {i.table for i in net.inputs if i.width > 1 and i.pooling == "attention"}
+    # what it traces, and a slice and a sum per single-valued input are not free).
+    attended = {net.inputs[k].table for k in net.multi_valued if net.inputs[k].pooling == "attention"}
     queries: dict[str, tf.Tensor] = {}
-    for k in singles:
-        t = net.inputs[k].table
-        if t in attended:
-            queries[t] = queries.get(t, 0.0) + gathered[k][:, 0, :]
+    for d, ks in groups.items():
+        for j, k in enumerate(ks):
+            t = net.inputs[k].table
+            if t in attended:
+                queries[t] = queries.get(t, 0.0) + singles[d][:, j, :]
     vecs, firsts, fm_sums, fm_squares, fm_members = [], [], [], [], 0
-    for d, idx in groups.items():
-        stacked = gathered[idx[0]] if len(idx) == 1 else tf.concat([gathered[k] for k in idx], 1)
-        v = stacked * tf.gather(mask, [net.spans[k][0] for k in idx], axis=1)[..., None]
-        vecs.append(tf.reshape(v, [-1, len(idx) * d]))
+    for d, ks in groups.items():
+        v = singles[d] * tf.gather(mask, [net.spans[k][0] for k in ks], axis=1)[..., None]
+        vecs.append(tf.reshape(v, [-1, len(ks) * d]))
         firsts.append(tf.reduce_sum(v[..., 0], axis=1))
         if d == net.fm_dim:
             fm_sums.append(tf.reduce_sum(v[..., 1:], axis=1))
             fm_squares.append(tf.reduce_sum(tf.square(v[..., 1:]), axis=[1, 2]))
-            fm_members += len(idx)
-    for k, inp in enumerate(net.inputs):
-        if inp.width == 1:
-            continue
-        a, b = net.spans[k]
-        v = _pool(gathered[k], mask[:, a:b], inp.pooling, queries.get(inp.table))
+            fm_members += len(ks)
+    for k in net.multi_valued:
+        inp, (a, b) = net.inputs[k], net.spans[k]
+        v = _pool(multi[k], mask[:, a:b], inp.pooling, queries.get(inp.table))
         vecs.append(v)
         firsts.append(v[:, 0])
         if net.dims[k] == net.fm_dim:

@@ -15,7 +15,8 @@ import numpy as np
 from odl.spec import FeatureSpec
 from odl.spec.encode import count_names
 from trainers.samples import Records, RowLayout
-from trainers.spec_model import SpecBatch, SpecModel, spec_inputs
+from odl.spec.net import spec_inputs
+from trainers.spec_model import SpecBatch, SpecModel
 from trainers.spec_rows import Decoded, SpecRows
 
 HEADER = 4

@@ -115,8 +115,10 @@ def test_recommend_needs_declared_candidates_and_its_schema_says_so():
 class _RowModel:
     """Scores row k of a batch (k + 1) / 10: the answer's order shows how scores map back."""
     version, manifest = "4", {}
+    packed_fn = object()        # an optimised graph: the scorer sends the packed request
 
-    def predict_inputs(self, inputs):
+    def predict_inputs(self, inputs, packed=False):
+        assert packed and not any(k.endswith("_emb") and k[:-4] in ("app", "ip") for k in inputs)
         n = len(inputs["mask"])
         return ((np.arange(n) + 1) / 10).astype("float32")
 

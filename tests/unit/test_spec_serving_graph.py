@@ -12,6 +12,7 @@ import tensorflow as tf
 from exporters import spec_savedmodel
 from odl.config import TrainerConfig
 from odl.spec import SPECS_DIR, EventValidator, load_spec
+from odl.spec.net import PACKED_SIGNATURE, pack_request
 from odl.spec.sample import sample_record
 from odl.spec.synth import synthetic_rows
 from trainers.spec_samples import SpecCodec
@@ -47,11 +48,21 @@ def test_exported_graphs_score_as_the_trainer_does(name, tmp_path: Path):
     spec_savedmodel.save(model.net, weights, tmp_path / "plain")
     report = spec_savedmodel.save_optimised(model.net, weights, tmp_path / "opt")
     spec_savedmodel.save_optimised(model.net, weights, tmp_path / "bf16", precision="bfloat16")
-    got = {d: tf.saved_model.load(str(tmp_path / d)).signatures["serving_default"](**req)
-           ["probability"].numpy() for d in ("plain", "opt", "bf16")}
+    sigs = {d: tf.saved_model.load(str(tmp_path / d)).signatures for d in ("plain", "opt", "bf16")}
+    got = {d: s["serving_default"](**req)["probability"].numpy() for d, s in sigs.items()}
+    # the packed request (what a replica sends the optimised graph) scores the same
+    packed = pack_request(model.net, {k: np.asarray(v) for k, v in req.items()})
+    assert set(packed) == set(model.net.request_shapes(packed=True))
+    if name == "criteo":     # 26 single-valued inputs of one dim: 3 tensors instead of 28
+        assert sorted(packed) == ["mask", "numeric", "singles_16"] and len(req) == 28
+    for d in ("opt", "bf16"):
+        got[f"{d}-packed"] = sigs[d][PACKED_SIGNATURE](**packed)["probability"].numpy()
+    assert PACKED_SIGNATURE not in sigs["plain"]
     np.testing.assert_allclose(got["plain"], want, atol=1e-6)
     np.testing.assert_allclose(got["opt"], want, atol=1e-6)
+    np.testing.assert_allclose(got["opt-packed"], want, atol=1e-6)
     assert np.abs(got["bf16"] - want).max() < 0.02
+    np.testing.assert_allclose(got["bf16-packed"], got["bf16"], atol=1e-6)
     assert report["precision"] == "float32"
 
 

@@ -28,7 +28,8 @@ from odl.spec import FeatureSpec
 from odl.spec.encode import count_input, count_names, key_of, numeric_values, sparse_keys
 from odl.spec.logs import read_log
 from trainers.evaluation.features import _window_counts
-from trainers.spec_model import SpecBatch, SpecModel, spec_inputs
+from odl.spec.net import spec_inputs
+from trainers.spec_model import SpecBatch, SpecModel
 
 
 @dataclass(frozen=True)
