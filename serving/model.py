@@ -121,8 +121,10 @@ class LoadedModel:
         requests do not pay TensorFlow's first-call costs."""
         if not self.takes_user_item:      # a spec's model: its own inputs
             for packed, fn in ((False, self.fn), (True, self.packed_fn)):
-                specs = fn.structured_input_signature[1] if fn is not None else {}
-                for b in batch_sizes if specs else ():
+                if fn is None:
+                    continue
+                specs = fn.structured_input_signature[1]
+                for b in batch_sizes:
                     self.predict_inputs({k: np.zeros([b, *s.shape[1:]], s.dtype.as_numpy_dtype)
                                          for k, s in specs.items()}, packed)
             return
