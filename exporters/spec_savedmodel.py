@@ -4,10 +4,11 @@ A request brings, per model input, the vectors serving looked up for its keys ([
 one row for a field or a cross, ``width`` for a list or a sequence), the [B, W] mask of real
 keys over all inputs side by side (``SpecNet.spans``) and the numeric inputs; the graph returns
 the click probability.  Its forward pass is ``trainers.spec_model.spec_logits`` itself, so the
-served model cannot drift from the trained one.  The optimised export also takes the packed
-request (``odl.spec.net``: the single-valued inputs of a dim as one tensor), which replicas send.  The plain module is the reference; the
+served model cannot drift from the trained one.  The plain module is the reference; the
 optimised one runs the same function through ``exporters.graph`` (folded constants and
-BatchNorms, the weight-only cache, XLA on batch buckets where a GPU is visible).
+BatchNorms, the weight-only cache, XLA on batch buckets where a GPU is visible) and also takes
+the packed request (``odl.spec.net``: the single-valued inputs of a dim as one tensor), which
+replicas send.
 """
 from __future__ import annotations
 

@@ -118,7 +118,9 @@ class _RowModel:
     packed_fn = object()        # an optimised graph: the scorer sends the packed request
 
     def predict_inputs(self, inputs, packed=False):
+        # packed: single-valued inputs only as singles_<dim>, never one tensor each
         assert packed and not any(k.endswith("_emb") and k[:-4] in ("app", "ip") for k in inputs)
+        assert any(k.startswith("singles_") for k in inputs)
         n = len(inputs["mask"])
         return ((np.arange(n) + 1) / 10).astype("float32")
 
