@@ -145,6 +145,13 @@ class FeatureJobConfig(_Section):
     # payload) is no faster than the Python UDF (docs/features.md#throughput)
     sql_parse: bool = Field(False, description="a spec's events that SQL proves valid skip "
                             "the Python parse (pipeline.spec_parse_sql)")
+    # Click -> positive sample waits on both: a record in a network buffer between operators,
+    # and the impression in the temporal joins until the watermark passes it (Flink's defaults
+    # 100 ms and 200 ms; docs/features.md#throughput has the latency with each)
+    buffer_timeout_ms: int = Field(10, ge=0, description="longest wait of a record in a network "
+                                   "buffer between operators (execution.buffer-timeout.interval)")
+    watermark_interval_ms: int = Field(50, ge=1, description="how often sources emit event-time "
+                                       "watermarks (pipeline.auto-watermark-interval)")
     checkpoint_interval_s: int = Field(10, ge=1)
     restore: bool = Field(True, description="restart from the newest retained checkpoint")
     rest_ports: str = Field("8081-8099", pattern=r"^\d+(-\d+)?$",

@@ -87,6 +87,8 @@ def build_table_env(cfg: Config):
         # job (docs/features.md#throughput)
         "pipeline.object-reuse": "true",
         "pipeline.operator-chaining.enabled": str(fj.operator_chaining).lower(),
+        "execution.buffer-timeout.interval": f"{fj.buffer_timeout_ms} ms",
+        "pipeline.auto-watermark-interval": f"{fj.watermark_interval_ms} ms",
     }
     if local:
         settings.update(_local_settings(cfg))
