@@ -279,6 +279,26 @@ class Backlog:
         return _start(cfg or self.cfg, self.bootstrap, ddl, inserts,
                       [self.topics.samples, self.topics.dlq], decode=decode)
 
+    def live_latency(self, seconds: float) -> np.ndarray:
+        """With the full job running and caught up: live events at ``LIVE_RATE`` for
+        ``seconds``, event time = produce time; the latency (ms) of each positive sample
+        from its click's event time to its arrival."""
+        arr, stop, ready = Arrivals([], []), threading.Event(), threading.Event()
+        tail = threading.Thread(target=_consume, args=(self.bootstrap, [self.topics.samples],
+                                                       stop, arr, True, ready))
+        tail.start()
+        try:
+            ready.wait(30)
+            live = _events(int(time.time() * 1000), int(LIVE_RATE * seconds), LIVE_RATE)
+            _produce(self.cfg, self.topics.events, live, paced=True)
+            time.sleep(5)
+        finally:
+            stop.set()
+            tail.join()
+        return np.asarray([arrived * 1000 - rec["label_ts_ms"]
+                           for rec, arrived in zip(arr.records, arr.times)
+                           if rec.get("label") == 1 and rec["label_ts_ms"] >= live[0].ts_ms])
+
     def dlq_reasons(self) -> list[str]:
         """The reason of every record on the DLQ so far."""
         return [json.loads(v).get("reason") for _, _, v in read_topic(self.cfg, self.topics.dlq)]
@@ -347,8 +367,7 @@ def run(cfg: Config, spec: str | None = None) -> BenchResult:
     if spec is not None:
         return run_spec(cfg, spec)
     with preloaded(cfg, EVENTS) as bl:
-        bcfg, topics, recs = bl.cfg, bl.topics, bl.events
-        events_topic = topics.events
+        topics, recs = bl.topics, bl.events
         n_imp, n_bad, produce_s = bl.impressions, bl.malformed, bl.produce_s
         group = bl.with_group
 
@@ -374,22 +393,11 @@ def run(cfg: Config, spec: str | None = None) -> BenchResult:
             job.close()
             raise RuntimeError(f"{late:,} pre-loaded events went to the DLQ as late_event: the "
                                "watermark overtook a partition (feature_job.idleness, idle_timeout_s)")
-        arr, stop, ready = Arrivals([], []), threading.Event(), threading.Event()
-        tail = threading.Thread(target=_consume, args=(bl.bootstrap, [topics.samples], stop, arr,
-                                                       True, ready))
-        tail.start()
-        ready.wait(30)
-        live = _events(int(time.time() * 1000), int(LIVE_RATE * LIVE_SECONDS), LIVE_RATE)
-        _produce(bcfg, events_topic, live, paced=True)
-        time.sleep(5)
-        job.close()
-        stop.set()
-        tail.join()
-        lat = []
-        for rec, arrived in zip(arr.records, arr.times):
-            if rec.get("label") == 1 and rec["label_ts_ms"] >= live[0].ts_ms:
-                lat.append(arrived * 1000 - rec["label_ts_ms"])
-        lat = np.asarray(lat) if lat else np.asarray([np.nan])
+        try:
+            lat = bl.live_latency(LIVE_SECONDS)
+        finally:
+            job.close()
+        lat = lat if len(lat) else np.asarray([np.nan])
 
     ratio = full_rate / pass_rate
     lines = [f"{len(recs):,} events pre-loaded ({n_imp:,} impressions, {n_bad} malformed) in {produce_s:.1f}s",

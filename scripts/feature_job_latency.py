@@ -14,8 +14,6 @@ line per variant and the ratio of each variant's p95 to the first's.
 from __future__ import annotations
 
 import argparse
-import threading
-import time
 
 import numpy as np
 
@@ -42,23 +40,11 @@ def latency(extra: dict[str, str], events: int, live_s: float) -> np.ndarray:
                 expected = bl.expected_outputs
                 job.rate(expected, len(bl.events), 300)
                 bench._drain(bl, job.arrivals, expected, bench.DRAIN_TIMEOUT_S)
-                arr, stop, ready = bench.Arrivals([], []), threading.Event(), threading.Event()
-                tail = threading.Thread(target=bench._consume, args=(
-                    bl.bootstrap, [bl.topics.samples], stop, arr, True, ready))
-                tail.start()
-                ready.wait(30)
-                live = bench._events(int(time.time() * 1000), int(bench.LIVE_RATE * live_s),
-                                     bench.LIVE_RATE)
-                bench._produce(bl.cfg, bl.topics.events, live, paced=True)
-                time.sleep(5)
-                stop.set()
-                tail.join()
+                return bl.live_latency(live_s)
             finally:
                 job.close()
     finally:
         feature_job._local_settings = own
-    return np.array([t * 1000 - r["label_ts_ms"] for r, t in zip(arr.records, arr.times)
-                     if r.get("label") == 1 and r["label_ts_ms"] >= live[0].ts_ms])
 
 
 def main() -> None:
