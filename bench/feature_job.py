@@ -92,9 +92,10 @@ class OutputCount:
 
 
 def _consume(bootstrap: str, topics: list[str], stop: threading.Event, out: Arrivals,
-             decode: bool, from_end: threading.Event | None = None) -> None:
-    """Read ``topics`` into ``out`` from their beginning; with ``from_end``, from their end as
-    of the start, and set it once the positions are fixed (what is produced after that is read)."""
+             from_end: threading.Event | None = None) -> None:
+    """Read and decode ``topics`` into ``out`` from their beginning; with ``from_end``, from
+    their end as of the start, and set it once the positions are fixed (what is produced after
+    that is read)."""
     c = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                       enable_auto_commit=False, group_id=None, max_poll_records=5000)
     if from_end is None:
@@ -112,8 +113,7 @@ def _consume(bootstrap: str, topics: list[str], stop: threading.Event, out: Arri
                 now = time.time()
                 for r in recs:
                     out.times.append(now)
-                    if decode:
-                        out.records.append(json.loads(r.value))
+                    out.records.append(json.loads(r.value))
     finally:
         c.close()
 
@@ -223,7 +223,7 @@ def _start(cfg: Config, bootstrap: str, ddl: list[str], inserts: list[str], out:
     only counted (``OutputCount``: the throughput phases)."""
     stop, arr = threading.Event(), Arrivals([], [])
     if decode:
-        th = threading.Thread(target=_consume, args=(bootstrap, out, stop, arr, True))
+        th = threading.Thread(target=_consume, args=(bootstrap, out, stop, arr))
     else:
         th = threading.Thread(target=OutputCount(bootstrap, out).run, args=(stop, arr))
     th.start()
@@ -285,7 +285,7 @@ class Backlog:
         from its click's event time to its arrival."""
         arr, stop, ready = Arrivals([], []), threading.Event(), threading.Event()
         tail = threading.Thread(target=_consume, args=(self.bootstrap, [self.topics.samples],
-                                                       stop, arr, True, ready))
+                                                       stop, arr, ready))
         tail.start()
         try:
             ready.wait(30)
@@ -386,14 +386,10 @@ def run(cfg: Config, spec: str | None = None) -> BenchResult:
         try:
             drain_s, reasons = _drain(bl, job.arrivals, expected, DRAIN_TIMEOUT_S)
             late = reasons.count("late_event")
-        except BaseException:
-            job.close()
-            raise
-        if late:   # they would count as outputs, and they are samples the job failed to make
-            job.close()
-            raise RuntimeError(f"{late:,} pre-loaded events went to the DLQ as late_event: the "
-                               "watermark overtook a partition (feature_job.idleness, idle_timeout_s)")
-        try:
+            if late:   # they would count as outputs, and are samples the job failed to make
+                raise RuntimeError(f"{late:,} pre-loaded events went to the DLQ as late_event: "
+                                   "the watermark overtook a partition (feature_job.idleness, "
+                                   "idle_timeout_s)")
             lat = bl.live_latency(LIVE_SECONDS)
         finally:
             job.close()

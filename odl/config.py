@@ -146,9 +146,9 @@ class FeatureJobConfig(_Section):
     sql_parse: bool = Field(False, description="a spec's events that SQL proves valid skip "
                             "the Python parse (pipeline.spec_parse_sql)")
     # Click -> positive sample waits on both: a record in a network buffer between operators,
-    # and the impression in the temporal joins until the watermark passes it.  10 ms and 50 ms
-    # cut its p95 by a third, but stay off by default (Flink's 100 ms and 200 ms) until the one
-    # chaos run with them that lost a sample is understood (docs/features.md#throughput)
+    # and the impression in the temporal joins until the watermark passes it.  Lower values
+    # shorten it (docs/features.md#throughput) but stay opt-in (Flink's defaults here) until
+    # the chaos run with them that lost a sample is understood (same section)
     buffer_timeout_ms: int = Field(100, ge=0, description="longest wait of a record in a network "
                                    "buffer between operators (execution.buffer-timeout.interval)")
     watermark_interval_ms: int = Field(200, ge=1, description="how often sources emit event-time "
