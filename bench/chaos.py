@@ -258,7 +258,7 @@ def _drain(cfg: Config, stack: LocalStack, plan: ChaosPlan, progress) -> float:
 
 
 def _audit(cfg: Config, progress):
-    from trainers.audit import audit, committed_ledger
+    from trainers.audit import audit, committed_ledger, records_of
     from trainers.checkpoint import CheckpointStore
     from trainers.samples import codec_for_running_spec
     from trainers.streaming import SOLO_SHARD, checkpoint_dir
@@ -267,6 +267,8 @@ def _audit(cfg: Config, progress):
     codec = codec_for_running_spec(cfg)
     ledger = committed_ledger(CheckpointStore(checkpoint_dir(cfg, SOLO_SHARD), keep_full=10_000))
     result = audit(codec, records, ledger, delayed=cfg.delayed_feedback and codec.labels_arrive_late)
+    for key, part, off, value in records_of(codec, records, result.lost_keys):
+        progress(f"lost key {key}: partition {part} offset {off}: {value[:400]!r}")
     late = 0
     for _, _, value in read_topic(cfg, names.topic(names.EVENTS_DLQ, p)):
         try:
@@ -295,6 +297,8 @@ def _report(plan, faults, client, audit, late, events, restarts, crashed, draine
               f"committed ledger: {audit.trained}",
               f"lost {audit.lost}, trained twice {audit.dup}, trained though not to be {audit.unexpected} "
               f"({audit.unexpected_in_topic} of them on rows the topic holds)",
+              f"impressions the job sent with both labels: {audit.relabelled} "
+              f"({audit.relabelled_negative_first} negative first)",
               f"valid events sent to the DLQ as late: {late}",
               f"requests: sent {s.sent}, ok {s.ok}, degraded {s.degraded}, retried {s.retried}, "
               f"failed {s.failed} {s.failures or ''}",

@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from trainers.checkpoint import CheckpointInfo, CheckpointStore
-from trainers.samples import SampleCodec, trained_mask
+from trainers.samples import RowLayout, SampleCodec, trained_mask
+
+MAX_LOST_SHOWN = 10
 
 
 def committed_ledger(store: CheckpointStore, epoch: int | None = None) -> np.ndarray:
@@ -60,32 +62,62 @@ class Audit:
     dup: int            # ledger entries beyond each key's first
     unexpected: int     # ledger keys the trainer should not have trained (should be 0)
     unexpected_in_topic: int   # of those, keys the topic does hold, on rows routed out
+    relabelled: int = 0        # impressions the job sent as final negative and positive both
+    relabelled_negative_first: int = 0   # of those, the negative first
+    lost_keys: tuple[int, ...] = ()   # the first few lost keys, to look up (``records_of``)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "lost_keys"}
 
 
-def expected_keys(codec: SampleCodec, records: list[tuple[int, int, bytes]], delayed: bool
-                  ) -> tuple[np.ndarray, np.ndarray, int]:
-    """(distinct row keys the trainer trains out of ``records``, every distinct row key there,
-    records refused as malformed)."""
+def _valid_rows(codec: SampleCodec, records: list[tuple[int, int, bytes]]) -> tuple[np.ndarray, int]:
+    """(the decoded rows of the valid records in topic order, records refused as malformed)."""
     if not records:
-        empty = np.zeros(0, np.int64)
-        return empty, empty, 0
+        return codec.layout.empty(), 0
     parts, offs, vals = zip(*records)
     decoded = codec.decode_records(list(parts), list(offs), list(vals))
-    rows = decoded.rows[decoded.valid]
-    keep = trained_mask(rows, codec.layout, delayed)
-    sid = codec.layout.sid
-    return np.unique(rows[keep, sid]), np.unique(rows[:, sid]), int((~decoded.valid).sum())
+    return decoded.rows[decoded.valid], int((~decoded.valid).sum())
+
+
+def relabelled(rows: np.ndarray, layout: RowLayout) -> tuple[int, int]:
+    """(impressions whose final samples carry both labels, those of them whose negative came
+    first).  The samples topic is keyed by sample id, so one impression's samples share a
+    partition and their topic order is the order the job wrote them."""
+    final = rows[rows[:, layout.provisional] == 0]
+    keys, first, inverse = np.unique(final[:, layout.sid], return_index=True, return_inverse=True)
+    labels = final[:, layout.label] != 0
+    positives = np.bincount(inverse, weights=labels, minlength=len(keys))
+    counts = np.bincount(inverse, minlength=len(keys))
+    both = (positives > 0) & (positives < counts)
+    return int(both.sum()), int((both & ~labels[first]).sum())
 
 
 def audit(codec: SampleCodec, records: list[tuple[int, int, bytes]], ledger: np.ndarray,
           delayed: bool) -> Audit:
-    expected, present, malformed = expected_keys(codec, records, delayed)
+    rows, malformed = _valid_rows(codec, records)
+    sid = codec.layout.sid
+    expected = np.unique(rows[trained_mask(rows, codec.layout, delayed), sid])
+    present = np.unique(rows[:, sid])
     keys, counts = np.unique(ledger, return_counts=True)
     unexpected = np.setdiff1d(keys, expected, assume_unique=True)
+    lost = np.setdiff1d(expected, keys, assume_unique=True)
+    flips, negative_first = relabelled(rows, codec.layout)
     return Audit(records=len(records), malformed=malformed, expected=len(expected),
-                 trained=len(ledger), lost=int(len(np.setdiff1d(expected, keys, assume_unique=True))),
+                 trained=len(ledger), lost=len(lost),
                  dup=int((counts - 1).sum()), unexpected=len(unexpected),
-                 unexpected_in_topic=int(np.isin(unexpected, present).sum()))
+                 unexpected_in_topic=int(np.isin(unexpected, present).sum()),
+                 relabelled=flips, relabelled_negative_first=negative_first,
+                 lost_keys=tuple(int(k) for k in lost[:MAX_LOST_SHOWN]))
+
+
+def records_of(codec: SampleCodec, records: list[tuple[int, int, bytes]], keys: tuple[int, ...]
+               ) -> list[tuple[int, int, int, bytes]]:
+    """(key, partition, offset, value) of every record whose row key is one of ``keys``: what
+    a lost key looked like in the topic (repeats, labels, provisional or final)."""
+    if not records or not keys:
+        return []
+    parts, offs, vals = zip(*records)
+    decoded = codec.decode_records(list(parts), list(offs), list(vals))
+    hit = decoded.valid & np.isin(decoded.rows[:, codec.layout.sid], np.array(keys, np.int64))
+    return [(int(decoded.rows[i, codec.layout.sid]), *records[i][:2], records[i][2])
+            for i in np.flatnonzero(hit)]
