@@ -62,6 +62,10 @@ class KafkaConfig(_Section):
     # tansu joins a group in session_timeout/2, so keep it short locally.
     session_timeout_ms: int = Field(6000, ge=1000)
     topic_prefix: str = ""
+    offset_gap_wait_ms: int = Field(10_000, ge=0, description=(
+        "how long ODL's consumers (trainer, feature-store writer) wait for a missing offset "
+        "before stepping over it: tansu 0.6 can expose a batch before an earlier one is stored "
+        "(odl/offset_gaps.py). 0: no wait, for topics with transaction markers or compaction"))
 
     @property
     def host_port(self) -> tuple[str, int]:

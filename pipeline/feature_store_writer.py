@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 
+from kafka import ConsumerRebalanceListener, TopicPartition
 from kafka.errors import KafkaError
 from prometheus_client import Counter
 from redis import RedisError
@@ -19,6 +20,7 @@ from odl.config import Config
 from odl.redis_conn import redis_client
 from odl.feature_store import FeatureStore, FeatureUpdate, FeatureUpdateError
 from odl.kafka_util import consumer
+from odl.offset_gaps import GapGuard
 from odl.runtime import Component
 from odl.spec import is_default, running_spec
 from odl.spec.realtime import store_parts
@@ -39,6 +41,21 @@ def decode(values: list[bytes], parts: dict[str, tuple[str, ...]] | None = None
     return out, bad
 
 
+class _Reassigned(ConsumerRebalanceListener):
+    """A partition this writer gets (back) in a rebalance starts where the group left it."""
+
+    def __init__(self, gaps: GapGuard):
+        self.gaps = gaps
+
+    def on_partitions_revoked(self, revoked) -> None:
+        for tp in revoked:
+            self.gaps.forget(tp.partition)
+
+    def on_partitions_assigned(self, assigned) -> None:
+        for tp in assigned:
+            self.gaps.forget(tp.partition)
+
+
 def run(cfg: Config) -> int:
     comp = Component(cfg, "feature-store")
     comp.install_signal_handlers()
@@ -47,6 +64,8 @@ def run(cfg: Config) -> int:
     spec = running_spec(cfg)
     parts = None if is_default(spec) else store_parts(spec)
     c = consumer(cfg, topic, cfg.feature_job.store_group_id, max_poll_records=5000)
+    gaps = GapGuard("feature-store", cfg.kafka.offset_gap_wait_ms / 1000.0)
+    c.subscribe([topic], listener=_Reassigned(gaps))
     stats = {"updates": 0, "written": 0, "malformed": 0, "redis_errors": 0}
     started = time.time()
     comp.start_heartbeat(lambda: ("paused" if comp.paused else "running", None, {
@@ -55,7 +74,11 @@ def run(cfg: Config) -> int:
         while not comp.stop.is_set():
             comp.work.beat("consume")
             batch = c.poll(timeout_ms=500)
-            values = [r.value for recs in batch.values() for r in recs]
+            got, rewind = gaps.admit((tp.partition, r.offset, r.value)
+                                     for tp, recs in batch.items() for r in recs)
+            for p, off in rewind.items():   # a later batch came first: read the missing again
+                c.seek(TopicPartition(topic, p), off)
+            values = [v for _, _, v in got]
             if not values:
                 continue
             updates, bad = decode(values, parts)

@@ -18,8 +18,11 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaExcepti
 from confluent_kafka import TopicPartition as CTopicPartition
 
 from odl.config import Config
+from odl.offset_gaps import GapGuard
 
 log = logging.getLogger("odl.trainer.source")
+
+GAP_RETRY_S = 0.01   # between fetches of a missing offset (odl/offset_gaps.py), when idle
 
 
 class SampleSource:
@@ -40,15 +43,32 @@ class SampleSource:
             # the group's offsets matter only where the checkpoint has none (a broker round trip)
             committed = ({tp.partition: tp.offset for tp in self._c.committed(unknown, timeout=10)}
                          if unknown else {})
+            self._gaps = GapGuard("trainer", cfg.kafka.offset_gap_wait_ms / 1000.0)
             for p in mine:
                 off = positions.get(p, committed.get(p, -1))
-                start.append(CTopicPartition(topic, p, off if off is not None and off >= 0
-                                             else OFFSET_BEGINNING))
+                if off is None or off < 0:
+                    off = OFFSET_BEGINNING
+                    low = self._low_offset(p)
+                    if low is not None:
+                        self._gaps.start(p, low)
+                else:
+                    self._gaps.start(p, off)
+                start.append(CTopicPartition(topic, p, off))
             self._c.assign(start)
         except BaseException:
             self._c.close()
             raise
         self.partitions = mine
+
+    def _low_offset(self, p: int) -> int | None:
+        """The partition's first offset (None if the broker does not say: then the first
+        record read sets where the partition starts)."""
+        try:
+            got = self._c.get_watermark_offsets(CTopicPartition(self.topic, p), timeout=10)
+        except KafkaException as exc:
+            log.warning("first offset of %s/%d: %s", self.topic, p, exc)
+            return None
+        return None if got is None else got[0]
 
     def _partitions(self, timeout_s: float, wanted: list[int] | None) -> list[int]:
         deadline = time.monotonic() + timeout_s
@@ -64,8 +84,9 @@ class SampleSource:
             time.sleep(0.2)
 
     def fetch(self, max_records: int, timeout_s: float) -> list[tuple[int, int, bytes]]:
-        """Up to ``max_records`` (partition, offset, value); non-fatal client errors are logged
-        (librdkafka retries them), fatal ones raise."""
+        """Up to ``max_records`` (partition, offset, value), each partition's in offset order
+        with none missing (``odl.offset_gaps``); non-fatal client errors are logged (librdkafka
+        retries them), fatal ones raise."""
         out = []
         for m in self._c.consume(num_messages=max_records, timeout=timeout_s):
             err = m.error()
@@ -76,6 +97,11 @@ class SampleSource:
                     log.warning("sample consumer: %s", err)
                 continue
             out.append((m.partition(), m.offset(), m.value()))
+        out, rewind = self._gaps.admit(out)
+        for p, off in rewind.items():   # a later batch came first: fetch the missing one again
+            self._c.seek(CTopicPartition(self.topic, p, off))
+        if rewind and not out:
+            time.sleep(GAP_RETRY_S)
         return out
 
     def commit(self, positions: dict[int, int]) -> None:
