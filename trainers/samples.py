@@ -55,11 +55,26 @@ def trained_mask(rows: np.ndarray, layout: RowLayout, delayed: bool) -> np.ndarr
     return provisional | (rows[:, layout.label] != 0)
 
 
+def dedup_keys(rows: np.ndarray, layout: RowLayout, delayed: bool) -> np.ndarray:
+    """Each row's key in the trainer's duplicate window: its row key, except that with delayed
+    feedback a final negative gets a key of its own (``FINAL_NEGATIVE_MASK``).  Such a negative
+    only settles figures, and after a feature-job restore the same impression's positive may
+    follow it (event-time joins re-run over replayed events): the click happened and must still
+    be trained, not dropped as a repeat of the negative."""
+    keys = rows[:, layout.sid]
+    if not delayed:
+        return keys
+    negative = (rows[:, layout.provisional] == 0) & (rows[:, layout.label] == 0)
+    return np.where(negative, keys ^ FINAL_NEGATIVE_MASK, keys)
+
+
 DEFAULT_LAYOUT = RowLayout(ROW_WIDTH, label=4, ts=5, sid=SID, provisional=PROVISIONAL)
 # A provisional sample shares its impression's sample_id with the final sample that follows; its
 # key in the duplicate window (and the ledger) is the id's hash with this mask applied, so the
 # two are told apart, and ``sid ^ PROVISIONAL_MASK`` leads from either to the other.
 PROVISIONAL_MASK = 0x5A5A_5A5A_5A5A_5A5A
+# A final negative's key in the duplicate window under delayed feedback (``dedup_keys``).
+FINAL_NEGATIVE_MASK = 0x3C3C_3C3C_3C3C_3C3C
 
 
 def feature_bits(values) -> list[int]:

@@ -38,7 +38,7 @@ from trainers.kafka_source import SampleSource
 from trainers.prefetch import Prefetcher
 from trainers.delayed_feedback import ProvisionalScores
 from trainers.samples import (PROVISIONAL_MASK, DedupWindow, Records, SampleCodec, codec_for_running_spec,
-                              trained_mask)
+                              dedup_keys, trained_mask)
 
 log = logging.getLogger("odl.trainer")
 
@@ -164,7 +164,8 @@ class StreamingTrainer:
                 self.positions[p] = max(self.positions.get(p, 0), o)
             bad = int(n - recs.valid.sum())
             rows = recs.rows[recs.valid]
-            fresh = self.dedup.first_sightings(rows[:, self.layout.sid])
+            fresh = self.dedup.first_sightings(
+                dedup_keys(rows, self.layout, delayed=self.provisional is not None))
             dup = int(len(rows) - fresh.sum())
             rows = rows[fresh]
             self.duplicates += dup

@@ -126,3 +126,14 @@ def test_the_gate_compares_candidate_and_served_on_the_same_samples():
     few = gate.check({**snap, "metrics": {**snap["metrics"], "shadow": {**paired, "n": 10}}},
                      served, 0.02)
     assert not few.ok and "worse than the served version's 0.9000" in few.reason   # windows
+
+
+def test_a_positive_after_its_final_negative_is_still_trained(trainer):
+    """After a restore the feature job may send an impression's final negative and then its
+    positive (or the reverse).  The negative only settles figures, so it must not make the
+    positive look like a repeat: the click happened, and is trained once."""
+    assert trainer.step(_records([_rec("r0", 0, True)]), flush=True) == 1
+    finals = [_rec("r0", 0), _rec("r0", 1), _rec("r0", 1), _rec("r0", 0)]
+    assert trainer.step(_records(finals, 1), flush=True) == 1      # the positive, once
+    assert trainer.duplicates == 2 and trainer.settled_negatives == 1
+    assert trainer.validator.seen == 1                               # judged once
