@@ -3,6 +3,7 @@ computed over a sliding window of the most recent scored samples."""
 from __future__ import annotations
 
 import math
+import threading
 from collections import deque
 from dataclasses import dataclass
 
@@ -74,27 +75,33 @@ class PairedValidator:
     """The live model and the served version's shadow scored on the same samples, so the
     quality gate compares a candidate with what is served on the same rows (two windows of
     different samples differ by their samples as much as by their models).  Reset whenever the
-    served version changes."""
+    served version changes -- by the exporter's thread, while the training thread adds and the
+    heartbeat summarises: hence the lock (a summary between two of reset's clears once paired
+    807 labels with no scores)."""
 
     def __init__(self, window: int):
         self.live: deque[float] = deque(maxlen=window)
         self.served: deque[float] = deque(maxlen=window)
         self.labels: deque[float] = deque(maxlen=window)
+        self._lock = threading.Lock()
 
     def reset(self) -> None:
-        for d in (self.live, self.served, self.labels):
-            d.clear()
+        with self._lock:
+            for d in (self.live, self.served, self.labels):
+                d.clear()
 
     def add(self, live: np.ndarray, served: np.ndarray, labels: np.ndarray) -> None:
         known = ~np.isnan(served)
-        self.live.extend(live[known].tolist())
-        self.served.extend(served[known].tolist())
-        self.labels.extend(labels[known].tolist())
+        with self._lock:
+            self.live.extend(live[known].tolist())
+            self.served.extend(served[known].tolist())
+            self.labels.extend(labels[known].tolist())
 
     def summary(self) -> dict[str, float]:
-        if not self.labels:
-            return {"n": 0}
-        y = np.asarray(self.labels)
-        a, b = Figures.of(np.asarray(self.live), y), Figures.of(np.asarray(self.served), y)
+        with self._lock:
+            if not self.labels:
+                return {"n": 0}
+            y, live, served = (np.asarray(d) for d in (self.labels, self.live, self.served))
+        a, b = Figures.of(live, y), Figures.of(served, y)
         return {"n": len(y), "auc_live": a.auc, "auc_served": b.auc,
                 "logloss_live": a.logloss, "logloss_served": b.logloss}

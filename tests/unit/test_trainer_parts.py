@@ -136,3 +136,30 @@ def test_bad_sample_records_never_break_a_chunk():
     recs = decode_records([0] * len(vals), list(range(len(vals))), vals)
     assert recs.valid.tolist() == [True] + [False] * (len(vals) - 1)
     assert recs.next_offsets() == {0: len(vals)}
+
+
+def test_paired_figures_stay_consistent_while_another_thread_resets_them():
+    """The exporter's thread resets the paired window when a version is served, while the
+    heartbeat summarises it.  Here the reset is started in the middle of a summary (while it
+    reads the labels): the summary must still pair labels with their own scores."""
+    import threading
+    from collections import deque
+
+    from trainers.metrics import PairedValidator
+    pv = PairedValidator(2000)
+    rng = np.random.default_rng(0)
+    pv.add(rng.random(807), rng.random(807), (rng.random(807) < 0.3).astype(float))
+
+    class ResetWhileRead(deque):
+        armed = True
+
+        def __iter__(self):
+            if ResetWhileRead.armed:
+                ResetWhileRead.armed = False
+                t = threading.Thread(target=pv.reset)
+                t.start()
+                t.join(0.2)   # with the lock the reset waits for the summary to finish
+            return super().__iter__()
+    pv.labels = ResetWhileRead(pv.labels, maxlen=2000)
+    s = pv.summary()
+    assert s["n"] == 807 and 0.0 < s["auc_live"] < 1.0
