@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from redis import RedisError
+
 from odl.config import Config
 from odl.control import ControlPlane, Heartbeat
 from trainers.group import GroupMember
@@ -127,8 +129,10 @@ class TrainerLoop:
                 self.state = "paused" if paused else "running"
                 log.info("trainer %s", self.state)
             self.heartbeat()
-        except Exception as exc:  # noqa: BLE001 - control plane away: keep training
+        except (RedisError, OSError) as exc:  # control plane away: keep training
             log.warning("control plane: %s", exc)
+        except Exception:  # noqa: BLE001 - a bug here must not stop training, but must show
+            log.exception("control plane step failed")
 
     def _follow_rollback(self) -> None:
         """Carry out an `odl rollback --trainer` request once (answered by its id).  A group
