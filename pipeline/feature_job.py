@@ -23,7 +23,7 @@ from odl.config import Config
 from odl.runtime import Component
 from odl.spec import is_default, running_spec
 from pipeline import spec_udfs, udfs
-from pipeline.feature_sql import JobTopics, statements
+from pipeline.feature_sql import JobTopics, one_insert_per_sink, statements
 from pipeline.spec_sql import spec_statements
 from pipeline.flink_metrics import FlinkJobMetrics, port_range
 from pipeline.watermark_ticks import WatermarkTicker
@@ -136,7 +136,7 @@ def submit(cfg: Config):
     for stmt in ddl:
         t_env.execute_sql(stmt)
     stmt_set = t_env.create_statement_set()
-    for ins in inserts:
+    for ins in one_insert_per_sink(inserts):
         stmt_set.add_insert_sql(ins)
     return stmt_set.execute(), topics
 

@@ -25,6 +25,7 @@ repeated ``event_id`` is a ``duplicate_event``: nothing leaves the job without b
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from odl import features as F
@@ -308,3 +309,23 @@ def statements(cfg: Config, topics: JobTopics) -> tuple[list[str], list[str]]:
                       item_id, `position`, `hour`, category, 0, ts_ms, ts_ms, features, TRUE
                FROM featured""")
     return ddl, inserts
+
+
+_INSERT = re.compile(r"\s*INSERT\s+INTO\s+(\w+)\s+(SELECT\b.*)", re.IGNORECASE | re.DOTALL)
+
+
+def one_insert_per_sink(inserts: list[str]) -> list[str]:
+    """The INSERTs into one sink table merged into one ``INSERT ... SELECT * FROM (... UNION ALL
+    ...)``, in first-appearance order: one sink operator, so one Kafka producer, per topic at
+    parallelism 1.  Separate INSERTs each get a sink and a producer of their own, and concurrent
+    producers on a partition are what tansu 0.6 can reorder (``odl.offset_gaps``)."""
+    bodies: dict[str, list[str]] = {}
+    for ins in inserts:
+        m = _INSERT.match(ins)
+        if m is None:
+            raise ValueError(f"not an INSERT INTO <table> SELECT ...: {ins[:80]!r}")
+        bodies.setdefault(m.group(1), []).append(m.group(2).strip())
+    return [f"INSERT INTO {sink} {selects[0]}" if len(selects) == 1 else
+            f"INSERT INTO {sink} SELECT * FROM (\n" + "\nUNION ALL\n".join(selects) + "\n)"
+            for sink, selects in bodies.items()]
+

@@ -1,7 +1,9 @@
 import time
 
+import pytest
+
 from odl.config import Config
-from pipeline.feature_sql import JobTopics, interval, statements
+from pipeline.feature_sql import JobTopics, interval, one_insert_per_sink, statements
 from pipeline.feature_store_writer import decode
 from pipeline.udfs import features_row, parse_row
 
@@ -46,3 +48,19 @@ def test_writer_skips_malformed_updates():
     updates, bad = decode([good, b"{", b'{"kind":"shop","entity_id":1,"part":"x","version_ms":1,"value":""}',
                            b'{"kind":"item","entity_id":"x","part":"t1h","version_ms":1,"value":""}'])
     assert len(updates) == 1 and bad == 3
+
+
+def test_the_inserts_into_one_sink_become_one_insert():
+    """One sink operator, hence one Kafka producer, per topic (``one_insert_per_sink``)."""
+    cfg = Config.model_validate({"trainer": {"delayed_feedback": True}})
+    _, inserts = statements(cfg, JobTopics("ev", "sa", "dl", "fe"))
+    merged = one_insert_per_sink(inserts)
+    assert [m.split()[2] for m in merged] == ["samples_sink", "dlq_sink", "features_sink"]
+    for m in merged:
+        sink = m.split()[2]
+        parts = [i for i in inserts if i.split()[2] == sink]
+        assert m.count("UNION ALL") == len(parts) - 1
+        assert all(p.split(None, 3)[3].strip() in m for p in parts)   # every SELECT, verbatim
+    assert one_insert_per_sink(["INSERT INTO t SELECT 1"]) == ["INSERT INTO t SELECT 1"]
+    with pytest.raises(ValueError, match="not an INSERT"):
+        one_insert_per_sink(["SELECT 1"])
