@@ -189,10 +189,7 @@ def _run_job(cfg: Config, inserts_for, ddl_extra: list[str]):
     t_env = feature_job.build_table_env(cfg)
     for stmt in ddl_extra:
         t_env.execute_sql(stmt)
-    ss = t_env.create_statement_set()
-    for ins in inserts_for:
-        ss.add_insert_sql(ins)
-    return ss.execute().get_job_client()
+    return feature_job.statement_set(t_env, inserts_for).execute().get_job_client()
 
 
 @dataclass
