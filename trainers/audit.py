@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from trainers.checkpoint import CheckpointInfo, CheckpointStore
-from trainers.samples import RowLayout, SampleCodec, trained_mask
+from trainers.samples import Records, RowLayout, SampleCodec, trained_mask
 
 MAX_LOST_SHOWN = 10
 
@@ -70,12 +70,16 @@ class Audit:
         return {k: v for k, v in self.__dict__.items() if k != "lost_keys"}
 
 
+def _decode(codec: SampleCodec, records: list[tuple[int, int, bytes]]) -> Records:
+    if not records:
+        return Records.empty(codec.layout.width)
+    parts, offs, vals = zip(*records)
+    return codec.decode_records(list(parts), list(offs), list(vals))
+
+
 def _valid_rows(codec: SampleCodec, records: list[tuple[int, int, bytes]]) -> tuple[np.ndarray, int]:
     """(the decoded rows of the valid records in topic order, records refused as malformed)."""
-    if not records:
-        return codec.layout.empty(), 0
-    parts, offs, vals = zip(*records)
-    decoded = codec.decode_records(list(parts), list(offs), list(vals))
+    decoded = _decode(codec, records)
     return decoded.rows[decoded.valid], int((~decoded.valid).sum())
 
 
@@ -114,10 +118,9 @@ def records_of(codec: SampleCodec, records: list[tuple[int, int, bytes]], keys: 
                ) -> list[tuple[int, int, int, bytes]]:
     """(key, partition, offset, value) of every record whose row key is one of ``keys``: what
     a lost key looked like in the topic (repeats, labels, provisional or final)."""
-    if not records or not keys:
+    if not keys:
         return []
-    parts, offs, vals = zip(*records)
-    decoded = codec.decode_records(list(parts), list(offs), list(vals))
+    decoded = _decode(codec, records)
     hit = decoded.valid & np.isin(decoded.rows[:, codec.layout.sid], np.array(keys, np.int64))
     return [(int(decoded.rows[i, codec.layout.sid]), *records[i][:2], records[i][2])
             for i in np.flatnonzero(hit)]

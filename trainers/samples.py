@@ -58,9 +58,9 @@ def trained_mask(rows: np.ndarray, layout: RowLayout, delayed: bool) -> np.ndarr
 def dedup_keys(rows: np.ndarray, layout: RowLayout, delayed: bool) -> np.ndarray:
     """Each row's key in the trainer's duplicate window: its row key, except that with delayed
     feedback a final negative gets a key of its own (``FINAL_NEGATIVE_MASK``).  Such a negative
-    only settles figures, and after a feature-job restore the same impression's positive may
-    follow it (event-time joins re-run over replayed events): the click happened and must still
-    be trained, not dropped as a repeat of the negative."""
+    only settles figures; should the job ever send the same impression's positive after it (no
+    run has shown one: the ledger audit counts them as ``relabelled``), the click happened and
+    must still be trained, not dropped as a repeat of the negative."""
     keys = rows[:, layout.sid]
     if not delayed:
         return keys
