@@ -238,7 +238,9 @@ def _default_tables() -> dict[str, EmbeddingTableConfig]:
 class TrainerConfig(_Section):
     group_id: str = "odl-trainer"
     batch_size: int = Field(128, ge=1)
-    max_batch_wait_ms: int = Field(500, ge=1, description="a partial batch is trained after this")
+    max_batch_wait_ms: int = Field(
+        500, ge=1,
+        description="a partial batch is trained once the stream, caught up, is quiet this long")
     decode_process: bool = Field(
         True, description="decode sample records in a child process, off the training "
                           "process's GIL (trainers/decode_process.py)")

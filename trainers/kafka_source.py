@@ -44,6 +44,7 @@ class SampleSource:
             committed = ({tp.partition: tp.offset for tp in self._c.committed(unknown, timeout=10)}
                          if unknown else {})
             self._gaps = GapGuard("trainer", cfg.kafka.offset_gap_wait_ms / 1000.0)
+            self._began: dict[int, int] = {}    # where each partition was taken up, if known
             for p in mine:
                 off = positions.get(p, committed.get(p, -1))
                 if off is None or off < 0:
@@ -51,8 +52,10 @@ class SampleSource:
                     low = self._low_offset(p)
                     if low is not None:
                         self._gaps.start(p, low)
+                        self._began[p] = low
                 else:
                     self._gaps.start(p, off)
+                    self._began[p] = off
                 start.append(CTopicPartition(topic, p, off))
             self._c.assign(start)
         except BaseException:
@@ -115,6 +118,22 @@ class SampleSource:
     def end_offsets(self) -> dict[int, int]:
         return {p: self._c.get_watermark_offsets(CTopicPartition(self.topic, p), timeout=10)[1]
                 for p in self.partitions}
+
+    def backlog(self, taken: dict[int, int], timeout_s: float = 2.0) -> int:
+        """How many records the broker holds past ``taken`` (partition -> the next offset the
+        trainer will take; where it has taken none yet, where this source took the partition
+        up).  The high watermarks are those of the latest fetch responses: tansu answers a
+        ListOffsets request short of its end (1 for a partition of 10 records, measured), its
+        fetch responses do not.  A partition not fetched from yet is asked for."""
+        total = 0
+        for p in self.partitions:
+            tp = CTopicPartition(self.topic, p)
+            low, high = self._c.get_watermark_offsets(tp, cached=True)
+            if high < 0:
+                low, high = self._c.get_watermark_offsets(tp, timeout=timeout_s)
+            low = max(low, 0)
+            total += max(0, high - max(low, taken.get(p, self._began.get(p, low))))
+        return total
 
     def close(self) -> None:
         self._c.close()

@@ -176,21 +176,64 @@ class StreamingTrainer:
         else:
             rows = self.waiting[:0]
         now = time.monotonic()
-        quiet = not n and now - self._last_data > self.cfg.trainer.max_batch_wait_ms / 1000.0
+        still = 0.0 if n else now - self._last_data     # how long no record has come
         if n:
             self._last_data = now
+        quiet, idle = self._quiet(still)
         if self.aligner is None:
-            released = rows
+            self._enqueue(rows)
         else:
             self.aligner.add(rows)
-            # a quiet stream sends no newer impressions to move the clock: flush what is held
-            idle = not n and now - self._last_data > self.aligner.hold_ms / 1000.0
-            released = self.aligner.release(flush=idle or flush)
+            self._enqueue(self.aligner.release(flush=flush))
+        trained = self._train_waiting(partial=flush)
+        # The cuts a quiet stream makes, in the order their waits run out: a check that finds
+        # both due cuts the same batches as two checks that find them one after the other (a
+        # restarted trainer's first check comes later after the last record than an
+        # uninterrupted trainer's does).
+        wait_s = self.cfg.trainer.max_batch_wait_ms / 1000.0
+        if quiet and not (idle and self.aligner.hold_ms / 1000.0 < wait_s):
+            trained += self._train_waiting(partial=True)
+        if idle:   # no newer impression moves the aligner's clock: release what it holds
+            self._enqueue(self.aligner.release(flush=True))
+            trained += self._train_waiting(partial=quiet)
+        return trained
+
+    def _quiet(self, still: float) -> tuple[bool, bool]:
+        """Whether the stream has been quiet long enough for a partial batch (``quiet``) and for
+        the aligner to release what it holds (``idle``), after ``still`` seconds without a
+        record.  Quiet means caught up: a consumer that is only slow (a loaded machine, a gap
+        the broker has yet to fill) leaves records behind, and cutting on a pause there would
+        cut batches that a replay does not.  A backlog that never drains (say, a transaction
+        marker at a partition's end) stops counting after ``kafka.offset_gap_wait_ms`` more."""
+        wait_s = self.cfg.trainer.max_batch_wait_ms / 1000.0
+        hold_s = self.aligner.hold_ms / 1000.0 if self.aligner is not None else math.inf
+        if still <= min(wait_s, hold_s):
+            return False, False
+        if still <= min(wait_s, hold_s) + self.cfg.kafka.offset_gap_wait_ms / 1000.0:
+            if self._backlog() > 0:
+                return False, False
+        return still > wait_s, still > hold_s
+
+    def _backlog(self) -> int:
+        """Records the broker holds past this trainer's positions; 0 when it cannot say."""
+        if self._prefetch is None:
+            return 0
+        taken = dict(self.positions)
+        try:
+            return self._prefetch.call(lambda src: src.backlog(taken), timeout_s=5.0)
+        except Exception as exc:  # noqa: BLE001 - a broker away holds no records to wait for
+            log.debug("backlog unknown (%s): taking the stream for quiet", exc)
+            return 0
+
+    def _enqueue(self, released: np.ndarray) -> None:
         if len(released):
             self.waiting = np.concatenate([self.waiting, released]) if len(self.waiting) else released
+
+    def _train_waiting(self, partial: bool) -> int:
+        """Train every full batch waiting, and with ``partial`` the rest as a last, short one."""
         size = self.cfg.trainer.batch_size
         trained = 0
-        while len(self.waiting) >= size or (len(self.waiting) and (quiet or flush)):
+        while len(self.waiting) >= size or (len(self.waiting) and partial):
             batch, self.waiting = self.waiting[:size], self.waiting[size:]
             trained += self._train(batch)
         return trained
