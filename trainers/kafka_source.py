@@ -116,15 +116,22 @@ class SampleSource:
         self.paused = paused
 
     def end_offsets(self) -> dict[int, int]:
-        return {p: self._c.get_watermark_offsets(CTopicPartition(self.topic, p), timeout=10)[1]
-                for p in self.partitions}
+        """Each partition's end: the broker's answer, or the latest fetch response's high
+        watermark where that is further (tansu answers ListOffsets with its last batch's base
+        offset + 1, short by that batch's length - 1).  Still a lower bound on tansu."""
+        ends = {}
+        for p in self.partitions:
+            tp = CTopicPartition(self.topic, p)
+            ends[p] = max(self._c.get_watermark_offsets(tp, timeout=10)[1],
+                          self._c.get_watermark_offsets(tp, cached=True)[1])
+        return ends
 
     def backlog(self, taken: dict[int, int], timeout_s: float = 2.0) -> int:
         """How many records the broker holds past ``taken`` (partition -> the next offset the
         trainer will take; where it has taken none yet, where this source took the partition
-        up).  The high watermarks are those of the latest fetch responses: tansu answers a
-        ListOffsets request short of its end (1 for a partition of 10 records, measured), its
-        fetch responses do not.  A partition not fetched from yet is asked for."""
+        up).  The high watermarks are those of the latest fetch responses, which tansu reports
+        in full (unlike its ListOffsets answers, see ``end_offsets``); a partition not fetched
+        from yet is asked for."""
         total = 0
         for p in self.partitions:
             tp = CTopicPartition(self.topic, p)
