@@ -156,10 +156,30 @@ class FeatureJobConfig(_Section):
                                    "buffer between operators (execution.buffer-timeout.interval)")
     watermark_interval_ms: int = Field(50, ge=1, description="how often sources emit event-time "
                                        "watermarks (pipeline.auto-watermark-interval)")
+    flink_settings: dict[str, str] = Field(
+        default_factory=dict, description="more Flink configuration (key: value), applied last "
+        "over ODL's own settings (pipeline.feature_job.flink_settings)")
     checkpoint_interval_s: int = Field(10, ge=1)
     restore: bool = Field(True, description="restart from the newest retained checkpoint")
     rest_ports: str = Field("8081-8099", pattern=r"^\d+(-\d+)?$",
                             description="Flink REST API port range (loopback); job metrics come from it")
+
+    @field_validator("flink_settings", mode="before")
+    @classmethod
+    def _flink_scalars(cls, v: Any) -> Any:
+        """Values as Flink reads them, text: a YAML number or boolean is written out."""
+        if not isinstance(v, dict):
+            return v
+        out = {}
+        for key, val in v.items():
+            if not isinstance(key, str) or not key.strip() or key != key.strip():
+                raise ValueError(f"Flink setting name {key!r} must be non-empty text")
+            if isinstance(val, bool):
+                val = str(val).lower()
+            elif isinstance(val, (int, float)):
+                val = str(val)
+            out[key] = val
+        return out
 
     @field_validator("rest_ports", mode="before")
     @classmethod

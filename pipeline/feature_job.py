@@ -61,6 +61,27 @@ def build_table_env(cfg: Config):
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     t_env = TableEnvironment.create(EnvironmentSettings.in_streaming_mode())
     conf = t_env.get_config()
+    settings = flink_settings(cfg)
+    if "execution.state-recovery.path" in settings:
+        print(f"restoring feature job state from {settings['execution.state-recovery.path']}",
+              flush=True)
+    for k, v in settings.items():
+        conf.set(k, v)
+    spec = running_spec(cfg)
+    if is_default(spec):
+        udfs.register(t_env)
+    else:
+        spec_udfs.register(t_env, spec)
+    return t_env
+
+
+def flink_settings(cfg: Config) -> dict[str, str]:
+    """The Flink configuration of the job: ODL's settings, the local mini-cluster's where the
+    deployment is local, the newest retained checkpoint to restore from, and last the
+    operator's ``feature_job.flink_settings``, which replace any of them.  Creates the local
+    checkpoint directory."""
+    fj = cfg.feature_job
+    local = fj.deployment == "local"
     ckpt = cfg.paths.checkpoints / "flink"
     if fj.checkpoint_dir is None:
         ckpt.mkdir(parents=True, exist_ok=True)
@@ -95,15 +116,8 @@ def build_table_env(cfg: Config):
     restore = latest_checkpoint(ckpt) if fj.restore and fj.checkpoint_dir is None else None
     if restore is not None:
         settings["execution.state-recovery.path"] = restore.resolve().as_uri()
-        print(f"restoring feature job state from {restore}", flush=True)
-    for k, v in settings.items():
-        conf.set(k, v)
-    spec = running_spec(cfg)
-    if is_default(spec):
-        udfs.register(t_env)
-    else:
-        spec_udfs.register(t_env, spec)
-    return t_env
+    settings.update(fj.flink_settings)    # the operator's own, over ODL's
+    return settings
 
 
 def _local_settings(cfg: Config) -> dict[str, str]:

@@ -8,8 +8,8 @@ Each variant runs ``odl bench feature-job``'s full job (``bench.feature_job``) o
 private broker: a pre-loaded backlog of N events (small by default, so the figure is of the
 job live, not of its catch-up), drained, then live events at the benchmark's rate for S seconds,
 each positive sample's arrival compared with its click's event time.  The settings given are
-applied over the job's own (``pipeline.feature_job.build_table_env``).  Prints one ``RESULT``
-line per variant and the ratio of each variant's p95 to the first's.
+applied over the job's own, as ``feature_job.flink_settings``.  Prints one ``RESULT`` line per
+variant and the ratio of each variant's p95 to the first's.
 """
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ import numpy as np
 
 from bench import feature_job as bench
 from odl.config import load_config
-from pipeline import feature_job
 
 
 def _settings(text: str) -> dict[str, str]:
@@ -31,20 +30,17 @@ def _settings(text: str) -> dict[str, str]:
 
 def latency(extra: dict[str, str], events: int, live_s: float) -> np.ndarray:
     """Click -> positive latencies (ms) of one run with ``extra`` Flink settings."""
-    own = feature_job._local_settings
-    feature_job._local_settings = lambda cfg: {**own(cfg), **extra}
-    try:
-        with bench.preloaded(load_config(), events) as bl:
-            job = bl.full_job(decode=False)
-            try:
-                expected = bl.expected_outputs
-                job.rate(expected, len(bl.events), 300)
-                bench._drain(bl, job.arrivals, expected, bench.DRAIN_TIMEOUT_S)
-                return bl.live_latency(live_s)
-            finally:
-                job.close()
-    finally:
-        feature_job._local_settings = own
+    cfg = load_config()
+    with bench.preloaded(cfg, events,
+                         flink_settings={**cfg.feature_job.flink_settings, **extra}) as bl:
+        job = bl.full_job(decode=False)
+        try:
+            expected = bl.expected_outputs
+            job.rate(expected, len(bl.events), 300)
+            bench._drain(bl, job.arrivals, expected, bench.DRAIN_TIMEOUT_S)
+            return bl.live_latency(live_s)
+        finally:
+            job.close()
 
 
 def main() -> None:

@@ -1,6 +1,8 @@
 import pytest
+from pydantic import ValidationError
 
 from odl.config import ConfigError, load_config
+from tests.conftest import make_config
 
 
 def test_defaults_need_no_file():
@@ -62,3 +64,21 @@ def test_table_capacity_below_the_batch_size_is_refused():
     from odl.config import TrainerConfig
     with pytest.raises(ValueError, match="capacity must be at least batch_size"):
         TrainerConfig(batch_size=512, tables={"user": {"capacity": 100}, "item": {}})
+
+
+def test_flink_settings_are_applied_last_over_odls_own(tmp_path):
+    from pipeline.feature_job import flink_settings
+    cfg = make_config(tmp_path, feature_job={"flink_settings": {
+        "execution.buffer-timeout.interval": "100 ms", "taskmanager.numberOfTaskSlots": 2,
+        "pipeline.object-reuse": False}})
+    got = flink_settings(cfg)
+    assert got["execution.buffer-timeout.interval"] == "100 ms"      # replaces ODL's 10 ms
+    assert got["taskmanager.numberOfTaskSlots"] == "2"                # YAML scalars as text
+    assert got["pipeline.object-reuse"] == "false"
+    assert got["pipeline.auto-watermark-interval"] == "50 ms"         # the rest stays ODL's
+    assert flink_settings(make_config(tmp_path))["execution.buffer-timeout.interval"] == "10 ms"
+    env = {"ODL__FEATURE_JOB__FLINK_SETTINGS": "{state.backend.type: rocksdb}"}
+    assert load_config(env=env).feature_job.flink_settings == {"state.backend.type": "rocksdb"}
+    for bad in ({" x": "1"}, {"x": {"nested": 1}}, ["x"]):
+        with pytest.raises(ValidationError, match="flink_settings"):
+            make_config(tmp_path, feature_job={"flink_settings": bad})
