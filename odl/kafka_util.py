@@ -54,19 +54,27 @@ def producer(cfg: Config, **overrides) -> KafkaProducer:
     return KafkaProducer(**opts)
 
 
-def consumer(cfg: Config, topic: str, group_id: str | None, **overrides) -> KafkaConsumer:
+def consumer(cfg: Config, topic: str, group_id: str | None, listener=None,
+             **overrides) -> KafkaConsumer:
+    """A kafka-python consumer of ``topic`` in ``group_id``, told of rebalances through
+    ``listener`` (a ``ConsumerRebalanceListener``) if given."""
     opts = dict(bootstrap_servers=cfg.kafka.bootstrap_servers, group_id=group_id,
                 auto_offset_reset="earliest", enable_auto_commit=False,
                 session_timeout_ms=cfg.kafka.session_timeout_ms,
                 heartbeat_interval_ms=max(500, cfg.kafka.session_timeout_ms // 3),
                 max_poll_records=2000, client_id=f"odl-{group_id or 'reader'}")
     opts.update(overrides)
-    return KafkaConsumer(topic, **opts)
+    if listener is None:
+        return KafkaConsumer(topic, **opts)
+    c = KafkaConsumer(**opts)
+    c.subscribe([topic], listener=listener)
+    return c
 
 
 class TopicCounter:
     """Sums of end offsets of topics through one long-lived consumer (cheap to ask every few
-    seconds).  Exact on Apache Kafka; tansu may report an end offset short of the true end."""
+    seconds).  Exact on Apache Kafka; tansu may report an end offset short of the true end, by
+    up to a batch per partition (docs/operations.md#end-offsets-that-tansu-reports-short)."""
 
     def __init__(self, cfg: Config):
         self._c = KafkaConsumer(bootstrap_servers=cfg.kafka.bootstrap_servers,

@@ -63,9 +63,9 @@ def run(cfg: Config) -> int:
     store = FeatureStore(redis_client(cfg, decode=False), cfg.feature_job.store_ttl_s)
     spec = running_spec(cfg)
     parts = None if is_default(spec) else store_parts(spec)
-    c = consumer(cfg, topic, cfg.feature_job.store_group_id, max_poll_records=5000)
     gaps = GapGuard("feature-store", cfg.kafka.offset_gap_wait_ms / 1000.0)
-    c.subscribe([topic], listener=_Reassigned(gaps))
+    c = consumer(cfg, topic, cfg.feature_job.store_group_id, listener=_Reassigned(gaps),
+                 max_poll_records=5000)
     stats = {"updates": 0, "written": 0, "malformed": 0, "redis_errors": 0}
     started = time.time()
     comp.start_heartbeat(lambda: ("paused" if comp.paused else "running", None, {
