@@ -316,6 +316,29 @@ def _report(plan, faults, client, audit, late, events, restarts, crashed, draine
     return ChaosReport(result, lines)
 
 
-def run(cfg: Config) -> BenchResult:
-    rep = run_chaos(cfg, ChaosPlan())
+def fault_counts(text: str, base: dict[str, int]) -> dict[str, int]:
+    """``base`` with the counts of ``text`` ("feature-job=3,redis=0") in place of its own:
+    ``--faults`` changes the kinds it names and keeps the others."""
+    out = dict(base)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        kind, eq, n = part.partition("=")
+        kind = kind.strip()
+        if kind not in FAULT_KINDS:
+            raise TypeError(f"--faults: unknown fault kind {kind!r} (known: {', '.join(FAULT_KINDS)})")
+        if not eq or not n.strip().isdigit():
+            raise TypeError(f"--faults: {part!r} wants kind=count, a count of 0 or more")
+        out[kind] = int(n)
+    if not any(out.values()):
+        raise TypeError("--faults: the plan has no fault left")
+    return out
+
+
+def run(cfg: Config, seed: int | None = None, faults: str | None = None) -> BenchResult:
+    """The default plan (``ChaosPlan``), or with another random seed and other fault counts."""
+    plan = ChaosPlan()
+    if seed is not None:
+        plan.seed = seed
+    if faults is not None:
+        plan.faults = fault_counts(faults, plan.faults)
+    rep = run_chaos(cfg, plan)
     return BenchResult(rep.result, rep.lines)

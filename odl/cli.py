@@ -358,9 +358,13 @@ def demo(duration: float, config: str | None) -> None:
 @click.option("--spec", "spec_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="trainer, serving-graph, feature-job, spec-parse: the model, samples or generated job of "
                    "this feature spec, e.g. specs/adlog.yaml (trainer, feature-job: a spec whose rows carry their label)")
+@click.option("--seed", type=int, default=None, help="chaos: the random seed of the fault plan")
+@click.option("--faults", default=None,
+              help="chaos: fault counts in place of the default plan's, e.g. 'feature-job=3,redis=0'")
 @config_option
 def bench(name: str | None, as_json: bool, list_: bool, scale: int | None,
-          spec_path: str | None, config: str | None) -> None:
+          spec_path: str | None, seed: int | None, faults: str | None,
+          config: str | None) -> None:
     """Run a benchmark under bench/ (ratios measured side by side in one run)."""
     from bench import registry
     from odl.spec import SpecError
@@ -369,7 +373,8 @@ def bench(name: str | None, as_json: bool, list_: bool, scale: int | None,
             click.echo(f"{n:<20} {doc}")
         return
     try:
-        options = {k: v for k, v in (("scale", scale), ("spec", spec_path)) if v is not None}
+        options = {k: v for k, v in (("scale", scale), ("spec", spec_path), ("seed", seed),
+                                     ("faults", faults)) if v is not None}
         result = registry.run(name, _cfg(config), **options)
     except KeyError:
         raise click.ClickException(f"unknown benchmark {name!r}; `odl bench --list`") from None

@@ -147,3 +147,17 @@ def test_the_replica_chooses_xla_where_the_graph_runs(setting, tmp_path):
     want = sigs["serving_default"](**loaded._inputs(*args))["probability"].numpy()
     np.testing.assert_allclose(loaded.predict(*args), want, atol=1e-5)
     assert xla_choice("auto") == bool(tf.config.list_physical_devices("GPU"))
+
+
+def test_chaos_fault_counts_change_the_kinds_named():
+    from bench.chaos import ChaosPlan, fault_counts
+    base = ChaosPlan().faults
+    got = fault_counts("feature-job=3, redis=0", base)
+    assert got == {**base, "feature-job": 3, "redis": 0}
+    for bad, says in (("kafka=1", "unknown fault kind 'kafka'"), ("trainer", "kind=count"),
+                      ("trainer=-1", "kind=count"),
+                      (",".join(f"{k}=0" for k in base), "no fault left")):
+        with pytest.raises(TypeError, match=says):
+            fault_counts(bad, base)
+    with pytest.raises(TypeError, match="--seed"):     # chaos' options, refused elsewhere
+        registry_run("embedding-push", Config(), seed=2)
