@@ -29,7 +29,7 @@ from kafka import KafkaConsumer, TopicPartition
 from bench.common import private_broker
 from bench.registry import BenchResult
 from odl.config import Config
-from odl.kafka_util import ensure_topics, producer, read_topic
+from odl.kafka_util import create_topics, ensure_topics, producer, read_topic
 from pipeline import feature_job, feature_sql
 from pipeline.generator import SyntheticSource
 
@@ -54,18 +54,8 @@ class OutputCount:
     (k+1)-th output was first seen, to within ``every_s``."""
 
     def __init__(self, bootstrap: str, topics: list[str], every_s: float = 0.05):
-        from kafka import KafkaAdminClient
-        from kafka.admin import NewTopic
-        from kafka.errors import TopicAlreadyExistsError
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-        try:   # a job's own output topic (the copies) may not exist before its first write
-            for t in set(topics) - set(admin.list_topics()):
-                try:
-                    admin.create_topics([NewTopic(t, 1, 1)])
-                except TopicAlreadyExistsError:
-                    pass
-        finally:
-            admin.close()
+        # a job's own output topic (the copies) may not exist before its first write
+        create_topics(bootstrap, topics, partitions=1)
         self._c = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None)
         self._tps = []
         deadline = time.monotonic() + 30

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from typing import Iterable
 
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import KafkaAdminClient, NewTopic
@@ -18,15 +19,24 @@ def topic_names(cfg: Config) -> dict[str, str]:
 
 def ensure_topics(cfg: Config, timeout_s: float = 30.0) -> list[str]:
     """Create the ODL topics if missing (idempotent).  Returns the topics created now."""
-    admin = _admin(cfg, timeout_s)
+    return create_topics(cfg.kafka.bootstrap_servers, topic_names(cfg).values(),
+                         cfg.kafka.partitions, timeout_s)
+
+
+def create_topics(bootstrap: str, topics: Iterable[str], partitions: int,
+                  timeout_s: float = 30.0) -> list[str]:
+    """Create whichever of ``topics`` do not exist yet, with ``partitions`` each (replication
+    1: one local broker); idempotent, and a topic created meanwhile by another client is
+    fine.  Returns the topics created now."""
+    admin = _admin(bootstrap, timeout_s)
     try:
         existing = set(admin.list_topics())
         created = []
-        for t in topic_names(cfg).values():
+        for t in dict.fromkeys(topics):
             if t in existing:
                 continue
             try:
-                admin.create_topics([NewTopic(t, cfg.kafka.partitions, 1)])
+                admin.create_topics([NewTopic(t, partitions, 1)])
                 created.append(t)
             except TopicAlreadyExistsError:
                 pass
@@ -35,12 +45,12 @@ def ensure_topics(cfg: Config, timeout_s: float = 30.0) -> list[str]:
         admin.close()
 
 
-def _admin(cfg: Config, timeout_s: float) -> KafkaAdminClient:
+def _admin(bootstrap: str, timeout_s: float) -> KafkaAdminClient:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            return KafkaAdminClient(bootstrap_servers=cfg.kafka.bootstrap_servers,
-                                    client_id="odl-admin", request_timeout_ms=10000)
+            return KafkaAdminClient(bootstrap_servers=bootstrap, client_id="odl-admin",
+                                    request_timeout_ms=10000)
         except KafkaError:
             if time.monotonic() > deadline:
                 raise

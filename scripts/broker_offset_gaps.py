@@ -19,11 +19,10 @@ import threading
 import time
 
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 
 from bench.common import private_broker
 from odl.config import load_config
-from odl.kafka_util import read_topic
+from odl.kafka_util import create_topics, read_topic
 from trainers.kafka_source import SampleSource
 
 TOPIC = "gaps"
@@ -69,8 +68,7 @@ def main() -> int:
         with private_broker(base) as bootstrap:
             cfg = base.model_copy(update={"kafka": base.kafka.model_copy(
                 update={"bootstrap_servers": bootstrap, "partitions": 1})})
-            admin = AdminClient({"bootstrap.servers": bootstrap})
-            admin.create_topics([NewTopic(TOPIC, 1, 1)])[TOPIC].result(30)
+            create_topics(bootstrap, [TOPIC], partitions=1)
             plain = Consumer({"bootstrap.servers": bootstrap, "group.id": "plain",
                               "enable.auto.commit": False, "fetch.wait.max.ms": 10})
             plain.assign([TopicPartition(TOPIC, 0, 0)])
