@@ -3,6 +3,7 @@ loopback port and stops it again, so a running stack is never disturbed."""
 from __future__ import annotations
 
 import contextlib
+import random
 import socket
 import subprocess
 import tempfile
@@ -13,18 +14,45 @@ from odl.config import Config
 from odl.launcher import port_open
 
 
+# Ray hands its workers ports 10002-19999 by default; above that and below the kernel's ephemeral
+# range, no process of a stack gets a port it did not ask for.
+_ASSIGNED_LOW = 20000
+_handed_out: set[int] = set()
+
+
+def _assigned_range() -> range:
+    """Ports that nothing binds by chance: above Ray's worker ports, below the ephemeral range
+    (``ip_local_port_range``) that every bind to port 0 and every outgoing connection draws
+    from.  A private stack binds many of those (Ray, Flink, clients) while it starts, and one of
+    them once took a metrics port picked from that range before its component was up."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return range(_ASSIGNED_LOW, low) if low > _ASSIGNED_LOW + 1000 else range(0)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port_block(1)
 
 
 def free_port_block(n: int) -> int:
-    """The first of ``n`` consecutive free loopback ports (a stack's metrics ports are one
-    base plus offsets)."""
-    for _ in range(100):
-        base = free_port()
-        if base + n < 65000 and all(_port_free(p) for p in range(base, base + n)):
+    """The first of ``n`` consecutive free loopback ports (a stack's metrics ports are one base
+    plus offsets), outside the ephemeral range where the system allows, and none handed out
+    before by this process (a stack's ports are all picked before any of them is bound)."""
+    span = _assigned_range()
+    for _ in range(200):
+        if len(span) > n:
+            base = random.randrange(span.start, span.stop - n)
+        else:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                base = s.getsockname()[1]
+        block = range(base, base + n)
+        if (base + n < 65000 and not _handed_out.intersection(block)
+                and all(_port_free(p) for p in block)):
+            _handed_out.update(block)
             return base
     raise RuntimeError(f"no block of {n} free ports")
 

@@ -3,7 +3,6 @@ free ports and stopped at its end, and configs pointing at them."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -12,16 +11,11 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from bench.common import free_port  # noqa: E402,F401 - the tests' import of it
 from odl.config import Config, load_config  # noqa: E402
 from odl.launcher import port_open  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, what: str, timeout: float = 30) -> None:
