@@ -53,8 +53,14 @@ class Component:
         if cfg.metrics.enabled:
             port = metrics_port if metrics_port is not None else (
                 cfg.metrics.base_port + METRICS_PORT_OFFSETS.get(component, 20))
-            self.probes = ProbeServer(cfg.metrics.host, port, lambda: generate_latest(REGISTRY).decode(),
-                                      self.work.health, self.work.readiness)
+            try:
+                self.probes = ProbeServer(cfg.metrics.host, port,
+                                          lambda: generate_latest(REGISTRY).decode(),
+                                          self.work.health, self.work.readiness)
+            except OSError as exc:   # the keeper restarts it, with backoff; say what to change
+                raise SystemExit(f"{self.instance}: cannot serve metrics and probes on "
+                                 f"{cfg.metrics.host}:{port} ({exc.strerror}); another process "
+                                 "has it: stop it, or move metrics.base_port") from exc
             self.log.info("prometheus metrics and probes on %s:%d", cfg.metrics.host, port)
 
     def install_signal_handlers(self) -> None:

@@ -1,7 +1,12 @@
 """The probes judge the work loops, not the HTTP thread (odl.probes)."""
+import socket
+
+import pytest
 import requests
 
 from odl.probes import HEALTH_PATH, METRICS_PATH, READY_PATH, ProbeServer, WorkProbe
+from odl.runtime import Component
+from tests.conftest import make_config
 from tests.unit.helpers import FakeClock
 
 
@@ -53,3 +58,13 @@ def test_the_server_answers_each_path_from_its_callable():
         assert requests.get(url + "/nope", timeout=5).status_code == 404
     finally:
         server.close()
+
+
+def test_a_taken_probe_port_stops_the_component_with_what_to_change(tmp_path):
+    cfg = make_config(tmp_path, metrics={"enabled": True})
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"127.0.0.1:{port}.*metrics.base_port"):
+            Component(cfg, "feature-store", metrics_port=port)
