@@ -10,9 +10,9 @@ consumed after the checkpoint is trained once, and one before it never again.  O
 committed to the consumer group only after a checkpoint holds them (for lag monitoring).
 
 Batches are full (``batch_size``) except when the stream is quiet for ``max_batch_wait_ms`` with
-the trainer caught up (``_quiet``): a replay of the same records cuts the same batches, which is what makes a restored run train the
-same model as an uninterrupted one.  Kept free of Ray so it can be tested and benchmarked on its
-own; ``trainers.actor`` hosts it in a Ray actor.
+the trainer caught up (``_quiet``): a replay of the same records cuts the same batches, which is
+what makes a restored run train the same model as an uninterrupted one.  Kept free of Ray so it
+can be tested and benchmarked on its own; ``trainers.actor`` hosts it in a Ray actor.
 """
 from __future__ import annotations
 
