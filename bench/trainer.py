@@ -1,5 +1,5 @@
 """`odl bench trainer`: the streaming trainer (consuming the samples topic of a private broker,
-decoding, de-duplicating, aligning labels, checkpointing on its schedule) vs an in-memory loop
+decoding, de-duplicating, aligning labels where the config does, checkpointing on its schedule) vs an in-memory loop
 over the same samples, pre-decoded, with the same model config and batch size, in one run.  Both
 score each batch before training on it.  Then the cost of a full and an incremental checkpoint.
 
@@ -7,9 +7,11 @@ With ``--spec FILE`` the samples are the spec's (``odl.spec.sample`` records of 
 of that spec, ``odl.spec.synth``, each event validated by the spec as the feature job does) and
 both sides train the spec's model (``trainers.spec_model``); without it, the default shape.
 
-The ratio says whether the stream starves the model (goal >= 0.9).  A third run each time
-streams with the decode in the other place (``trainer.decode_process``: a child process or the
-prefetch thread), so the two are compared side by side.  The clock starts at the
+The ratio says whether the stream starves the model (goal >= 0.9).  Each round also runs the
+trainer fed the decoded records directly (its own work without the broker and the decode), so a
+gap splits into the trainer's part and the stream's, and streams with the decode in the other
+place (``trainer.decode_process``: a child process or the prefetch thread), so the two are
+compared side by side.  The clock starts at the
 first record, as the in-memory loop's starts at its first batch: the consumer's one-off start
 (metadata, group coordinator) is not part of either rate.
 
@@ -38,7 +40,7 @@ from bench.registry import BenchResult
 from odl import names
 from odl.config import Config
 from odl.kafka_util import ensure_topics, producer
-from trainers.samples import DefaultCodec, SampleCodec
+from trainers.samples import DefaultCodec, Records, SampleCodec
 from trainers.streaming import StreamingTrainer
 from trainers.tf_threads import apply_intra_op_threads, intra_op_threads
 
@@ -91,6 +93,33 @@ def _streaming(cfg: Config, codec: SampleCodec, n: int, warm,
             tr.step(None, flush=True)   # the replay is over: release what waits for labels
     elapsed = time.perf_counter() - t0
     return n / elapsed, (tr.prefetcher().waited_s - waited0) / elapsed, tr
+
+
+def _fed(cfg: Config, codec: SampleCodec, rows: np.ndarray, warm, run: int) -> float:
+    """samples/s of the streaming trainer handed the decoded records directly, in chunks of a
+    batch as the prefetcher hands them: its own work (dedup, routing, validation, the ledger,
+    scheduled checkpoints) without the broker and the decode."""
+    cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
+        update={"group_id": f"bench-fed-{run}"})})
+    tr = StreamingTrainer(cfg, shard=f"bench-fed-{run}", codec=codec)
+    tr.model.predict(warm)
+    tr.model.train(warm)
+    tr.checkpoint("full")
+    size = cfg.trainer.batch_size
+    chunks = [Records(np.zeros(len(r), np.int32), np.arange(k, k + len(r), dtype=np.int64), r,
+                      np.ones(len(r), bool))
+              for k, r in ((k, rows[k:k + size]) for k in range(0, len(rows), size))]
+    t0 = time.perf_counter()
+    for chunk in chunks:
+        tr.step(chunk)
+        kind = tr.due_checkpoint()
+        if kind:
+            tr.checkpoint(kind)
+    tr.step(None, flush=True)
+    elapsed = time.perf_counter() - t0
+    trained = tr.trained
+    tr.close()
+    return trained / elapsed
 
 
 def _in_memory_own_process(cfg: Config, spec: str | None, rows: np.ndarray, tmp: str) -> list[float]:
@@ -174,12 +203,13 @@ def run(cfg: Config, scale: int | None = None, spec: str | None = None) -> Bench
         _produce(bcfg, records)
 
         # best of RUNS each, alternating: this VM's neighbours make single runs vary by +-30%
-        mem, stream, starved, in_thread = [], [], [], []
+        mem, fed, stream, starved, in_thread = [], [], [], [], []
         thread_cfg = bcfg.model_copy(update={"trainer": bcfg.trainer.model_copy(
             update={"decode_process": not bcfg.trainer.decode_process})})
         for run in range(RUNS):
             codec = make_codec()
             mem.append(_in_memory(bcfg, codec, rows, warm))
+            fed.append(_fed(bcfg, make_codec(), rows, warm, run))
             # the other place to decode (trainer.decode_process), side by side
             rate, _, other = _streaming(thread_cfg, make_codec(), len(rows), warm, f"o{run}")
             in_thread.append(rate)
@@ -203,11 +233,13 @@ def run(cfg: Config, scale: int | None = None, spec: str | None = None) -> Bench
         inc_s = time.perf_counter() - t
         full_mb, inc_mb = full.size_bytes / 1e6, inc.size_bytes / 1e6
         occ = tr.model.occupancy()
+        tr_aligned = tr.aligner is not None
         tr.close()
         tf_default = _in_memory_own_process(bcfg, spec, rows, tmp)
         mem_rate = max(mem + tf_default)
 
     ratio = stream_rate / mem_rate
+    fed_rate = max(fed)
     here, there = (("process", "prefetch thread") if bcfg.trainer.decode_process
                    else ("prefetch thread", "process"))
     lines = [f"{SAMPLES:,} samples ({shape}), batch {bcfg.trainer.batch_size}, "
@@ -217,9 +249,13 @@ def run(cfg: Config, scale: int | None = None, spec: str | None = None) -> Bench
              f"{', '.join(f'{x:,.0f}' for x in mem)} at {threads} intra-op threads, the "
              f"trainer's; {', '.join(f'{x:,.0f}' for x in tf_default)} in a process of its own "
              "at TensorFlow's default)",
+             f"trainer fed decoded records: {fed_rate:,.0f} samples/s (best of "
+             f"{', '.join(f'{x:,.0f}' for x in fed)}; dedup, validation, scheduled checkpoints, "
+             f"no broker or decode), ratio {fed_rate / mem_rate:.3f}",
              f"streaming trainer: {stream_rate:,.0f} samples/s (best of "
-             f"{', '.join(f'{x:,.0f}' for x in stream)}; broker, decode, dedup, label alignment, "
-             f"scheduled checkpoints)",
+             f"{', '.join(f'{x:,.0f}' for x in stream)}; the same plus the broker and the "
+             f"decode), ratio {ratio:.3f}, {stream_rate / fed_rate:.3f} of the fed trainer's"
+             f"{'; label alignment on' if tr_aligned else ''}",
              f"  of which the trainer waited for records: {100 * starved_share:.1f}% of the time "
              "(the rest of the gap is the stream's work sharing the CPU with the model)",
              f"  decoding in a {here} (trainer.decode_process: {bcfg.trainer.decode_process}); "
@@ -233,6 +269,8 @@ def run(cfg: Config, scale: int | None = None, spec: str | None = None) -> Bench
                         "decode_process": bcfg.trainer.decode_process,
                         "other_decode_ratio": round(other_rate / mem_rate, 3),
                         "in_memory_samples_per_s": round(mem_rate),
+                        "fed_ratio": round(fed_rate / mem_rate, 3),
+                        "fed_samples_per_s": round(fed_rate),
                         "intra_op_threads": threads,
                         "in_memory_tf_default_samples_per_s": round(max(tf_default)),
                         "full_ckpt_ms": round(full_s * 1000, 1), "full_ckpt_mb": round(full_mb, 2),
