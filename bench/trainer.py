@@ -1,7 +1,8 @@
 """`odl bench trainer`: the streaming trainer (consuming the samples topic of a private broker,
-decoding, de-duplicating, aligning labels where the config does, checkpointing on its schedule) vs an in-memory loop
-over the same samples, pre-decoded, with the same model config and batch size, in one run.  Both
-score each batch before training on it.  Then the cost of a full and an incremental checkpoint.
+decoding, de-duplicating, aligning labels where the config does, checkpointing on its schedule)
+vs an in-memory loop over the same samples, pre-decoded, with the same model config and batch
+size, in one run.  Both score each batch before training on it.  Then the cost of a full and an
+incremental checkpoint.
 
 With ``--spec FILE`` the samples are the spec's (``odl.spec.sample`` records of a synthetic log
 of that spec, ``odl.spec.synth``, each event validated by the spec as the feature job does) and
@@ -11,9 +12,9 @@ The ratio says whether the stream starves the model (goal >= 0.9).  Each round a
 trainer fed the decoded records directly (its own work without the broker and the decode), so a
 gap splits into the trainer's part and the stream's, and streams with the decode in the other
 place (``trainer.decode_process``: a child process or the prefetch thread), so the two are
-compared side by side.  The clock starts at the
-first record, as the in-memory loop's starts at its first batch: the consumer's one-off start
-(metadata, group coordinator) is not part of either rate.
+compared side by side.  The clock starts at the first record, as the in-memory loop's starts at
+its first batch: the consumer's one-off start (metadata, group coordinator) is not part of either
+rate.
 
 ``--scale N`` instead runs, on a private Ray local cluster, broker and Redis: one trainer actor
 with its tables in-process (the default deployment), a group of one trainer and one
@@ -63,15 +64,29 @@ def _in_memory(cfg: Config, codec: SampleCodec, rows: np.ndarray, warm) -> float
     return len(rows) / (time.perf_counter() - t0)
 
 
+def _fresh_trainer(cfg: Config, codec: SampleCodec, warm, name: str) -> StreamingTrainer:
+    """A trainer of its own group and state, its functions traced and its first full checkpoint
+    written (what a fresh trainer does first), all outside the timing."""
+    cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(update={"group_id": name})})
+    tr = StreamingTrainer(cfg, shard=name, codec=codec)
+    tr.model.predict(warm)
+    tr.model.train(warm)
+    tr.checkpoint("full")
+    return tr
+
+
+def _step(tr: StreamingTrainer, recs: Records) -> None:
+    """One turn of the trainer's loop: the records, then a checkpoint if one is due."""
+    tr.step(recs)
+    kind = tr.due_checkpoint()
+    if kind:
+        tr.checkpoint(kind)
+
+
 def _streaming(cfg: Config, codec: SampleCodec, n: int, warm,
                run: int) -> tuple[float, float, StreamingTrainer]:
     """(samples/s, share of the time the trainer waited for records, the trainer)."""
-    cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
-        update={"group_id": f"bench-trainer-{run}"})})
-    tr = StreamingTrainer(cfg, shard=f"bench-{run}", codec=codec)
-    tr.model.predict(warm)
-    tr.model.train(warm)
-    tr.checkpoint("full")   # what a fresh trainer writes first, outside the timing
+    tr = _fresh_trainer(cfg, codec, warm, f"bench-{run}")
     tr.prefetcher()
     # the consumer's start (metadata, group, end offsets) is not timed
     end = tr.prefetcher().call(lambda src: src.end_offsets())
@@ -85,10 +100,7 @@ def _streaming(cfg: Config, codec: SampleCodec, n: int, warm,
         # max_batch_wait_ms for records that will never come (the in-memory loop does not wait)
         left = total - sum(tr.positions.values())
         recs = tr.poll_batch(timeout_s=0.05 if left < cfg.trainer.batch_size else None)
-        tr.step(recs)
-        kind = tr.due_checkpoint()
-        if kind:
-            tr.checkpoint(kind)
+        _step(tr, recs)
         if all(tr.positions.get(p, 0) >= o for p, o in end.items()):
             tr.step(None, flush=True)   # the replay is over: release what waits for labels
     elapsed = time.perf_counter() - t0
@@ -99,22 +111,14 @@ def _fed(cfg: Config, codec: SampleCodec, rows: np.ndarray, warm, run: int) -> f
     """samples/s of the streaming trainer handed the decoded records directly, in chunks of a
     batch as the prefetcher hands them: its own work (dedup, routing, validation, the ledger,
     scheduled checkpoints) without the broker and the decode."""
-    cfg = cfg.model_copy(update={"trainer": cfg.trainer.model_copy(
-        update={"group_id": f"bench-fed-{run}"})})
-    tr = StreamingTrainer(cfg, shard=f"bench-fed-{run}", codec=codec)
-    tr.model.predict(warm)
-    tr.model.train(warm)
-    tr.checkpoint("full")
+    tr = _fresh_trainer(cfg, codec, warm, f"bench-fed-{run}")
     size = cfg.trainer.batch_size
     chunks = [Records(np.zeros(len(r), np.int32), np.arange(k, k + len(r), dtype=np.int64), r,
                       np.ones(len(r), bool))
               for k, r in ((k, rows[k:k + size]) for k in range(0, len(rows), size))]
     t0 = time.perf_counter()
     for chunk in chunks:
-        tr.step(chunk)
-        kind = tr.due_checkpoint()
-        if kind:
-            tr.checkpoint(kind)
+        _step(tr, chunk)
     tr.step(None, flush=True)
     elapsed = time.perf_counter() - t0
     trained = tr.trained

@@ -328,4 +328,3 @@ def one_insert_per_sink(inserts: list[str]) -> list[str]:
     return [f"INSERT INTO {sink} {selects[0]}" if len(selects) == 1 else
             f"INSERT INTO {sink} SELECT * FROM (\n" + "\nUNION ALL\n".join(selects) + "\n)"
             for sink, selects in bodies.items()]
-
