@@ -60,7 +60,7 @@ class TrainerActorImpl:
                     "offsets": {f"{self.trainer.topic}:{p}": o
                                 for p, o in self.trainer.positions.items()},
                     "embedding_dim": self.cfg.trainer.embedding_dim,
-                    "numeric_moments": self.trainer.codec.numeric_moments(),
+                    "numeric_moments": self.trainer.numeric_moments,
                     "config": self.cfg.trainer.model_dump(mode="json")}
 
     def track_served(self, step: int) -> bool:
@@ -98,7 +98,7 @@ class TrainerActorImpl:
         return self.trainer.model.dense_weights()
 
     def numeric_moments(self) -> dict[str, list[float]]:
-        return self.trainer.codec.numeric_moments()
+        return self.trainer.numeric_moments
 
     def pid(self) -> int:
         return os.getpid()

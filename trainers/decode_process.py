@@ -46,11 +46,12 @@ _HEADER = struct.Struct("<Q")
 class Decoded:
     """One chunk's rows (zeros where a record was malformed), which decoded, why the others did
     not, and the decoder's running moments after it (``SampleReader.moments``; {} for a shape
-    that standardises nothing)."""
+    that standardises nothing) and after each record (``SampleBatch.moments_after``)."""
     rows: np.ndarray
     valid: np.ndarray
     errors: list[str] = field(default_factory=list)
     moments: dict[str, list[float]] = field(default_factory=dict)
+    moments_after: np.ndarray | None = None
 
 
 class DecodeFailed(RuntimeError):

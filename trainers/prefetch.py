@@ -103,7 +103,7 @@ class Prefetcher:
             self._absorb(decoded)
         partitions, offsets = pending
         return Records(np.asarray(partitions, np.int32), np.asarray(offsets, np.int64),
-                       decoded.rows, decoded.valid)
+                       decoded.rows, decoded.valid, decoded.moments_after)
 
     def _put(self, chunk: Records, source) -> None:
         while not self._stop.is_set():

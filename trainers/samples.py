@@ -136,17 +136,22 @@ class DedupWindow:
 @dataclass(frozen=True)
 class Records:
     """Consumed sample records, columnar (a chunk of them costs one numpy op, not a Python loop
-    per record): partition and offset of each, its decoded row, and whether it decoded."""
+    per record): partition and offset of each, its decoded row, and whether it decoded.
+    ``moments``: the decoder's running moments after each record (a spec's standardised inputs,
+    ``odl.spec.sample.SampleBatch.moments_after``), so that a trainer knows them as of the last
+    record it took, not the last one decoded ahead; None for a shape without."""
     partitions: np.ndarray   # int32 [n]
     offsets: np.ndarray      # int64 [n]
     rows: np.ndarray         # int64 [n, ROW_WIDTH]; rows of malformed records are zeros
     valid: np.ndarray        # bool [n]
+    moments: np.ndarray | None = None   # float64 [n, k]
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def __getitem__(self, s: slice) -> "Records":
-        return Records(self.partitions[s], self.offsets[s], self.rows[s], self.valid[s])
+        return Records(self.partitions[s], self.offsets[s], self.rows[s], self.valid[s],
+                       None if self.moments is None else self.moments[s])
 
     @staticmethod
     def empty(width: int = ROW_WIDTH) -> "Records":
@@ -159,10 +164,12 @@ class Records:
             raise ValueError("Records.concat needs at least one part")
         if len(parts) == 1:
             return parts[0]
+        moments = [p.moments for p in parts]
         return Records(np.concatenate([p.partitions for p in parts]),
                        np.concatenate([p.offsets for p in parts]),
                        np.concatenate([p.rows for p in parts]),
-                       np.concatenate([p.valid for p in parts]))
+                       np.concatenate([p.valid for p in parts]),
+                       None if any(m is None for m in moments) else np.concatenate(moments))
 
     def next_offsets(self) -> dict[int, int]:
         """partition -> the offset after its last record here."""
@@ -287,9 +294,12 @@ class SampleCodec(Protocol):
 
     def new_model(self, cfg: Any) -> Any: ...
 
-    # the running moments of standardised numeric inputs ({} for a shape without): the
-    # trainer checkpoints them and the exporter writes them into each version for serving
+    # the running moments of standardised numeric inputs ({} for a shape without), as of the
+    # newest record decoded; the trainer checkpoints those of the newest record it took
+    # (``moments_at`` of its ``Records.moments``) and the exporter writes them into each version
     def numeric_moments(self) -> dict[str, list[float]]: ...
+
+    def moments_at(self, after: np.ndarray) -> dict[str, list[float]]: ...
 
     def set_numeric_moments(self, moments: dict[str, list[float]] | None) -> None: ...
 
@@ -322,6 +332,10 @@ class DefaultCodec:
     @staticmethod
     def numeric_moments() -> dict[str, list[float]]:
         return {}      # the default shape standardises nothing
+
+    @staticmethod
+    def moments_at(after: np.ndarray) -> dict[str, list[float]]:
+        return {}
 
     @staticmethod
     def set_numeric_moments(moments: dict[str, list[float]] | None) -> None:

@@ -32,4 +32,4 @@ class SpecRows:
             rows[:, span] = b.keys[name]
         rows[:, self.numeric_at:] = b.numeric.view(np.int32)
         rows[~b.valid] = 0
-        return Decoded(rows, b.valid, b.errors, self.reader.moments)
+        return Decoded(rows, b.valid, b.errors, self.reader.moments, b.moments_after)

@@ -47,7 +47,7 @@ class SpecCodec:
         d = self.rows.decode(values)
         self._note_errors(d)
         return Records(np.asarray(partitions, np.int32), np.asarray(offsets, np.int64), d.rows,
-                       d.valid)
+                       d.valid, d.moments_after)
 
     def process_decoder(self) -> SpecRows:
         """What a decode process runs (``trainers.decode_process``): the rows encoder with its
@@ -79,8 +79,12 @@ class SpecCodec:
         return SpecModel(self.spec, cfg)
 
     def numeric_moments(self) -> dict[str, list[float]]:
-        """As of the newest *decoded* record: up to the prefetch depth ahead of training."""
+        """As of the newest *decoded* record: up to the prefetch depth ahead of training (the
+        trainer keeps its own, ``moments_at`` the last record it took)."""
         return self.reader.moments
+
+    def moments_at(self, after: np.ndarray) -> dict[str, list[float]]:
+        return self.reader.moments_at(after)
 
     def set_numeric_moments(self, moments: dict[str, list[float]] | None) -> None:
         self.reader.set_moments(moments)

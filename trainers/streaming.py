@@ -115,6 +115,9 @@ class StreamingTrainer:
         self.settled_negatives = 0
         self.waiting = lay.empty()   # released, not yet a full batch
         self.positions: dict[int, int] = {}    # partition -> next offset to consume
+        # the running moments of standardised inputs as of those positions (the decoder's run
+        # ahead, by what is prefetched): what checkpoints and versions carry
+        self.numeric_moments = self.codec.numeric_moments()
         self.ledger: list[int] = []            # sample hashes trained since the last checkpoint
         self.store = CheckpointStore(checkpoint_dir(cfg, shard), tc.checkpoint.keep_full)
         self.last_ckpt: CheckpointInfo | None = None
@@ -162,6 +165,8 @@ class StreamingTrainer:
         if n:
             for p, o in recs.next_offsets().items():
                 self.positions[p] = max(self.positions.get(p, 0), o)
+            if recs.moments is not None and recs.moments.shape[1]:
+                self.numeric_moments = self.codec.moments_at(recs.moments[-1])
             bad = int(n - recs.valid.sum())
             rows = recs.rows[recs.valid]
             fresh = self.dedup.first_sightings(
@@ -356,7 +361,7 @@ class StreamingTrainer:
         meta = {"step": step, "since_step": since, "positions": {str(p): o for p, o in self.positions.items()},
                 "topic": self.topic, "trained": self.trained,
                 "previous": self.last_ckpt.seq if self.last_ckpt else None,
-                "spec": self.codec.spec_hash, "numeric_moments": self.codec.numeric_moments()}
+                "spec": self.codec.spec_hash, "numeric_moments": self.numeric_moments}
         if epoch is not None:
             meta["epoch"] = epoch
         info = self.store.write(kind, groups, meta, base=None if kind == "full" else self.last_ckpt.seq)
@@ -404,6 +409,7 @@ class StreamingTrainer:
         s = groups["stream"]
         self.positions = {int(p): int(o) for p, o in info.meta["positions"].items()}
         self.codec.set_numeric_moments(info.meta.get("numeric_moments"))
+        self.numeric_moments = self.codec.numeric_moments()
         if self.aligner is not None:
             self.aligner.restore(s["held_rows"], int(s["aligner_clock_ms"]))
         self.waiting = s["waiting_rows"]
@@ -463,9 +469,12 @@ class StreamingTrainer:
         return ends
 
     def _drop_prefetched(self) -> None:
-        if self._prefetch is not None:       # what was fetched from the old positions
+        """Forget what was fetched from the old positions; the next decoder starts from the
+        moments of the records taken."""
+        if self._prefetch is not None:
             self._prefetch.close()
             self._prefetch = None
+        self.codec.set_numeric_moments(self.numeric_moments)
 
     def _commit_offsets(self) -> None:
         """Tell the group where the checkpoint stands (monitoring; restore uses the checkpoint)."""

@@ -135,13 +135,26 @@ def list_keys(name: str, lists: Sequence[Sequence[Any] | None], width: int,
     return keys
 
 
+def moment_trail(raw: np.ndarray, start: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+    """[n, 3] float64: the running moments [count, sum, sum of squares] after each row, from
+    ``start`` (the moments before the first); a missing value (``nan``) counts nothing.  Why
+    per row: a trainer checkpoints the moments of the records it has *taken*, which may end
+    anywhere in a decoded chunk (``Records.moments``)."""
+    x = np.asarray(raw, np.float64)
+    present = np.isfinite(x)
+    v = np.where(present, x, 0.0)
+    own = np.stack([present.astype(np.float64), v, v * v], axis=1)
+    return np.asarray(start, np.float64) + np.cumsum(own, axis=0)
+
+
 def numeric_values(feature: NumericFeature, raw: np.ndarray,
                    moments: list[float] | None = None, frozen: bool = False) -> np.ndarray:
     """[n] float32: the transform of one numeric column (``nan`` = missing).  ``standardize``
     uses the running moments of the rows *before* each row (what a stream knows then):
-    ``moments`` ([count, sum, sum of squares] of earlier batches, updated in place) carries them
-    from one batch of a stream to the next.  ``frozen``: every row on ``moments`` as given, which
-    stay unchanged (serving scores with the moments of the version it serves)."""
+    ``moments`` ([count, sum, sum of squares] of earlier batches, updated in place to
+    ``moment_trail``'s last row) carries them from one batch of a stream to the next.
+    ``frozen``: every row on ``moments`` as given, which stay unchanged (serving scores with the
+    moments of the version it serves)."""
     x = np.asarray(raw, np.float64)
     missing = ~np.isfinite(x)
     if feature.transform == "log1p":       # signed, so that -1 "unknown" codes stay finite
@@ -149,16 +162,15 @@ def numeric_values(feature: NumericFeature, raw: np.ndarray,
     elif feature.transform == "clip":
         x = np.clip(x, *feature.clip)
     elif feature.transform == "standardize":
-        m0, a0, b0 = moments if moments is not None else (0.0, 0.0, 0.0)
-        v = np.where(missing, 0.0, x)
+        start = list(moments) if moments is not None else [0.0, 0.0, 0.0]
         if frozen:
-            seen, s1, s2 = (np.full(len(v), float(m)) for m in (m0, a0, b0))
+            seen, s1, s2 = (np.full(len(x), float(m)) for m in start)
         else:
-            seen = m0 + np.cumsum(~missing) - (~missing)
-            s1, s2 = a0 + np.cumsum(v) - v, b0 + np.cumsum(v * v) - v * v
-        if moments is not None and len(v) and not frozen:
-            moments[:] = [m0 + float((~missing).sum()), a0 + float(v.sum()),
-                          b0 + float((v * v).sum())]
+            trail = moment_trail(x, start)
+            v = np.where(missing, 0.0, x)
+            seen, s1, s2 = trail[:, 0] - (~missing), trail[:, 1] - v, trail[:, 2] - v * v
+            if moments is not None and len(x):
+                moments[:] = trail[-1].tolist()
         mean = np.divide(s1, seen, out=np.zeros_like(s1), where=seen > 0)
         var = np.where(seen > 1, np.divide(s2, np.maximum(seen, 1)) - mean ** 2, 1.0)
         x = (x - mean) / np.sqrt(np.maximum(var, 1e-6))

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from odl.spec.encode import (columns, count_input, count_inputs, numeric_values, sequence_keys,
-                             sparse_keys)
+from odl.spec.encode import (columns, count_input, count_inputs, moment_trail, numeric_values,
+                             sequence_keys, sparse_keys)
 from odl.spec.model import FeatureSpec
 
 def sample_fields(spec: FeatureSpec) -> list[str]:
@@ -70,6 +70,9 @@ class SampleBatch:
     numeric: np.ndarray               # float32 [n, numeric features + count inputs]
     valid: np.ndarray                 # bool [n]: False for a malformed record (zeros elsewhere)
     errors: list[str]                 # one reason per malformed record
+    # float64 [n, 3 x standardised features]: the reader's moments (``moment_names`` order)
+    # after each record; a malformed record's are those before it.  [n, 0] when frozen.
+    moments_after: np.ndarray | None = None
 
 
 class SampleReader:
@@ -89,6 +92,15 @@ class SampleReader:
                              *(f.field for f in spec.numeric.values())]
         self._moments: dict[str, list[float]] = {n: [0.0, 0.0, 0.0] for n, f in spec.numeric.items()
                                                  if f.transform == "standardize"}
+
+    @property
+    def moment_names(self) -> list[str]:
+        """The ``standardize`` features, in the column order of ``moments_after``."""
+        return list(self._moments)
+
+    def moments_at(self, after: np.ndarray) -> dict[str, list[float]]:
+        """One row of ``SampleBatch.moments_after`` as ``moments`` says them."""
+        return {n: [float(x) for x in after[3 * k:3 * k + 3]] for k, n in enumerate(self._moments)}
 
     @property
     def moments(self) -> dict[str, list[float]]:
@@ -161,10 +173,14 @@ class SampleReader:
             keys[name] = _spread(sequence_keys(s.value, lists, s.length, cache), valid)
         if probe:
             return None
-        cols = []
+        cols, trails = [], []
+        before = np.array([x for m in self._moments.values() for x in m], np.float64)
         for name, f in spec.numeric.items():
             raw = _numbers(list(by_field[f.field]))
-            cols.append(numeric_values(f, raw, self._moments.get(name), frozen=self.frozen))
+            m = self._moments.get(name)
+            if m is not None and not self.frozen:
+                trails.append(moment_trail(raw, m))
+            cols.append(numeric_values(f, raw, m, frozen=self.frozen))
         if self.counts:
             counts = [d.get("counts") or {} for d in good]
             for c, value in self.counts:
@@ -174,8 +190,11 @@ class SampleReader:
         header = np.array([(d["ts_ms"], d["label"], d.get("provisional") is True) for d in good],
                           np.int64).reshape(-1, 3)
         h = _spread(header, valid)
+        after = (_carried(np.concatenate(trails, axis=1), valid, before) if trails
+                 else np.zeros((n, 0), np.float64))
         return SampleBatch([d["sample_id"] if d else "" for d in docs], h[:, 0], h[:, 1],
-                           h[:, 2].astype(bool), keys, numeric.astype(np.float32), valid, errors)
+                           h[:, 2].astype(bool), keys, numeric.astype(np.float32), valid, errors,
+                           after)
 
 
 def _checked(d: Any, lists: set[str]) -> dict:
@@ -223,6 +242,15 @@ def _number(x: Any) -> float:
     if isinstance(x, bool):
         return float(x)
     return float(x) if isinstance(x, (int, float)) else np.nan
+
+
+def _carried(after: np.ndarray, valid: np.ndarray, before: np.ndarray) -> np.ndarray:
+    """Per-record moments of the valid records spread over all: a malformed record carries the
+    moments of the last valid one before it (``before``, the chunk's start, if none)."""
+    if valid.all():
+        return after
+    last = np.cumsum(valid) - 1                     # index among the valid, -1 before the first
+    return np.concatenate([before[None, :], after])[last + 1]
 
 
 def _spread(a: np.ndarray, valid: np.ndarray) -> np.ndarray:
