@@ -7,7 +7,6 @@ import numpy as np
 from odl.spec.sample import SampleReader
 from tests.conftest import make_config
 from tests.unit.test_spec_samples import standardized_docs
-from trainers.samples import Records
 from trainers.spec_samples import SpecCodec
 from trainers.streaming import StreamingTrainer
 
