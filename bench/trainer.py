@@ -89,7 +89,7 @@ def _streaming(cfg: Config, codec: SampleCodec, n: int, warm,
     tr = _fresh_trainer(cfg, codec, warm, f"bench-{run}")
     tr.prefetcher()
     # the consumer's start (metadata, group, end offsets) is not timed
-    end = tr.prefetcher().call(lambda src: src.end_offsets())
+    end = tr.prefetcher().call("end_offsets")
     first = tr.poll_batch(timeout_s=60)
     waited0 = tr.prefetcher().waited_s
     t0 = time.perf_counter()

@@ -1,26 +1,30 @@
-"""Decoding sample records in a child process, off the trainer's GIL.
+"""The trainer's sample stream in a child process: fetch and decode there, off the trainer's GIL.
 
-The prefetch thread (``trainers.prefetch``) overlaps fetching and decoding with training, but a
-decode is Python (orjson, then keys and transforms column by column: ~15-20 us a criteo record)
-and holds the GIL, which TensorFlow's step needs between its ops: on ``odl bench trainer --spec
-specs/criteo.yaml`` the stream ran at 0.74-0.89 of the in-memory loop (docs/training.md).  Here
-the thread hands each fetched chunk's values to a child process and gets the decoded rows back;
-the trainer's process keeps only the fetch (librdkafka, in C) and two copies.
+A decode is Python (orjson, then keys and transforms column by column: ~20 us a criteo record),
+and so are the fetch's per-record steps (librdkafka's message objects, the offset-gap guard).
+Both hold the GIL, which TensorFlow's step needs between its ops.  Here a child process owns the
+sample source (``trainers.kafka_source.SampleSource``) and the decoder, and sends the trainer's
+process decoded chunks; the trainer keeps only the unpickling of int64 rows.  First the decode
+alone moved here (2026-12-06), then the consumer with it (docs/training.md has the figures).
 
 The child is a plain ``python -m trainers.decode_process`` (not ``multiprocessing``: spawning
 that re-imports the parent's ``__main__``, a Ray worker's or pytest's); it never imports
 TensorFlow.  Messages are length-prefixed pickles on its stdin and stdout:
 
-    parent -> child   the decoder (``SampleCodec.process_decoder()``: ``spec_rows.SpecRows``,
-                      spec, spans and stream state, or ``samples.DefaultRows``)
-    parent -> child   values (list[bytes])          child -> parent   Decoded, or DecodeFailed
-    parent closes stdin                              child exits
+    parent -> child   Open(make_source, decoder, poll_records, credit)
+    child -> parent   Ready(partitions) -- or Failed(reason), and it exits
+    parent -> child   Credit(n)         n more chunks may come (one per chunk the trainer took)
+    parent -> child   Call(id, name, args)   a source method: backlog, end_offsets, commit, ...
+    child -> parent   Chunk(partitions, offsets, Decoded, gap counts) / Reply(id, ok, value)
+    parent closes stdin                  child closes the source and exits
 
-The decoder's stream state (key caches, running moments) lives in the child from then on; each
-``Decoded`` carries the moments after its chunk, and a new trainer state (a restore) starts a
-new child from the parent's.  A child that dies takes the prefetcher down with a clear error
-(the trainer fails and is restarted by its supervisor); a parent that dies closes the pipe and
-the child exits.
+Flow control is by credit, not by a full pipe: the child sends at most ``credit`` chunks the
+trainer has not taken, so the parent's reader never has to stop reading, and a call's reply
+never waits behind chunks that nobody reads.  The decoder's stream state (key caches, running
+moments) lives in the child; each chunk carries the moments after each record
+(``Decoded.moments_after``), and a restore starts a new child from the restored ones.  A child
+that dies fails the prefetcher with its exit code (the trainer fails and is restarted by its
+supervisor); a parent that dies closes the pipes and the child exits.
 """
 from __future__ import annotations
 
@@ -33,13 +37,14 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 log = logging.getLogger("odl.trainer.decode")
 
 _HEADER = struct.Struct("<Q")
+IDLE_WAIT_S = 0.05     # the child's wait for a message while it may not fetch (paused, no credit)
 
 
 @dataclass
@@ -55,7 +60,53 @@ class Decoded:
 
 
 class DecodeFailed(RuntimeError):
-    """The child could not decode a chunk (a bug, not a bad record: those come back refused)."""
+    """The child failed: it could not open the source, a decode raised (a bug, not a bad record:
+    those come back refused), the source failed, or the child died."""
+
+
+@dataclass
+class Open:
+    make_source: Callable[[], Any]    # picklable: builds the source in the child
+    decoder: Any                      # ``SampleCodec.process_decoder()``: ``decode(values)``
+    poll_records: int
+    credit: int
+
+
+@dataclass
+class Ready:
+    partitions: list[int] | None
+
+
+@dataclass
+class Credit:
+    chunks: int
+
+
+@dataclass
+class Call:
+    id: int
+    name: str
+    args: tuple
+
+
+@dataclass
+class Reply:
+    id: int
+    ok: bool
+    value: Any        # the result, or the error's text (a client's exception may not pickle)
+
+
+@dataclass
+class Chunk:
+    partitions: np.ndarray    # int32 [n]
+    offsets: np.ndarray       # int64 [n]
+    decoded: Decoded
+    gaps: tuple[int, int]     # the source's offset gaps so far: (waited, stepped over)
+
+
+@dataclass
+class Failed:
+    reason: str
 
 
 def _write(fd: int, obj: Any) -> None:
@@ -87,12 +138,10 @@ def _read(fd: int) -> Any:
     return pickle.loads(body)
 
 
-class DecodeProcess:
-    """The parent's handle: ``submit`` a chunk's values, then ``result`` (one in flight at a
-    time: with two, parent and child could each block writing a chunk the other is not yet
-    reading)."""
+class StreamProcess:
+    """The parent's handle on the child: ``send`` messages, ``receive`` them (one reader)."""
 
-    def __init__(self, decoder: Any, start_timeout_s: float = 60.0):
+    def __init__(self, opening: Open):
         root = str(Path(__file__).resolve().parent.parent)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [root, *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -100,81 +149,117 @@ class DecodeProcess:
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
                                       close_fds=True)
         self._to, self._from = self._proc.stdin.fileno(), self._proc.stdout.fileno()
-        self.in_flight = False
-        _write(self._to, decoder)
+        self.send(opening)
 
     @property
     def pid(self) -> int:
         return self._proc.pid
 
-    def submit(self, values: list[bytes]) -> None:
-        if self.in_flight:
-            raise RuntimeError("one chunk at a time: take the result first")
+    def send(self, message: Any) -> None:
         try:
-            _write(self._to, list(values))
-        except (BrokenPipeError, OSError) as exc:
-            raise DecodeFailed(f"decode process {self.pid} is gone ({self._exit()})") from exc
-        self.in_flight = True
+            _write(self._to, message)
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            raise DecodeFailed(f"decode process {self.pid} is gone ({self.exit_status()})") from exc
 
-    def ready(self, timeout_s: float) -> bool:
-        """Whether the chunk in flight has its result waiting (or the child died)."""
-        return self.in_flight and bool(select.select([self._from], [], [], timeout_s)[0])
-
-    def result(self) -> Any:
-        """The chunk's ``Decoded``; waits for it."""
+    def receive(self) -> Any:
+        """The next message; DecodeFailed once the child has gone."""
         try:
-            out = _read(self._from)
-        except EOFError:
-            raise DecodeFailed(f"decode process {self.pid} died ({self._exit()})") from None
-        finally:
-            self.in_flight = False
-        if isinstance(out, DecodeFailed):
-            raise out
-        return out
+            return _read(self._from)
+        except (EOFError, OSError, ValueError):
+            raise DecodeFailed(f"decode process {self.pid} died ({self.exit_status()})") from None
 
-    def _exit(self) -> str:
+    def exit_status(self) -> str:
         try:
             return f"exit code {self._proc.wait(5)}"
         except subprocess.TimeoutExpired:
             return "not exited"
 
     def close(self) -> None:
-        for f in (self._proc.stdin, self._proc.stdout):
-            try:
-                f.close()
-            except OSError:
-                pass
+        """Close its stdin (it closes the source and exits), then wait for it.  Its stdout stays
+        open for the reader to see the end; ``release`` closes it once nobody reads."""
         try:
-            self._proc.wait(10)
+            self._proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self._proc.wait(15)
         except subprocess.TimeoutExpired:
+            log.warning("decode process %d did not exit: killing it", self.pid)
             self._proc.kill()
             self._proc.wait(10)
+
+    def release(self) -> None:
+        self._proc.stdout.close()
+
+
+def _answer(source: Any, call: Call) -> Reply:
+    try:
+        return Reply(call.id, True, getattr(source, call.name)(*call.args))
+    except Exception as exc:  # noqa: BLE001 - the caller raises it, naming the cause
+        return Reply(call.id, False, f"{type(exc).__name__}: {exc}")
+
+
+def _serve(inp: int, out: int, source: Any, opening: Open) -> int:
+    """Fetch, decode and send while there is credit; answer calls in between."""
+    decoder, credit = opening.decoder, opening.credit
+    while True:
+        busy = credit > 0 and not source.paused
+        if select.select([inp], [], [], 0 if busy else IDLE_WAIT_S)[0]:
+            msg = _read(inp)                  # EOFError: the parent closed
+            if isinstance(msg, Credit):
+                credit += msg.chunks
+            else:
+                _write(out, _answer(source, msg))
+            continue
+        if not busy:
+            continue
+        fetched = source.fetch(opening.poll_records, 0.1)
+        if not fetched:
+            continue
+        partitions, offsets, values = zip(*fetched)
+        try:
+            decoded = decoder.decode(values)
+        except Exception as exc:  # noqa: BLE001 - the parent fails with it
+            log.exception("decode failed")
+            _write(out, Failed(f"decode failed: {type(exc).__name__}: {exc}"))
+            return 1
+        _write(out, Chunk(np.asarray(partitions, np.int32), np.asarray(offsets, np.int64),
+                          decoded, getattr(source, "gap_counts", (0, 0))))
+        credit -= 1
 
 
 def main() -> int:
     inp, out = sys.stdin.fileno(), sys.stdout.fileno()
     sys.stdout = sys.stderr        # nothing else may write into the reply channel
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s decode-process[{os.getpid()}] %(name)s %(levelname)s "
+                               "%(message)s")
     try:
-        decoder = _read(inp)
+        opening = _read(inp)
     except EOFError:
         return 0
-    while True:
+    try:
+        source = opening.make_source()
+    except Exception as exc:  # noqa: BLE001 - the parent fails with it
+        _write(out, Failed(f"{type(exc).__name__}: {exc}"))
+        return 1
+    try:
+        _write(out, Ready(getattr(source, "partitions", None)))
+        return _serve(inp, out, source, opening)
+    except (EOFError, BrokenPipeError):
+        return 0                    # the parent closed its end, or went
+    except Exception as exc:  # noqa: BLE001 - a failing source: the parent fails with it
+        log.exception("sample source failed")
         try:
-            values = _read(inp)
-        except EOFError:
-            return 0
-        try:
-            reply = decoder.decode(values)
-        except Exception as exc:  # noqa: BLE001 - the parent raises it, naming the cause
-            log.exception("decode failed")
-            reply = DecodeFailed(f"decode failed: {type(exc).__name__}: {exc}")
-        try:
-            _write(out, reply)
-        except (BrokenPipeError, OSError):
-            return 0
+            _write(out, Failed(f"sample source: {type(exc).__name__}: {exc}"))
+        except OSError:
+            pass
+        return 1
+    finally:
+        source.close()
 
 
 if __name__ == "__main__":
-    # by its importable name, so that what the child pickles (DecodeFailed) unpickles in the parent
+    # by its importable name, so that what the child pickles (Chunk, Reply) unpickles in the parent
     from trainers.decode_process import main as _main
     sys.exit(_main())

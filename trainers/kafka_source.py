@@ -3,8 +3,9 @@
 The trainer reads the samples topic at the model's pace; kafka-python decodes every record in
 Python (~16 us each, `odl bench trainer`), librdkafka fetches and decodes in C threads of its own.
 DESIGN.md allows a faster client on a hot path that a benchmark shows to be the bottleneck; the
-rest of ODL keeps kafka-python.  Only the prefetch thread touches a source (librdkafka consumers
-are not meant to be shared between threads either).
+rest of ODL keeps kafka-python.  Only the prefetcher touches a source, on its thread or in its
+child process (``trainers.prefetch``; librdkafka consumers are not meant to be shared between
+threads either).
 
 Partitions are assigned, not subscribed: a trainer owns a fixed set (all, or its shard's), and
 starts where its checkpoint says -- else at the group's committed offset, else the beginning.
@@ -106,6 +107,11 @@ class SampleSource:
         if rewind and not out:
             time.sleep(GAP_RETRY_S)
         return out
+
+    @property
+    def gap_counts(self) -> tuple[int, int]:
+        """Offset gaps met so far: (waited for until they filled, stepped over)."""
+        return self._gaps.waited, self._gaps.stepped_over
 
     def commit(self, positions: dict[int, int]) -> None:
         self._c.commit(offsets=[CTopicPartition(self.topic, p, o) for p, o in positions.items()],

@@ -19,8 +19,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
@@ -35,7 +36,7 @@ from trainers.checkpoint import CheckpointInfo, CheckpointStore, due_kind
 from trainers.metrics import PairedValidator, ProgressiveValidator
 from trainers.model import FrozenModel
 from trainers.kafka_source import SampleSource
-from trainers.prefetch import Prefetcher
+from trainers.prefetch import Prefetcher, ProcessPrefetcher
 from trainers.delayed_feedback import ProvisionalScores
 from trainers.samples import (PROVISIONAL_MASK, DedupWindow, Records, SampleCodec, codec_for_running_spec,
                               dedup_keys, trained_mask)
@@ -139,18 +140,22 @@ class StreamingTrainer:
             self.restore()
 
     # --- consuming ---------------------------------------------------------------------------
-    def _open_source(self) -> SampleSource:
-        """This trainer's partitions from the checkpoint's positions (else the group's committed
-        offsets, else the beginning).  Runs on the prefetch thread."""
-        return SampleSource(self.cfg, self.topic, self.cfg.trainer.group_id, self.partitions,
-                            dict(self.positions))
+    def _source(self) -> Callable[[], SampleSource]:
+        """How to open this trainer's partitions at the checkpoint's positions (else the group's
+        committed offsets, else the beginning); it runs where the prefetcher keeps the source,
+        so it pickles."""
+        return partial(SampleSource, self.cfg, self.topic, self.cfg.trainer.group_id,
+                       self.partitions, dict(self.positions))
 
     def prefetcher(self) -> Prefetcher:
         if self._prefetch is None:
-            remote = self.codec.process_decoder() if self.cfg.trainer.decode_process else None
-            self._prefetch = Prefetcher(self._open_source, decode=self.codec.decode_records,
-                                        width=self.layout.width, process_decoder=remote,
-                                        absorb=self.codec.absorb)
+            if self.cfg.trainer.decode_process:
+                self._prefetch = ProcessPrefetcher(self._source(), self.codec.process_decoder(),
+                                                   width=self.layout.width,
+                                                   absorb=self.codec.absorb)
+            else:
+                self._prefetch = Prefetcher(self._source(), decode=self.codec.decode_records,
+                                            width=self.layout.width)
         return self._prefetch
 
     def poll_batch(self, timeout_s: float | None = None) -> Records:
@@ -225,7 +230,7 @@ class StreamingTrainer:
             return 0
         taken = dict(self.positions)
         try:
-            return self._prefetch.call(lambda src: src.backlog(taken), timeout_s=5.0)
+            return self._prefetch.call("backlog", taken, timeout_s=5.0)
         except Exception as exc:  # noqa: BLE001 - a broker away holds no records to wait for
             log.debug("backlog unknown (%s): taking the stream for quiet", exc)
             return 0
@@ -464,7 +469,7 @@ class StreamingTrainer:
         """The newest offsets, never behind what was consumed already (a broker's end offsets
         can lag what it has served: tansu reports short)."""
         ends = dict(self.positions)
-        for p, o in self.prefetcher().call(lambda src: src.end_offsets()).items():
+        for p, o in self.prefetcher().call("end_offsets").items():
             ends[int(p)] = max(ends.get(int(p), 0), int(o))
         return ends
 
@@ -482,14 +487,14 @@ class StreamingTrainer:
             return
         positions = dict(self.positions)
         try:
-            self._prefetch.call(lambda src: src.commit(positions), timeout_s=10)
+            self._prefetch.call("commit", positions, timeout_s=10)
         except Exception as exc:  # noqa: BLE001 - monitoring only
             log.warning("offset commit failed: %s", exc)
 
     # --- control -----------------------------------------------------------------------------
     def set_paused(self, paused: bool) -> None:
         """Stop (or restart) fetching; records already fetched stay queued, the position kept."""
-        self.prefetcher().call(lambda src: src.set_paused(paused))
+        self.prefetcher().call("set_paused", paused)
 
     def metrics(self) -> dict[str, Any]:
         s = self.validator.summary()

@@ -74,12 +74,12 @@ class _Source:
 
 
 class _Prefetch:
-    """The prefetcher's ``call``: runs ``fn`` on the source (here, in this thread)."""
+    """The prefetcher's ``call``: runs the source's method (here, in this thread)."""
     def __init__(self, source):
         self._source = source
 
-    def call(self, fn, timeout_s=30.0):
-        return fn(self._source)
+    def call(self, name, *args, timeout_s=30.0):
+        return getattr(self._source, name)(*args)
 
     def close(self):
         pass
