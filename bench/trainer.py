@@ -10,9 +10,9 @@ both sides train the spec's model (``trainers.spec_model``); without it, the def
 
 The ratio says whether the stream starves the model (goal >= 0.9).  Each round also runs the
 trainer fed the decoded records directly (its own work without the broker and the decode), so a
-gap splits into the trainer's part and the stream's, and streams with the decode in the other
-place (``trainer.decode_process``: a child process or the prefetch thread), so the two are
-compared side by side.  The clock starts at the first record, as the in-memory loop's starts at
+gap splits into the trainer's part and the stream's, and streams with the fetch and decode in
+the other place (``trainer.decode_process``: a child process or the prefetch thread), so the two
+are compared side by side.  The clock starts at the first record, as the in-memory loop's starts at
 its first batch: the consumer's one-off start (metadata, group coordinator) is not part of either
 rate.
 
@@ -262,7 +262,8 @@ def run(cfg: Config, scale: int | None = None, spec: str | None = None) -> Bench
              f"{'; label alignment on' if tr_aligned else ''}",
              f"  of which the trainer waited for records: {100 * starved_share:.1f}% of the time "
              "(the rest of the gap is the stream's work sharing the CPU with the model)",
-             f"  decoding in a {here} (trainer.decode_process: {bcfg.trainer.decode_process}); "
+             f"  fetching and decoding in a {here} (trainer.decode_process: "
+             f"{bcfg.trainer.decode_process}); "
              f"in a {there} instead: {other_rate:,.0f} samples/s (best of "
              f"{', '.join(f'{x:,.0f}' for x in in_thread)}), ratio {other_rate / mem_rate:.3f}",
              f"full checkpoint:        {full_s * 1000:.0f} ms, {full_mb:.2f} MB",

@@ -262,8 +262,8 @@ class TrainerConfig(_Section):
         500, ge=1,
         description="a partial batch is trained once the stream, caught up, is quiet this long")
     decode_process: bool = Field(
-        True, description="decode sample records in a child process, off the training "
-                          "process's GIL (trainers/decode_process.py)")
+        True, description="fetch and decode sample records in a child process, off the "
+                          "training process's GIL (trainers/decode_process.py)")
     intra_op_threads: int | None = Field(
         None, ge=1, description="TensorFlow intra-op threads of a trainer process; default: "
                                 "every core but one, which the stream keeps (trainers/tf_threads.py)")

@@ -1,7 +1,8 @@
 """How many threads TensorFlow's ops may use in a trainer process (``trainer.intra_op_threads``).
 
-A streaming trainer shares its machine with its own stream: librdkafka's threads, the prefetch
-thread and the decode process (``trainers.decode_process``).  With TensorFlow's default (an
+A streaming trainer shares its machine with its own stream: the decode process with its
+consumer (``trainers.decode_process``; with ``trainer.decode_process: false``, librdkafka's
+threads and the prefetch thread in the trainer's process).  With TensorFlow's default (an
 intra-op pool as wide as the machine) an op split across every core waits for its slowest
 part, and a core taken by the stream stalls the whole op.  Leaving the stream one core is the
 default; on a two-core machine the model then runs one intra-op thread, which trains as fast
