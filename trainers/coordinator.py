@@ -26,7 +26,8 @@ from trainers.actor import TrainerActorImpl, registry_text
 from trainers.checkpoint import due_kind
 from trainers.group import DenseAverager, GroupCommit, GroupMember, average_weights, partitions_for
 from trainers.ps import EmbeddingShard, ShardedTables
-from trainers.streaming import checkpoint_dir, publish_occupancy
+from trainers.gauges import publish_occupancy
+from trainers.streaming import checkpoint_dir
 
 # what the coordinator's own registry contributes to the group's metrics (the rest are members')
 COORDINATOR_FAMILIES = ("odl_trainer_group_", "odl_trainer_embedding_", "process_", "python_")

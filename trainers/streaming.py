@@ -25,13 +25,15 @@ from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
-from prometheus_client import Counter, Gauge
 
 from odl import names
 from odl.config import Config
 from odl.spec import check_spec
+from trainers import rollback
 from trainers.align import LabelAligner
 from trainers.embedding import EXPIRE_EVERY_STEPS
+from trainers.gauges import (AUC, CALIBRATION, CKPT_BYTES, CKPT_SECONDS, LOGLOSS, SAMPLES, STEP,
+                             publish_occupancy)
 from trainers.checkpoint import CheckpointInfo, CheckpointStore, due_kind
 from trainers.metrics import PairedValidator, ProgressiveValidator
 from trainers.model import FrozenModel
@@ -42,29 +44,6 @@ from trainers.samples import (PROVISIONAL_MASK, DedupWindow, Records, SampleCode
                               dedup_keys, trained_mask)
 
 log = logging.getLogger("odl.trainer")
-
-SAMPLES = Counter("odl_trainer_samples_total", "samples consumed", ["outcome"])
-AUC = Gauge("odl_trainer_progressive_auc", "progressive AUC over the sliding window")
-LOGLOSS = Gauge("odl_trainer_progressive_logloss", "progressive log-loss over the sliding window")
-CALIBRATION = Gauge("odl_trainer_progressive_calibration",
-                    "mean predicted / observed click rate over the sliding window")
-STEP = Gauge("odl_trainer_step", "training steps taken")
-ROWS = Gauge("odl_trainer_embedding_rows", "rows with their own embedding", ["table"])
-ADMITTED = Gauge("odl_trainer_embedding_admitted", "ids admitted to a table so far", ["table"])
-EVICTED = Gauge("odl_trainer_embedding_evicted", "rows evicted so far", ["table", "why"])
-CKPT_SECONDS = Gauge("odl_trainer_checkpoint_seconds", "duration of the last checkpoint", ["kind"])
-CKPT_BYTES = Gauge("odl_trainer_checkpoint_bytes", "size of the last checkpoint", ["kind"])
-
-
-def publish_occupancy(occ: dict[str, dict[str, int]]) -> dict[str, dict[str, int]]:
-    """Set the table gauges from an occupancy report; returns it."""
-    for t, o in occ.items():
-        ROWS.labels(t).set(o["rows"])
-        ADMITTED.labels(t).set(o["admitted"])
-        EVICTED.labels(t, "ttl").set(o["evicted_ttl"])
-        EVICTED.labels(t, "lfu").set(o["evicted_lfu"])
-    return occ
-
 
 SOLO_SHARD = "trainer-0"   # a trainer alone (not in a group) checkpoints as this shard
 
@@ -428,50 +407,12 @@ class StreamingTrainer:
                  len(chain) - 1, self.model.step, self.positions)
 
     def rollback_to(self, checkpoint: str, skip_ahead: bool = False) -> dict[str, Any]:
-        """Roll the live trainer back to ``checkpoint`` (a version's manifest names the one it
-        was cut from): model, duplicate window, progressive figures and stream position as they
-        were then.  Then either replay the samples since (its positions) or, ``skip_ahead``,
-        go on from the newest offsets (the samples between are never trained).  Replayed
-        samples are new to the restored duplicate window and ledger, so they train again,
-        once.  A full checkpoint of the rolled-back state is written at once, so a restart
-        resumes from it, not from the newer chain.  Runs on the training thread, between
-        batches."""
-        if not self.model.tables:
-            raise RuntimeError("rolling back needs the tables in this process; a training group "
-                               "with parameter-server shards restores through its coordinator")
-        chain = self.store.chain_to(checkpoint)
-        ends = self._newest_positions() if skip_ahead else None
-        self._drop_prefetched()
-        self.waiting = self.layout.empty()
-        self._apply_chain(chain)
-        if ends:
-            self.positions.update(ends)
-        self.ledger = []
-        info = self.checkpoint("full")
-        log.warning("rolled back to %s (%s): step %d, positions %s, new checkpoint %s",
-                    checkpoint, "skipping ahead" if skip_ahead else "replaying",
-                    self.model.step, self.positions, info.path.name)
-        return {"checkpoint": checkpoint, "step": self.model.step, "written": info.path.name,
-                "positions": {str(p): o for p, o in self.positions.items()},
-                "mode": "skip-ahead" if skip_ahead else "replay"}
+        """Roll the live trainer back to ``checkpoint`` (``trainers.rollback``)."""
+        return rollback.rollback_to(self, checkpoint, skip_ahead)
 
     def skip_ahead(self) -> dict[int, int]:
-        """Go on from the newest offsets instead of the restored positions (a group member
-        rebuilt by a rollback with skip-ahead; the coordinator checkpoints right after)."""
-        ends = self._newest_positions()
-        self._drop_prefetched()
-        self.waiting = self.layout.empty()
-        self.positions.update(ends)
-        log.warning("skipping ahead to the newest offsets %s", self.positions)
-        return dict(self.positions)
-
-    def _newest_positions(self) -> dict[int, int]:
-        """The newest offsets, never behind what was consumed already (a broker's end offsets
-        can lag what it has served: tansu reports short)."""
-        ends = dict(self.positions)
-        for p, o in self.prefetcher().call("end_offsets").items():
-            ends[int(p)] = max(ends.get(int(p), 0), int(o))
-        return ends
+        """Go on from the newest offsets (``trainers.rollback``)."""
+        return rollback.skip_ahead(self)
 
     def _drop_prefetched(self) -> None:
         """Forget what was fetched from the old positions; the next decoder starts from the
