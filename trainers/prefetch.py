@@ -159,7 +159,10 @@ class ProcessPrefetcher(Prefetcher):
         self._absorb = absorb
         self._pending: dict[int, Future] = {}
         self._ids = itertools.count()
-        self._send_lock = threading.Lock()     # credit (training thread) and calls (any thread)
+        # credit (training thread), calls (any thread), and the reader's end: a call made once
+        # the reader has stopped fails at once instead of waiting for a reply nobody reads
+        self._send_lock = threading.Lock()
+        self._reading = True
         self._gaps = (0, 0)
         self._child = StreamProcess(Open(make_source, decoder, poll_records, max_chunks))
         log.info("fetching and decoding in process %d", self._child.pid)
@@ -193,8 +196,11 @@ class ProcessPrefetcher(Prefetcher):
             else:
                 self._error = self._error or RuntimeError("prefetcher closed")
         finally:
+            with self._send_lock:
+                self._reading = False
+                pending, self._pending = list(self._pending.values()), {}
             self._ready.set()
-            for fut in list(self._pending.values()):
+            for fut in pending:
                 if not fut.done():
                     fut.set_exception(RuntimeError(f"sample consumer failed: {self._error}"))
 
@@ -213,6 +219,9 @@ class ProcessPrefetcher(Prefetcher):
         self._check()
         fut: Future = Future()
         with self._send_lock:
+            if not self._reading:
+                self._check()
+                raise RuntimeError("sample consumer closed")
             call_id = next(self._ids)
             self._pending[call_id] = fut
             self._child.send(Call(call_id, name, args))
