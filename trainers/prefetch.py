@@ -25,7 +25,6 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
-
 from odl.offset_gaps import GAPS
 from trainers.decode_process import (Call, Chunk, Credit, DecodeFailed, Failed, Open, Ready, Reply,
                                      StreamProcess)
