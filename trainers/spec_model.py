@@ -137,7 +137,8 @@ class SpecModel(LearnedState):
                                         initial_rows=min(1024, t.capacity + 1),
                                         admit_min_count=t.admit_min_count,
                                         admit_probability=t.admit_probability, ttl_s=t.ttl_s)
-            opt = sparse_optim.make(t.optimizer or cfg.sparse_optimizer, cfg.sparse_learning_rate)
+            opt = sparse_optim.make(t.optimizer or cfg.sparse_optimizer,
+                                    t.learning_rate or cfg.sparse_learning_rate)
             self.tables[name] = DynamicEmbedding(name, tcfg, opt, cfg.seed * 1000 + k)
         rng = np.random.default_rng(cfg.seed)
         self.dense = {k: tf.Variable(v, name=k.replace("/", "_"), trainable=is_trainable(k))

@@ -130,6 +130,9 @@ class TableSpec(_Strict):
     ttl_s: float | None = Field(None, gt=0)
     optimizer: Literal["adagrad", "adam", "ftrl"] | None = Field(
         None, description="None: the trainer's sparse_optimizer")
+    learning_rate: float | None = Field(
+        None, gt=0, description="the sparse optimiser's step size for this table; None: the "
+                                "trainer's sparse_learning_rate")
 
 
 class SparseFeature(_Strict):
@@ -265,9 +268,11 @@ class FeatureSpec(_Strict):
     def hash(self) -> str:
         """Identity of what a model trained under this spec expects: recorded in checkpoints and
         manifests, so a stack refuses to mix state of two specs.  ``description`` is left out."""
-        # serving.candidates shapes the recommend body, not what the model expects
-        body = self.model_dump(mode="json", exclude={"description": True,
-                                                     "serving": {"candidates": True}})
+        # serving.candidates shapes the recommend body, not what the model expects; a table's
+        # learning rate is how it trains, not what its state is (as trainer.sparse_learning_rate)
+        body = self.model_dump(mode="json", exclude={
+            "description": True, "serving": {"candidates": True},
+            "tables": {name: {"learning_rate"} for name in self.tables}})
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
 
     def field(self, name: str) -> FieldSpec:

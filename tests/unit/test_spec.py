@@ -60,6 +60,9 @@ def test_description_does_not_change_the_hash():
                                    "label: {field: y}\nserving: {request: [user], candidates: [user]}"))
     d = parse_spec(MINIMAL.replace("label: {field: y}", "label: {field: y}\nserving: {request: [user]}"))
     assert c.hash == d.hash and c.serving.candidates == ["user"]
+    # nor does a table's learning rate: how it trains, not what its state is
+    e = parse_spec(MINIMAL.replace("dim: 8", "dim: 8, learning_rate: 0.05"))
+    assert e.hash == a.hash and e.tables["t"].learning_rate == 0.05
 
 
 @pytest.mark.parametrize("change, named", [
@@ -70,6 +73,7 @@ def test_description_does_not_change_the_hash():
     (("  t: {dim: 8}", "  t: {dim: 8, dim: 4}"), "key 'dim' given twice"),
     (("  t: {dim: 8}", "  t: {dim: 8}\n  spare: {dim: 8}"), "tables ['spare']: no sparse feature"),
     (("  t: {dim: 8}", "  t: {dim: 8, colour: red}"), "tables.t.colour: Extra inputs"),
+    (("  t: {dim: 8}", "  t: {dim: 8, learning_rate: 0}"), "tables.t.learning_rate"),
     (("label: {field: y}", "label: {field: y}\nrealtime:\n  windows: {5m: 300}"),
      "windows ['5m']: no count uses them"),
     (("label: {field: y}", "label: {field: y}\nrealtime:\n  windows: {90s: 90}\n  counts:\n"

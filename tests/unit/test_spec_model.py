@@ -200,3 +200,15 @@ def test_odl_eval_spec_on_a_sample_log(tmp_path: Path):
     bad = CliRunner().invoke(main, ["eval", "--spec", str(SPECS_DIR / "default.yaml"), "--log",
                                     str(log)])
     assert bad.exit_code != 0 and "label.field" in bad.output
+
+
+def test_a_tables_learning_rate_reaches_its_optimiser():
+    """``tables.<t>.learning_rate`` steps that table's optimiser; a table without one takes
+    ``trainer.sparse_learning_rate``."""
+    from trainers.spec_model import SpecModel
+    spec = parse_spec(CROSS_SPEC.replace("tables:\n", "tables:\n  fast: {dim: 4, learning_rate: 0.05}\n")
+                      .replace("sparse:\n", "sparse:\n  a_fast: {table: fast, field: a}\n"))
+    tc = Config().trainer.model_copy(update={"sparse_learning_rate": 0.3})
+    model = SpecModel(spec, tc)
+    rates = {name: t.opt.learning_rate for name, t in model.tables.items()}
+    assert rates.pop("fast") == 0.05 and set(rates.values()) == {0.3}
