@@ -49,6 +49,10 @@ class Prefetcher:
         self._stop = threading.Event()
         self._error: BaseException | None = None
         self._ready = threading.Event()
+        # calls are taken until the source's side ends; a call made after that fails at once
+        # instead of waiting out its timeout for an answer nobody gives
+        self._calls_lock = threading.Lock()
+        self._taking_calls = True
         self._thread = threading.Thread(target=self._run, name="odl-prefetch", daemon=True)
         self._thread.start()
 
@@ -58,6 +62,7 @@ class Prefetcher:
             source = self._make()
         except BaseException as exc:  # noqa: BLE001 - surfaced by take()
             self._error = exc
+            self._stop_taking_calls()
             self._ready.set()
             return
         try:
@@ -74,8 +79,9 @@ class Prefetcher:
             log.error("prefetch failed: %s", exc)
             self._error = exc
         finally:
+            self._stop_taking_calls()
             self._ready.set()
-            self._run_calls(source)
+            self._run_calls(source)     # those taken before
             source.close()
 
     def _put(self, chunk: Records, source) -> None:
@@ -97,17 +103,28 @@ class Prefetcher:
             except BaseException as exc:  # noqa: BLE001
                 fut.set_exception(exc)
 
+    def _stop_taking_calls(self) -> None:
+        with self._calls_lock:
+            self._taking_calls = False
+
     # --- the training thread -----------------------------------------------------------------
     def _check(self) -> None:
         if self._error is not None:
             raise RuntimeError(f"sample consumer failed: {self._error}") from self._error
 
+    def _refuse_if_ended(self) -> None:
+        """(Under ``_calls_lock``.)  Raise if the source's side takes no more calls."""
+        self._check()
+        if not self._taking_calls:
+            raise RuntimeError("sample consumer closed")
+
     def call(self, name: str, *args: Any, timeout_s: float = 30.0) -> Any:
         """``source.<name>(*args)``, run where the source lives; its result."""
         self._ready.wait(timeout_s)
-        self._check()
         fut: Future = Future()
-        self._calls.put((name, args, fut))
+        with self._calls_lock:
+            self._refuse_if_ended()
+            self._calls.put((name, args, fut))
         return fut.result(timeout_s)
 
     def _took(self) -> None:
@@ -157,10 +174,6 @@ class ProcessPrefetcher(Prefetcher):
         self._absorb = absorb
         self._pending: dict[int, Future] = {}
         self._ids = itertools.count()
-        # credit (training thread), calls (any thread), and the reader's end: a call made once
-        # the reader has stopped fails at once instead of waiting for a reply nobody reads
-        self._send_lock = threading.Lock()
-        self._reading = True
         self._gaps = (0, 0)
         self._child = StreamProcess(Open(make_source, decoder, poll_records, max_chunks))
         log.info("fetching and decoding in process %d", self._child.pid)
@@ -194,9 +207,8 @@ class ProcessPrefetcher(Prefetcher):
             else:
                 self._error = self._error or RuntimeError("prefetcher closed")
         finally:
-            with self._send_lock:
-                self._reading = False
-                pending, self._pending = list(self._pending.values()), {}
+            self._stop_taking_calls()       # no call adds to _pending from now on
+            pending, self._pending = list(self._pending.values()), {}
             self._ready.set()
             for fut in pending:
                 if not fut.done():
@@ -214,12 +226,9 @@ class ProcessPrefetcher(Prefetcher):
 
     def call(self, name: str, *args: Any, timeout_s: float = 30.0) -> Any:
         self._ready.wait(timeout_s)
-        self._check()
         fut: Future = Future()
-        with self._send_lock:
-            if not self._reading:
-                self._check()
-                raise RuntimeError("sample consumer closed")
+        with self._calls_lock:          # also orders the writes to the child's pipe
+            self._refuse_if_ended()
             call_id = next(self._ids)
             self._pending[call_id] = fut
             self._child.send(Call(call_id, name, args))
@@ -227,7 +236,7 @@ class ProcessPrefetcher(Prefetcher):
 
     def _took(self) -> None:
         try:
-            with self._send_lock:
+            with self._calls_lock:
                 self._child.send(Credit(1))
         except DecodeFailed as exc:    # the reader reports the child's end
             log.debug("credit not sent: %s", exc)

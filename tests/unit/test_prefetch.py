@@ -200,3 +200,16 @@ def test_moments_come_back_from_the_decode_process_and_a_restore_goes_to_it():
     got = _take_all(pf, 23)
     pf.close()
     assert (got.rows == want.rows).all() and codec.numeric_moments() == local.numeric_moments()
+
+
+def test_a_call_after_the_source_side_ended_fails_at_once():
+    """Nobody would answer it: it fails now rather than after its timeout, in both places."""
+    from trainers.spec_samples import SpecCodec
+    spec, values = _spec_values(10)
+    for pf in (Prefetcher(lambda: FakeSource([])), _process_prefetcher(values, SpecCodec(spec))):
+        assert pf.call("left") in range(11)             # answered while it runs
+        pf.close()
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="closed"):
+            pf.call("left", timeout_s=20)
+        assert time.monotonic() - t0 < 2
