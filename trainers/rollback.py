@@ -29,9 +29,8 @@ def rollback_to(tr: StreamingTrainer, checkpoint: str, skip_ahead: bool = False)
                            "with parameter-server shards restores through its coordinator")
     chain = tr.store.chain_to(checkpoint)
     ends = newest_positions(tr) if skip_ahead else None
-    tr._drop_prefetched()
-    tr.waiting = tr.layout.empty()
-    tr._apply_chain(chain)
+    tr.drop_stream()
+    tr.apply_chain(chain)
     if ends:
         tr.positions.update(ends)
     tr.ledger = []
@@ -48,8 +47,7 @@ def skip_ahead(tr: StreamingTrainer) -> dict[int, int]:
     """Go on from the newest offsets instead of the restored positions (a group member rebuilt
     by a rollback with skip-ahead; the coordinator checkpoints right after)."""
     ends = newest_positions(tr)
-    tr._drop_prefetched()
-    tr.waiting = tr.layout.empty()
+    tr.drop_stream()
     tr.positions.update(ends)
     log.warning("skipping ahead to the newest offsets %s", tr.positions)
     return dict(tr.positions)

@@ -371,10 +371,10 @@ class StreamingTrainer:
         chain = self.store.restore_chain(epoch if group else None)
         if not chain:
             return False
-        self._apply_chain(chain)
+        self.apply_chain(chain)
         return True
 
-    def _apply_chain(self, chain) -> None:
+    def apply_chain(self, chain) -> None:
         """Model, stream state and position as of the chain's last checkpoint."""
         for k, (info, groups) in enumerate(chain):
             check_spec(info.meta.get("spec"), f"checkpoint {info.path}",
@@ -414,9 +414,11 @@ class StreamingTrainer:
         """Go on from the newest offsets (``trainers.rollback``)."""
         return rollback.skip_ahead(self)
 
-    def _drop_prefetched(self) -> None:
-        """Forget what was fetched from the old positions; the next decoder starts from the
-        moments of the records taken."""
+    def drop_stream(self) -> None:
+        """Forget what was fetched from the old positions and what waits for a batch (a
+        rollback or skip-ahead moves the positions); the next decoder starts from the moments
+        of the records taken."""
+        self.waiting = self.layout.empty()
         if self._prefetch is not None:
             self._prefetch.close()
             self._prefetch = None
