@@ -204,11 +204,32 @@ def test_odl_eval_spec_on_a_sample_log(tmp_path: Path):
 
 def test_a_tables_learning_rate_reaches_its_optimiser():
     """``tables.<t>.learning_rate`` steps that table's optimiser; a table without one takes
-    ``trainer.sparse_learning_rate``."""
+    ``trainer.sparse_learning_rate`` (unscaled here: see the next test)."""
     from trainers.spec_model import SpecModel
     spec = parse_spec(CROSS_SPEC.replace("tables:\n", "tables:\n  fast: {dim: 4, learning_rate: 0.05}\n")
                       .replace("sparse:\n", "sparse:\n  a_fast: {table: fast, field: a}\n"))
-    tc = Config().trainer.model_copy(update={"sparse_learning_rate": 0.3})
+    tc = Config().trainer.model_copy(update={"sparse_learning_rate": 0.3,
+                                               "sparse_rate_inputs": 0})
     model = SpecModel(spec, tc)
     rates = {name: t.opt.learning_rate for name, t in model.tables.items()}
     assert rates.pop("fast") == 0.05 and set(rates.values()) == {0.3}
+
+
+def test_a_wide_specs_default_table_rate_shrinks_with_its_inputs():
+    """A table without its own rate steps at ``sparse_learning_rate`` up to
+    ``sparse_rate_inputs`` embedding inputs a row, and at rate * inputs / n beyond (n inputs
+    all move one logit); a table's own rate and ``sparse_rate_inputs: 0`` are left alone."""
+    from trainers.spec_model import SpecModel, table_learning_rate
+    criteo = load_spec(SPECS_DIR / "criteo.yaml")
+    bare = criteo.tables["categorical"]
+    own = bare.model_copy(update={"learning_rate": 0.05})
+    tc = Config().trainer.model_copy(update={"sparse_learning_rate": 0.2, "sparse_rate_inputs": 4})
+    assert bare.learning_rate is None      # the shipped spec relies on the rule
+    assert table_learning_rate(own, 26, tc) == 0.05
+    assert table_learning_rate(bare, 26, tc) == pytest.approx(0.2 * 4 / 26)
+    assert table_learning_rate(bare, 4, tc) == table_learning_rate(bare, 1, tc) == 0.2
+    assert table_learning_rate(bare, 26, tc.model_copy(update={"sparse_rate_inputs": 0})) == 0.2
+    model = SpecModel(criteo, tc)
+    assert model.tables["categorical"].opt.learning_rate == pytest.approx(0.2 * 4 / 26)
+    with pytest.raises(ValueError, match="sparse_rate_inputs"):
+        Config.model_validate({"trainer": {"sparse_rate_inputs": -1}})
