@@ -98,6 +98,7 @@ class Snapshot:
     trained: int = 0
     auc: float = float("nan")
     auc_frozen: float = float("nan")
+    auc_live_vs_frozen: float = float("nan")     # the live model on the frozen copy's samples
     logloss: float = float("nan")
     calibration: float = float("nan")
     frozen_at_step: int | None = None
@@ -123,6 +124,7 @@ def observe(cp: ControlPlane, t0: float) -> Snapshot:
         elif hb.component == "trainer":
             snap.trained, snap.auc = int(m.get("samples_trained", 0)), _num(m, "auc")
             snap.auc_frozen = _num(m, "auc_frozen")
+            snap.auc_live_vs_frozen = _num(m, "auc_live_vs_frozen")
             snap.frozen_at_step = m.get("frozen_at_step")
             snap.logloss, snap.calibration = _num(m, "logloss"), _num(m, "calibration")
         elif hb.component == "exporter":
@@ -190,6 +192,7 @@ def run_demo(cfg: Config, config_path: str | None, duration: float) -> int:
             "events_in": final.events, "dlq": final.dlq, "samples": final.samples,
             "samples_trained": final.trained, "progressive_auc": final.auc,
             "frozen_baseline_auc": final.auc_frozen, "frozen_at_step": final.frozen_at_step,
+            "live_auc_vs_frozen": final.auc_live_vs_frozen,
             "progressive_logloss": final.logloss, "progressive_calibration": final.calibration,
             "auc_over_time": [(round(s.t), s.auc) for s in timeline],
             "versions_exported": max([int(final.version or 0)] + [int(m["version"]) for m in versions]),
@@ -238,8 +241,10 @@ def _write_report(rep: dict, out_dir: Path) -> None:
         f"   DLQ (rejected)      {rep['dlq']:>10}",
         f"   samples             {rep['samples']:>10}   (topic end offsets: tansu may report short)",
         f"   samples trained     {rep['samples_trained']:>10}",
-        f"   progressive AUC     {rep['progressive_auc']:>10.4f}   (same window, copy frozen at step "
-        f"{rep['frozen_at_step'] or '-'}: {rep['frozen_baseline_auc']:.4f})",
+        f"   progressive AUC     {rep['progressive_auc']:>10.4f}   (last trainer.auc_window samples)",
+        f"   vs a frozen copy    {rep['live_auc_vs_frozen']:>10.4f}   live, against "
+        f"{rep['frozen_baseline_auc']:.4f} for the copy frozen at step {rep['frozen_at_step'] or '-'}, "
+        "on the same samples",
         f"   log-loss, calib.    {rep['progressive_logloss']:>10.4f}   calibration "
         f"{rep['progressive_calibration']:.3f} (mean predicted / observed; `odl eval` reports the same)",
         f"   versions exported   {rep['versions_exported']:>10}   ({rep['versions_retained']} retained)",

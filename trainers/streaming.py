@@ -73,10 +73,11 @@ class StreamingTrainer:
         self.group = group
         self.model = model if model is not None else self.codec.new_model(tc)
         self.validator = ProgressiveValidator(tc.auc_window)
-        # A copy frozen after `frozen_baseline_after` samples, scored on the same batches: the
-        # measured value of continuing to learn on a drifting stream.  Not checkpointed.
+        # A copy frozen after `frozen_baseline_after` samples, scored on the same batches and
+        # compared with the live model on exactly those samples: the measured value of
+        # continuing to learn on a drifting stream.  Not checkpointed.
         self.frozen: FrozenModel | None = None
-        self.frozen_validator = ProgressiveValidator(tc.auc_window)
+        self.vs_frozen = PairedValidator(tc.auc_window, other="frozen")
         # The served model's shadow: the dense weights of the snapshot the exporter published
         # last (a version or a refresh: ``mark_candidate`` / ``track_served``) over this model's
         # live rows -- what serving runs -- scored on every batch beside the live model, so the
@@ -246,9 +247,7 @@ class StreamingTrainer:
         scores, frozen, served, labels = self.provisional.settle(finals[:, self.layout.sid],
                                                                  finals[:, self.layout.label])
         self.validator.add(scores, labels)
-        known = ~np.isnan(frozen)
-        if known.any():
-            self.frozen_validator.add(frozen[known], labels[known])
+        self.vs_frozen.add(scores, frozen, labels)
         self.paired.add(scores, served, labels)
 
     # --- the served version's shadow ----------------------------------------------------------
@@ -285,7 +284,7 @@ class StreamingTrainer:
             self._settle(rows[~prov])
         else:
             if frozen is not None:
-                self.frozen_validator.add(frozen, batch.labels)
+                self.vs_frozen.add(scores, frozen, batch.labels)
             if served is not None:
                 self.paired.add(scores, served, batch.labels)
             self.validator.add(scores, batch.labels)
@@ -441,7 +440,7 @@ class StreamingTrainer:
 
     def metrics(self) -> dict[str, Any]:
         s = self.validator.summary()
-        frozen = self.frozen_validator.summary() if self.frozen is not None else None
+        frozen = self.vs_frozen.summary() if self.frozen is not None else {}
         # in a group the tables are the shards': the coordinator asks them once for all members
         occ = {} if self.group else publish_occupancy(self.model.occupancy())
         return {"samples_trained": self.trained, "step": self.model.step,
@@ -449,14 +448,16 @@ class StreamingTrainer:
                 "auc": s["auc"], "logloss": s["logloss"], "calibration": s["calibration"],
                 "ctr": s["ctr"], "loss": self.last_loss,
                 "samples_per_s": round(self.trained / max(1e-3, time.time() - self.started), 1),
-                "auc_frozen": frozen["auc"] if frozen else None,
+                # both on the same samples: those the frozen copy scored (its last auc_window)
+                "auc_frozen": frozen.get("auc_frozen"),
+                "auc_live_vs_frozen": frozen.get("auc_live"),
                 "held_for_labels": len(self.aligner) if self.aligner is not None else 0,
                 "delayed_feedback": self.provisional is not None,
                 "settled_negatives": self.settled_negatives,
                 "awaiting_labels": len(self.provisional) if self.provisional is not None else 0,
                 "waiting_for_batch": len(self.waiting),
                 "frozen_at_step": self.frozen.step if self.frozen else None,
-                "scored_since_frozen": self.frozen_validator.seen,
+                "scored_since_frozen": self.vs_frozen.seen,
                 "shadow": {**self.paired.summary(), "served_step": self.served_step},
                 "checkpoint": self.last_ckpt.path.name if self.last_ckpt else None,
                 "restored_from": self.restored_from,

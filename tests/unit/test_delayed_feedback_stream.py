@@ -137,3 +137,32 @@ def test_a_positive_after_its_final_negative_is_still_trained(trainer):
     assert trainer.step(_records(finals, 1), flush=True) == 1      # the positive, once
     assert trainer.duplicates == 2 and trainer.settled_negatives == 1
     assert trainer.validator.seen == 1                               # judged once
+
+
+def test_the_frozen_copy_and_the_live_model_are_judged_on_the_same_samples(tmp_path):
+    """The live model's own window reaches back to impressions scored before the copy was
+    frozen (by a younger model); the comparison with the copy takes only the samples both
+    scored, so ``auc_live_vs_frozen`` and ``auc_frozen`` differ by their models alone."""
+    from trainers.metrics import auc
+    cfg = make_config(tmp_path, trainer={"delayed_feedback": True, "batch_size": 4,
+                                         "frozen_baseline_after": 8,
+                                         "checkpoint": {"restore": False}})
+    t = StreamingTrainer(cfg)
+    try:
+        labels = [1, 0, 0, 1, 0, 0, 1, 0, 1, 1, 0, 1]       # the last 4: three positives
+        imps = [_rec(f"r{k}", 0, True, user=k % 3, item=k % 5) for k in range(12)]
+        t.step(_records(imps[:8]), flush=True)
+        assert t.frozen is not None and t.vs_frozen.seen == 0    # frozen after 8 samples
+        t.step(_records(imps[8:], 8), flush=True)                 # scored by both
+        finals = [_rec(f"r{k}", y, user=k % 3, item=k % 5) for k, y in enumerate(labels)]
+        t.step(_records(finals, 12), flush=True)
+        assert t.validator.seen == 12                              # the live model's window
+        m = t.metrics()
+        assert m["scored_since_frozen"] == 4
+        assert sorted(t.vs_frozen.labels) == [0.0, 1.0, 1.0, 1.0]  # r8..r11 alone
+        live, frozen = np.asarray(t.vs_frozen.live), np.asarray(t.vs_frozen.served)
+        assert set(live.tolist()) <= set(t.validator.scores)      # their live scores
+        y = np.asarray(t.vs_frozen.labels)
+        assert m["auc_live_vs_frozen"] == auc(live, y) and m["auc_frozen"] == auc(frozen, y)
+    finally:
+        t.close()
