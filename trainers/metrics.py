@@ -76,8 +76,8 @@ class PairedValidator:
     scored on the same samples: two windows of different samples differ by their samples as
     much as by their models.  The quality gate compares a candidate with what is served this
     way; the frozen baseline too (a window of the live model's alone reached back to samples
-    scored before the copy existed, by a younger model, and read ~0.03 AUC below the copy in
-    the demo).  Reset (the served pair, whenever the served version changes) runs in the
+    scored before the copy existed, by a younger model: two such windows read 0.621 live
+    against 0.653 frozen in a 60 s demo).  Reset (the served pair, whenever the served version changes) runs in the
     exporter's thread, while the training thread adds and the heartbeat summarises: hence the
     lock (a summary between two of reset's clears once paired 807 labels with no scores)."""
 
