@@ -133,7 +133,10 @@ def table_learning_rate(table: TableSpec, inputs: int, cfg: TrainerConfig) -> fl
     of a row moves the same logit, and Adagrad's first step on a fresh row is about the
     learning rate, so n inputs move it ~n times as far; a rate tuned for a few inputs
     overshoots on a wide log (docs/evaluation.md: the best rate fell from 0.1-0.2 at 4-8
-    inputs to 0.02 at 26).  VW's normalised updates answer the same problem per row."""
+    inputs to 0.02 at 26).  VW's normalised updates answer the same problem per row.
+    ``inputs`` counts the network's embedding inputs: a pooled list or sequence is one (a
+    sum-pooled list moves the logit once per value: a spec with long sum-pooled lists may set
+    its tables' rates)."""
     if table.learning_rate is not None:
         return table.learning_rate
     full = cfg.sparse_rate_inputs
