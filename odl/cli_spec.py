@@ -6,12 +6,23 @@ from collections import Counter
 
 import click
 
+from odl.config import ConfigError, TrainerConfig, load_config
 from odl.spec import FeatureSpec, SpecError, load_spec
 
 
-def summary(spec: FeatureSpec) -> dict:
-    """What a spec declares, in the terms an operator checks it by."""
+def summary(spec: FeatureSpec, trainer: TrainerConfig | None = None) -> dict:
+    """What a spec declares, in the terms an operator checks it by; with ``trainer`` (the
+    config's section), each table's sparse learning rate as the trainer will use it."""
+    from odl.spec.net import SpecNet, table_learning_rate
     rt = spec.realtime
+    inputs = len(SpecNet.of(spec).inputs)
+
+    def table(t) -> dict:
+        out = {"dim": t.dim, "capacity": t.capacity}
+        if trainer is not None:
+            out["learning_rate"] = round(table_learning_rate(
+                t, inputs, trainer.sparse_learning_rate, trainer.sparse_rate_inputs), 6)
+        return out
     from pipeline.spec_parse_sql import sql_parse_gap
     from pipeline.spec_sql import SpecJobError, check_streamable
     gap = sql_parse_gap(spec)
@@ -26,7 +37,7 @@ def summary(spec: FeatureSpec) -> dict:
         "fields": {n: f.type + (" (required)" if f.required is True else
                                 f" (required for {', '.join(f.required)})" if f.required else "")
                    for n, f in spec.events.fields.items()},
-        "tables": {n: {"dim": t.dim, "capacity": t.capacity} for n, t in spec.tables.items()},
+        "tables": {n: table(t) for n, t in spec.tables.items()},
         "sparse": {n: f"{'x'.join(s.inputs)} -> {s.table}" for n, s in spec.sparse.items()},
         "numeric": {n: f"{f.field} ({f.transform})" for n, f in spec.numeric.items()},
         "counts": {n: f"{'x'.join(c.key)}: {', '.join(c.values)} over {', '.join(c.windows)}"
@@ -93,9 +104,10 @@ def check(path: str, log_path: str | None, renames: tuple[str, ...], as_json: bo
     no valid row."""
     try:
         s = load_spec(path)
-    except SpecError as exc:
+        trainer = load_config().trainer    # the rates the trainer will use (ODL__TRAINER__*)
+    except (SpecError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
-    out = summary(s)
+    out = summary(s, trainer)
     if log_path:
         bad = [r for r in renames if r.count("=") != 1]
         if bad:

@@ -274,7 +274,7 @@ class TrainerConfig(_Section):
         4, ge=0, description="a feature spec's table without its own learning_rate steps at "
         "sparse_learning_rate while a row feeds the network at most this many embedding inputs, "
         "and at sparse_learning_rate * this / n with n > this inputs (each input's update moves "
-        "the same logit); 0: never scaled (trainers/spec_model.table_learning_rate)")
+        "the same logit); 0: never scaled (odl.spec.net.table_learning_rate)")
     dense_learning_rate: float = Field(0.002, gt=0)
     cross_layers: int = Field(2, ge=0, description="DCN-v2 cross layers")
     hidden_units: tuple[int, ...] = (64, 32)

@@ -22,9 +22,8 @@ import tensorflow as tf
 
 from odl.config import EmbeddingTableConfig, TrainerConfig
 from odl.spec import FeatureSpec
-from odl.spec.model import TableSpec
 from odl.spec.encode import PAD
-from odl.spec.net import SpecNet
+from odl.spec.net import SpecNet, table_learning_rate
 from trainers import sparse_optim
 from trainers.embedding import DynamicEmbedding
 from trainers.model import (LearnedState, dcn_head, init_head, is_trainable, new_incarnation,
@@ -127,24 +126,6 @@ def _pool(g: tf.Tensor, mask: tf.Tensor, pooling: str, query: tf.Tensor | None) 
     return tf.reduce_sum(g * m, axis=1) / tf.maximum(tf.reduce_sum(m, axis=1), 1.0)
 
 
-def table_learning_rate(table: TableSpec, inputs: int, cfg: TrainerConfig) -> float:
-    """A table's sparse step size: its own ``learning_rate``, else the trainer's, scaled down
-    once a row carries more than ``cfg.sparse_rate_inputs`` embedding inputs.  Why: every input
-    of a row moves the same logit, and Adagrad's first step on a fresh row is about the
-    learning rate, so n inputs move it ~n times as far; a rate tuned for a few inputs
-    overshoots on a wide log (docs/evaluation.md: the best rate fell from 0.1-0.2 at 4-8
-    inputs to 0.02 at 26).  VW's normalised updates answer the same problem per row.
-    ``inputs`` counts the network's embedding inputs: a pooled list or sequence is one (a
-    sum-pooled list moves the logit once per value: a spec with long sum-pooled lists may set
-    its tables' rates)."""
-    if table.learning_rate is not None:
-        return table.learning_rate
-    full = cfg.sparse_rate_inputs
-    if full == 0 or inputs <= full:
-        return cfg.sparse_learning_rate
-    return cfg.sparse_learning_rate * full / inputs
-
-
 class SpecModel(LearnedState):
     def __init__(self, spec: FeatureSpec, cfg: TrainerConfig):
         self.spec, self.cfg = spec, cfg
@@ -157,7 +138,8 @@ class SpecModel(LearnedState):
                                         admit_min_count=t.admit_min_count,
                                         admit_probability=t.admit_probability, ttl_s=t.ttl_s)
             opt = sparse_optim.make(t.optimizer or cfg.sparse_optimizer,
-                                    table_learning_rate(t, len(net.inputs), cfg))
+                                    table_learning_rate(t, len(net.inputs), cfg.sparse_learning_rate,
+                                                        cfg.sparse_rate_inputs))
             self.tables[name] = DynamicEmbedding(name, tcfg, opt, cfg.seed * 1000 + k)
         rng = np.random.default_rng(cfg.seed)
         self.dense = {k: tf.Variable(v, name=k.replace("/", "_"), trainable=is_trainable(k))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from odl.spec.encode import count_names, list_width
-from odl.spec.model import FeatureSpec
+from odl.spec.model import FeatureSpec, TableSpec
 
 MASK, NUMERIC = "mask", "numeric"
 PACKED_SIGNATURE = "serving_packed"     # the packed layout's signature (optimised export)
@@ -53,6 +53,24 @@ def emb_name(inp: Input) -> str:
 def singles_name(dim: int) -> str:
     """The single-valued inputs of one dim, side by side (packed layout)."""
     return f"singles_{dim}"
+
+
+def table_learning_rate(table: TableSpec, inputs: int, rate: float, full_inputs: int) -> float:
+    """A table's sparse step size: its own ``learning_rate``, else the trainer's ``rate``,
+    scaled by ``full_inputs / inputs`` once a row feeds the network more than ``full_inputs``
+    embedding inputs (``trainer.sparse_rate_inputs``; 0: never scaled).  Why: every input of a
+    row moves the same logit, and Adagrad's first step on a fresh row is about the learning
+    rate, so n inputs move it ~n times as far; a rate tuned for a few inputs overshoots on a
+    wide log (docs/evaluation.md: the best rate fell from 0.1-0.2 at 4-8 inputs to 0.02 at
+    26).  VW's normalised updates answer the same problem per row.  ``inputs`` counts the
+    network's embedding inputs (``SpecNet.inputs``): a pooled list or sequence is one (a
+    sum-pooled list moves the logit once per value: a spec with long sum-pooled lists may set
+    its tables' rates)."""
+    if table.learning_rate is not None:
+        return table.learning_rate
+    if full_inputs == 0 or inputs <= full_inputs:
+        return rate
+    return rate * full_inputs / inputs
 
 
 @dataclass(frozen=True)

@@ -219,17 +219,26 @@ def test_a_wide_specs_default_table_rate_shrinks_with_its_inputs():
     """A table without its own rate steps at ``sparse_learning_rate`` up to
     ``sparse_rate_inputs`` embedding inputs a row, and at rate * inputs / n beyond (n inputs
     all move one logit); a table's own rate and ``sparse_rate_inputs: 0`` are left alone."""
-    from trainers.spec_model import SpecModel, table_learning_rate
+    from odl.spec.net import table_learning_rate as rule
+    from trainers.spec_model import SpecModel
     criteo = load_spec(SPECS_DIR / "criteo.yaml")
     bare = criteo.tables["categorical"]
     own = bare.model_copy(update={"learning_rate": 0.05})
     tc = Config().trainer.model_copy(update={"sparse_learning_rate": 0.2, "sparse_rate_inputs": 4})
     assert bare.learning_rate is None      # the shipped spec relies on the rule
-    assert table_learning_rate(own, 26, tc) == 0.05
-    assert table_learning_rate(bare, 26, tc) == pytest.approx(0.2 * 4 / 26)
-    assert table_learning_rate(bare, 4, tc) == table_learning_rate(bare, 1, tc) == 0.2
-    assert table_learning_rate(bare, 26, tc.model_copy(update={"sparse_rate_inputs": 0})) == 0.2
+    assert rule(own, 26, 0.2, 4) == 0.05
+    assert rule(bare, 26, 0.2, 4) == pytest.approx(0.2 * 4 / 26)
+    assert rule(bare, 4, 0.2, 4) == rule(bare, 1, 0.2, 4) == 0.2
+    assert rule(bare, 26, 0.2, 0) == 0.2
     model = SpecModel(criteo, tc)
     assert model.tables["categorical"].opt.learning_rate == pytest.approx(0.2 * 4 / 26)
     with pytest.raises(ValueError, match="sparse_rate_inputs"):
         Config.model_validate({"trainer": {"sparse_rate_inputs": -1}})
+    # `odl spec check` shows the rate the trainer will use, under the config's overrides
+    res = CliRunner().invoke(main, ["spec", "check", str(SPECS_DIR / "criteo.yaml"), "--json"],
+                             env={"ODL__TRAINER__SPARSE_LEARNING_RATE": "0.26"})
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["tables"]["categorical"]["learning_rate"] == 0.04
+    res = CliRunner().invoke(main, ["spec", "check", str(SPECS_DIR / "criteo.yaml")],
+                             env={"ODL__TRAINER__SPARSE_RATE_INPUTS": "-1"})
+    assert res.exit_code != 0 and "sparse_rate_inputs" in res.output
