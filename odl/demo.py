@@ -242,9 +242,11 @@ def _write_report(rep: dict, out_dir: Path) -> None:
         f"   samples             {rep['samples']:>10}   (topic end offsets: tansu may report short)",
         f"   samples trained     {rep['samples_trained']:>10}",
         f"   progressive AUC     {rep['progressive_auc']:>10.4f}   (last trainer.auc_window samples)",
-        f"   vs a frozen copy    {rep['live_auc_vs_frozen']:>10.4f}   live, against "
-        f"{rep['frozen_baseline_auc']:.4f} for the copy frozen at step {rep['frozen_at_step'] or '-'}, "
-        "on the same samples",
+        (f"   vs a frozen copy    {rep['live_auc_vs_frozen']:>10.4f}   live, against "
+         f"{rep['frozen_baseline_auc']:.4f} for the copy frozen at step {rep['frozen_at_step']}, "
+         "on the same samples" if rep["frozen_at_step"] is not None else
+         f"   vs a frozen copy    {'-':>10}   none yet (taken after trainer.frozen_baseline_after "
+         "samples)"),
         f"   log-loss, calib.    {rep['progressive_logloss']:>10.4f}   calibration "
         f"{rep['progressive_calibration']:.3f} (mean predicted / observed; `odl eval` reports the same)",
         f"   versions exported   {rep['versions_exported']:>10}   ({rep['versions_retained']} retained)",
