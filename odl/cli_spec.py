@@ -10,19 +10,23 @@ from odl.config import ConfigError, TrainerConfig, load_config
 from odl.spec import FeatureSpec, SpecError, load_spec
 
 
+def _tables(spec: FeatureSpec, trainer: TrainerConfig | None) -> dict[str, dict]:
+    """Each table's dim and capacity; with ``trainer``, its sparse learning rate as the trainer
+    will use it (``odl.spec.net.table_learning_rate``)."""
+    tables = {n: {"dim": t.dim, "capacity": t.capacity} for n, t in spec.tables.items()}
+    if trainer is not None:
+        from odl.spec.net import SpecNet, table_learning_rate
+        inputs = len(SpecNet.of(spec).inputs)
+        for n, t in spec.tables.items():
+            tables[n]["learning_rate"] = round(table_learning_rate(
+                t, inputs, trainer.sparse_learning_rate, trainer.sparse_rate_inputs), 6)
+    return tables
+
+
 def summary(spec: FeatureSpec, trainer: TrainerConfig | None = None) -> dict:
     """What a spec declares, in the terms an operator checks it by; with ``trainer`` (the
     config's section), each table's sparse learning rate as the trainer will use it."""
-    from odl.spec.net import SpecNet, table_learning_rate
     rt = spec.realtime
-    inputs = len(SpecNet.of(spec).inputs)
-
-    def table(t) -> dict:
-        out = {"dim": t.dim, "capacity": t.capacity}
-        if trainer is not None:
-            out["learning_rate"] = round(table_learning_rate(
-                t, inputs, trainer.sparse_learning_rate, trainer.sparse_rate_inputs), 6)
-        return out
     from pipeline.spec_parse_sql import sql_parse_gap
     from pipeline.spec_sql import SpecJobError, check_streamable
     gap = sql_parse_gap(spec)
@@ -37,7 +41,7 @@ def summary(spec: FeatureSpec, trainer: TrainerConfig | None = None) -> dict:
         "fields": {n: f.type + (" (required)" if f.required is True else
                                 f" (required for {', '.join(f.required)})" if f.required else "")
                    for n, f in spec.events.fields.items()},
-        "tables": {n: table(t) for n, t in spec.tables.items()},
+        "tables": _tables(spec, trainer),
         "sparse": {n: f"{'x'.join(s.inputs)} -> {s.table}" for n, s in spec.sparse.items()},
         "numeric": {n: f"{f.field} ({f.transform})" for n, f in spec.numeric.items()},
         "counts": {n: f"{'x'.join(c.key)}: {', '.join(c.values)} over {', '.join(c.windows)}"

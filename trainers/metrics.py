@@ -77,29 +77,30 @@ class PairedValidator:
     much as by their models.  The quality gate compares a candidate with what is served this
     way; the frozen baseline too (a window of the live model's alone reached back to samples
     scored before the copy existed, by a younger model: two such windows read 0.621 live
-    against 0.653 frozen in a 60 s demo).  Reset (the served pair, whenever the served version changes) runs in the
-    exporter's thread, while the training thread adds and the heartbeat summarises: hence the
-    lock (a summary between two of reset's clears once paired 807 labels with no scores)."""
+    against 0.653 frozen in a 60 s demo).  Reset (the served pair, whenever the served version
+    changes) runs in the exporter's thread, while the training thread adds and the heartbeat
+    summarises: hence the lock (a summary between two of reset's clears once paired 807 labels
+    with no scores)."""
 
     def __init__(self, window: int, other: str = "served"):
         self.other = other
         self.live: deque[float] = deque(maxlen=window)
-        self.served: deque[float] = deque(maxlen=window)
+        self.other_scores: deque[float] = deque(maxlen=window)
         self.labels: deque[float] = deque(maxlen=window)
         self.seen = 0
         self._lock = threading.Lock()
 
     def reset(self) -> None:
         with self._lock:
-            for d in (self.live, self.served, self.labels):
+            for d in (self.live, self.other_scores, self.labels):
                 d.clear()
 
-    def add(self, live: np.ndarray, served: np.ndarray, labels: np.ndarray) -> None:
-        """``served``: the other model's scores, NaN where it gave none (not paired)."""
-        known = ~np.isnan(served)
+    def add(self, live: np.ndarray, other: np.ndarray, labels: np.ndarray) -> None:
+        """``other``: the other model's scores, NaN where it gave none (not paired)."""
+        known = ~np.isnan(other)
         with self._lock:
             self.live.extend(live[known].tolist())
-            self.served.extend(served[known].tolist())
+            self.other_scores.extend(other[known].tolist())
             self.labels.extend(labels[known].tolist())
             self.seen += int(known.sum())
 
@@ -107,7 +108,7 @@ class PairedValidator:
         with self._lock:
             if not self.labels:
                 return {"n": 0}
-            y, live, served = (np.asarray(d) for d in (self.labels, self.live, self.served))
-        a, b = Figures.of(live, y), Figures.of(served, y)
+            y, live, other = (np.asarray(d) for d in (self.labels, self.live, self.other_scores))
+        a, b = Figures.of(live, y), Figures.of(other, y)
         return {"n": len(y), "auc_live": a.auc, f"auc_{self.other}": b.auc,
                 "logloss_live": a.logloss, f"logloss_{self.other}": b.logloss}

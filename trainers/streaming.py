@@ -440,7 +440,7 @@ class StreamingTrainer:
 
     def metrics(self) -> dict[str, Any]:
         s = self.validator.summary()
-        frozen = self.vs_frozen.summary() if self.frozen is not None else {}
+        frozen = self.vs_frozen.summary()      # {"n": 0} until the copy has scored
         # in a group the tables are the shards': the coordinator asks them once for all members
         occ = {} if self.group else publish_occupancy(self.model.occupancy())
         return {"samples_trained": self.trained, "step": self.model.step,

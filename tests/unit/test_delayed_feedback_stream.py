@@ -160,7 +160,7 @@ def test_the_frozen_copy_and_the_live_model_are_judged_on_the_same_samples(tmp_p
         m = t.metrics()
         assert m["scored_since_frozen"] == 4
         assert sorted(t.vs_frozen.labels) == [0.0, 1.0, 1.0, 1.0]  # r8..r11 alone
-        live, frozen = np.asarray(t.vs_frozen.live), np.asarray(t.vs_frozen.served)
+        live, frozen = np.asarray(t.vs_frozen.live), np.asarray(t.vs_frozen.other_scores)
         assert set(live.tolist()) <= set(t.validator.scores)      # their live scores
         y = np.asarray(t.vs_frozen.labels)
         assert m["auc_live_vs_frozen"] == auc(live, y) and m["auc_frozen"] == auc(frozen, y)
